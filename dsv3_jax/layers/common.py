@@ -1,0 +1,165 @@
+"""Building blocks shared by every layer: RMSNorm, the Linear that every projection goes through,
+SwiGLU, and RoPE with YaRN.
+
+Shape letters used across `dsv3_jax` (einsum subscripts and name suffixes):
+  B batch, T query positions, S key positions, D model width, H heads,
+  K q/k no-rope head dim (qk_nope_head_dim), R rope head dim (qk_rope_head_dim),
+  V value head dim, Q q-lora rank, C kv-lora rank, E routed experts, F expert/FFN width,
+  N tokens (B*T flattened), P top-k slots per token, V (vocab, for the head).
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from dsv3_jax.config import ModelConfig, yarn_get_mscale
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def normal_init(cfg: ModelConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in float32 (the report keeps normalisations in high precision)."""
+    cfg: ModelConfig
+    eps: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), dtype_of(cfg.param_dtype))
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        eps = cfg.rms_norm_eps if self.eps is None else self.eps
+        y = x32 * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+        # Tagged so the "selective" remat policy recomputes norms in the backward pass.
+        return checkpoint_name(y.astype(dtype_of(cfg.dtype)), "norm")
+
+
+def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig) -> jax.Array:
+    """x[..., *in] @ kernel[*in, *out] as one 2-D GEMM; FP8 (cfg.fp8) or in the compute dtype."""
+    in_shape, out_shape = kernel.shape[:num_in], kernel.shape[num_in:]
+    if tuple(x.shape[x.ndim - num_in:]) != tuple(in_shape):
+        raise ValueError(f"linear: input trailing dims {x.shape[x.ndim - num_in:]} != kernel "
+                         f"input dims {in_shape}")
+    lead = x.shape[:x.ndim - num_in]
+    k_dim, n_dim = math.prod(in_shape), math.prod(out_shape)
+    x2 = x.reshape(-1, k_dim)
+    w2 = kernel.reshape(k_dim, n_dim)
+    dtype = dtype_of(cfg.dtype)
+    if cfg.fp8:
+        from dsv3_jax import fp8  # the FP8 recipe; see fp8.py
+        y = fp8.fp8_dot(x2.astype(dtype), w2, implementation=cfg.gemm_impl, out_dtype=dtype)
+    else:
+        y = jnp.dot(x2.astype(dtype), w2.astype(dtype))
+    return y.reshape(*lead, *out_shape)
+
+
+class Linear(nn.Module):
+    """A bias-free projection whose kernel keeps its logical axis names (in..., out...)."""
+    cfg: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    num_in: int = 1
+    init_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = tuple(x.shape[x.ndim - self.num_in:])
+        shape = in_shape + tuple(self.features)
+        if len(self.axes) != len(shape):
+            raise ValueError(f"Linear {self.name}: {len(self.axes)} axis names for shape {shape}")
+        init = (normal_init(self.cfg) if self.init_std is None
+                else nn.initializers.normal(stddev=self.init_std))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
+                            dtype_of(self.cfg.param_dtype))
+        return linear_dot(x, kernel, self.num_in, self.cfg)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN: down(silu(gate(x)) * up(x)); used for the dense layers and the shared experts."""
+    cfg: ModelConfig
+    width: int
+    width_axis: str = "mlp"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        gate = Linear(cfg, (self.width,), ("embed", self.width_axis), name="gate")(x)
+        up = Linear(cfg, (self.width,), ("embed", self.width_axis), name="up")(x)
+        h = nn.silu(gate) * up
+        return Linear(cfg, (x.shape[-1],), (self.width_axis, "embed"), name="down")(h)
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE with YaRN
+# ----------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [R/2] and the cos/sin amplitude factor (YaRN's attention_factor).
+
+    YaRN (spec §1.3): f'_j = f_j (1 - ramp_j) + (f_j / s) ramp_j with a linear ramp between the
+    correction dims of beta_fast and beta_slow over original_max_position_embeddings.
+    """
+    dim = cfg.qk_rope_head_dim
+    base = cfg.rope_theta
+    freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if not cfg.yarn:
+        return freq.astype(np.float32), 1.0
+    rs = cfg.rope_scaling
+    factor = rs["factor"]
+    l0 = rs["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return dim * math.log(l0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs["beta_fast"]), correction_dim(rs["beta_slow"])
+    if rs["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    freq = freq * (1.0 - ramp) + (freq / factor) * ramp
+    attention_factor = rs["attention_factor"]
+    if attention_factor is None:
+        if rs["mscale"] and rs["mscale_all_dim"]:
+            attention_factor = (yarn_get_mscale(factor, rs["mscale"])
+                                / yarn_get_mscale(factor, rs["mscale_all_dim"]))
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    return freq.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [..., R/2] in float32 for integer positions [...]."""
+    inv_freq, amp = rope_inv_freq(cfg)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles) * amp, jnp.sin(angles) * amp
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool) -> jax.Array:
+    """Rotates x [..., R] by cos/sin [..., R/2] (broadcast over heads by the caller).
+
+    interleave=True rotates adjacent pairs (x0,x1),(x2,x3)... as the released weights expect;
+    False rotates the two halves. The output is laid out as [rotated evens | rotated odds] in the
+    interleaved case (Hugging Face's layout): queries and keys share it, so scores are unchanged.
+    """
+    x32 = x.astype(jnp.float32)
+    if interleave:
+        x1, x2 = x32[..., 0::2], x32[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -1,0 +1,92 @@
+"""Multi-head Latent Attention (spec §2; report eqs. 1-11).
+
+  c_q  = RMSNorm(x W_DQ)                      [B,T,Q]   (or q = x W_Q when q_lora_rank is None)
+  q    = c_q W_UQ -> [q_nope | q_rope]        [B,T,H,K+R]
+  [c_kv | k_rope] = x W_DKV                   [B,T,C+R]; c_kv = RMSNorm(c_kv)
+  [k_nope | v] = c_kv W_UKV                   [B,T,H,K+V]
+  k_rope = RoPE(k_rope): ONE head shared by all heads
+  o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v ; out = o W_O
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from dsv3_jax.config import ModelConfig, softmax_scale
+from dsv3_jax.layers.common import Linear, RMSNorm, apply_rope, dtype_of, rope_cos_sin
+
+_NEG_INF = -1e30
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                   q_index: jax.Array, kv_index: jax.Array) -> jax.Array:
+    """[B,1,T,S] bool: causal (by index) and within one packed document (same segment id)."""
+    causal = q_index[:, :, None] >= kv_index[:, None, :]
+    same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return (causal & same_doc)[:, None]
+
+
+def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS, scale):
+    """Softmax attention with MLA's shared rope key; softmax in float32."""
+    scores = (jnp.einsum("BTHK,BSHK->BHTS", q_nope_BTHK, k_nope_BSHK,
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, k_rope_BSR,
+                           preferred_element_type=jnp.float32)) * scale
+    scores = jnp.where(mask_B1TS, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSHV.dtype)
+    return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        h, qk = cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg, (h, qk), ("embed", "heads", "head_dim"))
+        else:
+            self.q_a = Linear(cfg, (cfg.q_lora_rank,), ("embed", "q_lora"))
+            self.q_norm = RMSNorm(cfg)
+            self.q_b = Linear(cfg, (h, qk), ("q_lora", "heads", "head_dim"))
+        self.kv_a = Linear(cfg, (cfg.kv_lora_rank + cfg.qk_rope_head_dim,), ("embed", "kv_lora"))
+        self.kv_norm = RMSNorm(cfg)
+        self.kv_b = Linear(cfg, (h, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                           ("kv_lora", "heads", "head_dim"))
+        self.o_proj = Linear(cfg, (cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2)
+
+    def project_q(self, x_BTD):
+        """Queries [B,T,H,K] and un-rotated rope queries [B,T,H,R]."""
+        cfg = self.cfg
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b(self.q_norm(self.q_a(x_BTD)))
+        q = checkpoint_name(q, "mla_up")
+        return q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+
+    def project_latent(self, x_BTD):
+        """The cacheable part: normalised latent c_kv [B,T,C] and un-rotated rope key [B,T,R]."""
+        cfg = self.cfg
+        kv = self.kv_a(x_BTD)
+        return self.kv_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
+
+    def expand_latent(self, c_kv_BSC):
+        """Naive formulation: per-head k_nope [B,S,H,K] and v [B,S,H,V] from the latent."""
+        kv = checkpoint_name(self.kv_b(c_kv_BSC), "mla_up")
+        return kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(cfg, positions_BT)                       # [B,T,R/2]
+        q_nope, q_rope = self.project_q(x_BTD)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
+        c_kv, k_rope = self.project_latent(x_BTD)
+        k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
+        k_nope, v = self.expand_latent(c_kv)
+        index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
+        mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
+        o = attend(q_nope, q_rope, k_nope, k_rope, v, mask, softmax_scale(cfg))
+        return self.o_proj(o.astype(dtype_of(cfg.dtype)))

@@ -1,0 +1,35 @@
+"""Multi-token prediction (spec §4): module k predicts token t_{i+k+1} from position i.
+
+  h'_i = W_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]   (embedding first, as the release)
+  h^k  = Block_k(h'),  logits^k = Head(RMSNorm_k(h^k))      (embedding and head shared)
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers.block import Block
+from dsv3_jax.layers.common import Linear, RMSNorm
+
+
+def shift_left(x_BT: jax.Array, k: int, fill=0) -> jax.Array:
+    """x[:, i + k] at position i; the last k positions get `fill` (their losses are masked)."""
+    if k == 0:
+        return x_BT
+    pad = jnp.full((x_BT.shape[0], k) + x_BT.shape[2:], fill, x_BT.dtype)
+    return jnp.concatenate([x_BT[:, k:], pad], axis=1)
+
+
+class MTPModule(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_next_BTD),
+                             RMSNorm(cfg, name="hnorm")(h_prev_BTD)], axis=-1)
+        x = Linear(cfg, (cfg.hidden_size,), ("mtp_concat", "embed"), name="eh_proj")(x)
+        x, stats = Block(cfg, moe=True, name="block")(x, positions_BT, segment_ids_BT)
+        return RMSNorm(cfg, name="norm")(x), stats
