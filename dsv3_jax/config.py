@@ -7,6 +7,7 @@ MoE implementation, FP8) follow, marked "ours". Presets are functions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -90,6 +91,9 @@ class ModelConfig:
     @property
     def yarn(self) -> bool:
         return self.rope_scaling is not None and self.rope_scaling["type"] == "yarn"
+
+    def __hash__(self):  # rope_scaling is a dict; hash the JSON form so configs can be jit-static
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.block import block_stack
-from dsv3_jax.layers.common import RMSNorm, dtype_of, normal_init
+from dsv3_jax.layers.common import RMSNorm, acc_dtype, dtype_of, normal_init
 from dsv3_jax.layers.moe import ROUTER_BIAS, RouterStats
 from dsv3_jax.layers.mtp import MTPModule, shift_left
 
@@ -61,7 +61,7 @@ class Transformer(nn.Module):
     def head(self, h_BTD):
         dt = dtype_of(self.cfg.dtype)
         return jnp.dot(h_BTD.astype(dt), self.lm_head.astype(dt),
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=acc_dtype(self.cfg))
 
     def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True):
         cfg = self.cfg
@@ -83,7 +83,7 @@ class Transformer(nn.Module):
             mtp_logits = jnp.stack(mtp_logits)
             mtp_router = jax.tree.map(lambda *s: jnp.stack(s), *mtp_stats)
         else:
-            mtp_logits = jnp.zeros((0,) + logits.shape, jnp.float32)
+            mtp_logits = jnp.zeros((0,) + logits.shape, logits.dtype)
             mtp_router = _empty_stats(cfg)
         return ModelOutputs(logits, mtp_logits, router, mtp_router, hidden)
 

@@ -24,6 +24,11 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
+def acc_dtype(cfg: ModelConfig):
+    """Precision of norms, softmax, rope and gating: float32, or float64 in a float64 model."""
+    return jnp.promote_types(dtype_of(cfg.dtype), jnp.float32)
+
+
 def normal_init(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range)
 
@@ -38,10 +43,11 @@ class RMSNorm(nn.Module):
         cfg = self.cfg
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), dtype_of(cfg.param_dtype))
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(acc_dtype(cfg))
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         eps = cfg.rms_norm_eps if self.eps is None else self.eps
-        y = x32 * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+        scale = scale.astype(x32.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        y = x32 * jax.lax.rsqrt(var + eps) * scale
         # Tagged so the "selective" remat policy recomputes norms in the backward pass.
         return checkpoint_name(y.astype(dtype_of(cfg.dtype)), "norm")
 
@@ -113,6 +119,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
+    # float32 like the reference implementations (positions up to 163840 keep ~1e-3 rad error).
     freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if not cfg.yarn:
         return freq.astype(np.float32), 1.0
@@ -142,9 +149,11 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [..., R/2] in float32 for integer positions [...]."""
+    """cos, sin of shape [..., R/2] (float32, or float64 in a float64 model) for positions [...]."""
     inv_freq, amp = rope_inv_freq(cfg)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    dt = acc_dtype(cfg)
+    inv_freq = jnp.asarray(inv_freq, dt).reshape((1,) * positions.ndim + (-1,))
+    angles = positions.astype(dt)[..., None] * inv_freq
     return jnp.cos(angles) * amp, jnp.sin(angles) * amp
 
 
@@ -155,7 +164,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool) -
     False rotates the two halves. The output is laid out as [rotated evens | rotated odds] in the
     interleaved case (Hugging Face's layout): queries and keys share it, so scores are unchanged.
     """
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, cos.dtype))
     if interleave:
         x1, x2 = x32[..., 0::2], x32[..., 1::2]
     else:

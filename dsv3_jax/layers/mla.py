@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig, softmax_scale
-from dsv3_jax.layers.common import Linear, RMSNorm, apply_rope, dtype_of, rope_cos_sin
+from dsv3_jax.layers.common import Linear, RMSNorm, acc_dtype, apply_rope, dtype_of, rope_cos_sin
 
 _NEG_INF = -1e30
 
@@ -29,11 +29,11 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
 
 
 def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS, scale):
-    """Softmax attention with MLA's shared rope key; softmax in float32."""
-    scores = (jnp.einsum("BTHK,BSHK->BHTS", q_nope_BTHK, k_nope_BSHK,
-                         preferred_element_type=jnp.float32)
+    """Softmax attention with MLA's shared rope key; scores and softmax in float32 (or wider)."""
+    acc = jnp.promote_types(v_BSHV.dtype, jnp.float32)
+    scores = (jnp.einsum("BTHK,BSHK->BHTS", q_nope_BTHK, k_nope_BSHK, preferred_element_type=acc)
               + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, k_rope_BSR,
-                           preferred_element_type=jnp.float32)) * scale
+                           preferred_element_type=acc)) * scale
     scores = jnp.where(mask_B1TS, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
@@ -85,6 +85,7 @@ class MLA(nn.Module):
         q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
         c_kv, k_rope = self.project_latent(x_BTD)
         k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
+        q_rope, k_rope = q_rope.astype(q_nope.dtype), k_rope.astype(q_nope.dtype)
         k_nope, v = self.expand_latent(c_kv)
         index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
         mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.common import SwiGLU, dtype_of, normal_init
+from dsv3_jax.layers.common import SwiGLU, acc_dtype, dtype_of, normal_init
 from kernels_pallas.grouped_gemm import grouped_matmul
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
@@ -31,7 +31,7 @@ class RouterStats(NamedTuple):
 def route(scores_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> Routing:
     """Group-limited top-k on s + b; gates from the unbiased s (report eqs. 13-16)."""
     n, e = scores_NE.shape
-    choice = scores_NE + bias_E
+    choice = scores_NE + bias_E[None, :]
     if cfg.n_group > 1:
         grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
         group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)                     # [N, G]
@@ -54,15 +54,16 @@ def router_stats(routing: Routing, valid_BT: jax.Array, cfg: ModelConfig) -> Rou
     """
     b, t = valid_BT.shape
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
-    valid = valid_BT.reshape(-1).astype(jnp.float32)
-    onehot = jax.nn.one_hot(routing.experts_NP, e, dtype=jnp.float32).sum(1)   # [N, E]
+    acc = routing.scores_NE.dtype
+    valid = valid_BT.reshape(-1).astype(acc)
+    onehot = jax.nn.one_hot(routing.experts_NP, e, dtype=acc).sum(1)          # [N, E]
     counts = jnp.einsum("ne,n->e", onehot, valid).astype(jnp.int32)
-    per_seq_tokens = jnp.maximum(valid_BT.astype(jnp.float32).sum(-1), 1.0)   # [B]
+    per_seq_tokens = jnp.maximum(valid_BT.astype(acc).sum(-1), 1.0)          # [B]
     sel_BTE = (onehot * valid[:, None]).reshape(b, t, e)
     f = sel_BTE.sum(1) * (e / (k * per_seq_tokens[:, None]))
     s_norm = routing.scores_NE / routing.scores_NE.sum(-1, keepdims=True)
     p = (s_norm * valid[:, None]).reshape(b, t, e).sum(1) / per_seq_tokens[:, None]
-    has_tokens = (valid_BT.sum(-1) > 0).astype(jnp.float32)
+    has_tokens = (valid_BT.sum(-1) > 0).astype(acc)
     loss = ((f * p).sum(-1) * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
     return RouterStats(counts, loss)
 
@@ -113,7 +114,7 @@ def permute(x_ND: jax.Array, plan: Dispatch) -> jax.Array:
 def unpermute_combine(y_MD: jax.Array, plan: Dispatch, gates_NP: jax.Array) -> jax.Array:
     """Buffer rows back to tokens, weighted by the gates and summed over the top-k slots."""
     y_NPD = y_MD[plan.dest_row_NP]
-    return jnp.einsum("NPD,NP->ND", y_NPD.astype(jnp.float32), gates_NP)
+    return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
 
 
 class RoutedExperts(nn.Module):
@@ -152,13 +153,13 @@ class RoutedExperts(nn.Module):
     def dense(self, x_ND, routing: Routing):
         """Reference: every token through every expert, masked by the gates (cost x E)."""
         dt = x_ND.dtype
-        combine_NE = jnp.zeros((x_ND.shape[0], self.cfg.n_routed_experts), jnp.float32)
+        combine_NE = jnp.zeros((x_ND.shape[0], self.cfg.n_routed_experts), routing.gates_NP.dtype)
         combine_NE = combine_NE.at[jnp.arange(x_ND.shape[0])[:, None], routing.experts_NP].add(
             routing.gates_NP)
         h = (nn.silu(jnp.einsum("ND,EDF->NEF", x_ND, self.gate.astype(dt)))
              * jnp.einsum("ND,EDF->NEF", x_ND, self.up.astype(dt)))
         y = jnp.einsum("NEF,EFD->NED", h, self.down.astype(dt))
-        return jnp.einsum("NED,NE->ND", y.astype(jnp.float32), combine_NE)
+        return jnp.einsum("NED,NE->ND", y.astype(combine_NE.dtype), combine_NE)
 
     def __call__(self, x_ND, routing: Routing):
         if self.cfg.moe_impl == "dense":
@@ -178,11 +179,11 @@ class MoE(nn.Module):
         w_router = self.param("router", nn.with_logical_partitioning(
             normal_init(cfg), ("embed", "expert")), (d, cfg.n_routed_experts),
             dtype_of(cfg.param_dtype))
-        bias = self.variable(ROUTER_BIAS, "bias", jnp.zeros, (cfg.n_routed_experts,), jnp.float32)
+        acc = acc_dtype(cfg)
+        bias = self.variable(ROUTER_BIAS, "bias", jnp.zeros, (cfg.n_routed_experts,), acc)
         # Gating stays in float32 (report §3.3.2), at full matmul precision.
-        logits = jnp.dot(x_ND.astype(jnp.float32), w_router.astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST)
-        routing = route(jax.nn.sigmoid(logits), bias.value, cfg)
+        logits = jnp.dot(x_ND.astype(acc), w_router.astype(acc), precision=jax.lax.Precision.HIGHEST)
+        routing = route(jax.nn.sigmoid(logits), bias.value.astype(acc), cfg)
         routed = RoutedExperts(cfg, name="experts")(x_ND, routing)
         out = routed.astype(x_BTD.dtype).reshape(b, t, d)
         if cfg.n_shared_experts:

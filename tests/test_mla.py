@@ -1,0 +1,79 @@
+"""MLA against a float64 NumPy multi-head attention built from the same weights (spec §2)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import config
+from dsv3_jax.layers.common import rope_inv_freq
+from dsv3_jax.layers.mla import MLA
+
+
+def rms(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rope_np(x, pos, freq, amp):
+    """Adjacent-pair rotation as complex numbers, returned in the [evens | odds] layout."""
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * pos[..., None] * freq) * amp
+    return np.concatenate([z.real, z.imag], -1)
+
+
+def mla_reference(p, x, pos, seg, cfg):
+    """Naive MHA: materialise q, k = [k_nope; shared k_rope], v per head; float64 throughout."""
+    K, R, C, H = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.num_attention_heads
+    eps = cfg.rms_norm_eps
+    if cfg.q_lora_rank is None:
+        q = np.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])
+    else:
+        cq = rms(x @ p["q_a"]["kernel"], p["q_norm"]["scale"], eps)
+        q = np.einsum("btq,qhk->bthk", cq, p["q_b"]["kernel"])
+    kv = x @ p["kv_a"]["kernel"]
+    ckv = rms(kv[..., :C], p["kv_norm"]["scale"], eps)
+    freq, amp = rope_inv_freq(cfg)
+    freq = freq.astype(np.float64)
+    # broadcast the positions over heads for q
+    q_rope = rope_np(q[..., K:], pos[:, :, None], freq, amp)
+    k_rope = rope_np(kv[..., C:], pos, freq, amp)                          # one shared head
+    kvb = np.einsum("btc,chk->bthk", ckv, p["kv_b"]["kernel"])
+    k = np.concatenate([kvb[..., :K], np.broadcast_to(k_rope[:, :, None], kvb.shape[:3] + (R,))], -1)
+    v = kvb[..., K:]
+    qf = np.concatenate([q[..., :K], q_rope], -1)
+    s = np.einsum("bthd,bshd->bhts", qf, k) * config.softmax_scale(cfg)
+    t = x.shape[1]
+    mask = (np.arange(t)[:, None] >= np.arange(t)[None]) & (seg[:, :, None] == seg[:, None, :])
+    s = np.where(mask[:, None], s, -np.inf)
+    prob = np.exp(s - s.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    o = np.einsum("bhts,bshv->bthv", prob, v)
+    return np.einsum("bthv,hvd->btd", o, p["o_proj"]["kernel"])
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"q_lora_rank": None},
+    {"rope_scaling": YARN},
+    {"rope_scaling": YARN, "q_lora_rank": None, "num_attention_heads": 3, "num_key_value_heads": 3},
+])
+def test_mla_matches_naive_multihead(overrides, rng):
+    cfg = config.tiny(**overrides)
+    b, t = 2, 13
+    x = rng.standard_normal((b, t, cfg.hidden_size)).astype(np.float32)
+    pos = rng.integers(0, 200, (b, t)).astype(np.int32)
+    seg = np.sort(rng.integers(1, 3, (b, t)), axis=1).astype(np.int32)
+    mla = MLA(cfg)
+    params = nn.meta.unbox(mla.init(jax.random.key(int(rng.integers(1 << 30))), x, pos, seg))
+    # Weights large enough that activations stay O(1): a wrong scale or rope must show.
+    params = jax.tree.map(lambda a: np.asarray(a * 5.0 if a.ndim > 1
+                                               else a + 0.3 * rng.standard_normal(a.shape),
+                                               np.float32), params)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(mla.apply(params, x, pos, seg))
+    ref = mla_reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"]),
+                        x.astype(np.float64), pos, seg, cfg)
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * max(1.0, np.abs(ref).max()), rtol=0)

@@ -1,0 +1,154 @@
+"""DeepSeekMoE: routing rules (spec §3) and the dropless sorted computation vs a dense reference."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import config, model
+from dsv3_jax.layers import moe
+
+
+def route_reference(s, b, cfg):
+    """Per token, in plain NumPy: group score = sum of top-2 (s+b), keep topk_group groups,
+    top-k of s+b inside them; gates from the unbiased s, normalised, times the scaling factor."""
+    n, e = s.shape
+    g = cfg.n_group
+    experts, gates = [], []
+    for t in range(n):
+        c = s[t] + b
+        gs = np.sort(c.reshape(g, e // g), axis=1)[:, -2:].sum(1) if g > 1 else np.zeros(1)
+        keep = np.argsort(-gs, kind="stable")[:cfg.topk_group]
+        allowed = np.concatenate([np.arange(k * e // g, (k + 1) * e // g) for k in keep])
+        idx = allowed[np.argsort(-c[allowed], kind="stable")[:cfg.num_experts_per_tok]]
+        w = s[t, idx]
+        if cfg.norm_topk_prob:
+            w = w / w.sum()
+        experts.append(np.sort(idx))
+        gates.append(dict(zip(idx, w * cfg.routed_scaling_factor)))
+    return experts, gates
+
+
+def _sorted_routing(r):
+    order = np.argsort(np.asarray(r.experts_NP), axis=1)
+    return (np.take_along_axis(np.asarray(r.experts_NP), order, 1),
+            np.take_along_axis(np.asarray(r.gates_NP), order, 1))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_group": 1, "topk_group": 1},
+                                       {"n_routed_experts": 32, "n_group": 8, "topk_group": 3,
+                                        "num_experts_per_tok": 6, "norm_topk_prob": False}])
+def test_group_limited_topk_matches_reference(overrides, rng):
+    cfg = config.tiny(**overrides)
+    s = 1 / (1 + np.exp(-rng.standard_normal((64, cfg.n_routed_experts))))
+    b = 0.2 * rng.standard_normal(cfg.n_routed_experts)
+    r = moe.route(jnp.asarray(s, jnp.float32), jnp.asarray(b, jnp.float32), cfg)
+    ref_e, ref_g = route_reference(s, b, cfg)
+    e, g = _sorted_routing(r)
+    np.testing.assert_array_equal(e, np.stack(ref_e))
+    np.testing.assert_allclose(g, [[d[i] for i in row] for d, row in zip(ref_g, e)], rtol=1e-5)
+
+
+def test_selected_experts_lie_in_topk_groups(rng):
+    cfg = config.tiny(n_routed_experts=32, n_group=8, topk_group=2, num_experts_per_tok=4)
+    s = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((256, 32)), jnp.float32))
+    r = moe.route(s, jnp.zeros(32), cfg)
+    groups_used = np.asarray(r.experts_NP) // (32 // 8)
+    assert max(len(set(row)) for row in groups_used) <= cfg.topk_group
+
+
+def test_bias_changes_selection_not_gates(rng):
+    cfg = config.tiny()
+    s = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((128, 16)), jnp.float32))
+    bias = jnp.asarray(rng.normal(0, 0.3, 16), jnp.float32)
+    r0, r1 = moe.route(s, jnp.zeros(16), cfg), moe.route(s, bias, cfg)
+    assert (np.sort(np.asarray(r0.experts_NP), 1) != np.sort(np.asarray(r1.experts_NP), 1)).any()
+    # gate values come from the unbiased affinities of whichever experts were selected
+    sel = np.take_along_axis(np.asarray(s), np.asarray(r1.experts_NP), 1)
+    np.testing.assert_allclose(np.asarray(r1.gates_NP),
+                               sel / sel.sum(1, keepdims=True) * cfg.routed_scaling_factor, rtol=1e-6)
+    # a large bias forces an expert in, but its gate is still its own (small) affinity share
+    forced = moe.route(s, jnp.zeros(16).at[5].set(10.0), cfg)
+    assert (np.asarray(forced.experts_NP) == 5).any(1).all()
+
+
+def test_dispatch_plan_is_a_tile_aligned_permutation(rng):
+    n, p, e, tile = 50, 3, 8, 8
+    experts = rng.integers(0, e, (n, p))
+    experts[:20] = 2  # skew: one hot expert
+    experts = jnp.asarray(experts, jnp.int32)
+    plan = moe.plan_dispatch(experts, e, tile)
+    dest = np.asarray(plan.dest_row_NP)
+    assert len(np.unique(dest)) == n * p                      # every slot has its own row
+    tile_of = dest // tile
+    np.testing.assert_array_equal(np.asarray(plan.tile_expert)[tile_of], np.asarray(experts))
+    src = np.asarray(plan.src_token_M)
+    np.testing.assert_array_equal(src[dest], np.repeat(np.arange(n), p).reshape(n, p))
+    assert (src == n).sum() == src.size - n * p               # the rest are zero padding rows
+
+
+def _moe_setup(cfg, rng, n_tokens=96, skew=False):
+    x = jnp.asarray(rng.standard_normal((2, n_tokens // 2, cfg.hidden_size)), jnp.float32)
+    layer = moe.MoE(cfg)
+    valid = jnp.ones(x.shape[:2], bool)
+    variables = nn.meta.unbox(layer.init(jax.random.key(int(rng.integers(1 << 30))), x, valid))
+    if skew:  # most tokens prefer expert 3
+        variables["router_bias"]["bias"] = variables["router_bias"]["bias"].at[3].set(5.0)
+    return layer, variables, x, valid
+
+
+@pytest.mark.parametrize("tile_m,skew", [(8, False), (16, True), (128, False), (None, True)])
+def test_sorted_moe_equals_dense_reference(tile_m, skew, rng):
+    cfg = config.tiny(moe_tile_m=tile_m)
+    layer, variables, x, valid = _moe_setup(cfg, rng, skew=skew)
+    dense = moe.MoE(cfg.replace(moe_impl="dense"))
+
+    def loss(params, layer):
+        out, _ = layer.apply({"params": params, "router_bias": variables["router_bias"]}, x, valid)
+        return (out ** 2).sum(), out
+
+    with jax.default_matmul_precision("highest"):
+        (l1, o1), g1 = jax.value_and_grad(loss, has_aux=True)(variables["params"], layer)
+        (l2, o2), g2 = jax.value_and_grad(loss, has_aux=True)(variables["params"], dense)
+    np.testing.assert_allclose(o1, o2, atol=1e-5 * float(jnp.abs(o2).max()))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-8)
+
+
+def test_router_stats_match_numpy(rng):
+    cfg = config.tiny()
+    b, t, e = 3, 20, cfg.n_routed_experts
+    s = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((b * t, e)), jnp.float32))
+    r = moe.route(s, jnp.zeros(e), cfg)
+    valid = rng.random((b, t)) > 0.3
+    valid[2] = False                                   # an all-padding row is ignored
+    stats = moe.router_stats(r, jnp.asarray(valid), cfg)
+    ex, sn = np.asarray(r.experts_NP).reshape(b, t, -1), np.asarray(s).reshape(b, t, e)
+    counts = np.bincount(ex[valid].ravel(), minlength=e)
+    np.testing.assert_array_equal(stats.counts, counts)
+    losses = []
+    for i in range(2):
+        tt = valid[i].sum()
+        f = e / (cfg.num_experts_per_tok * tt) * np.bincount(ex[i][valid[i]].ravel(), minlength=e)
+        p = (sn[i][valid[i]] / sn[i][valid[i]].sum(-1, keepdims=True)).mean(0)
+        losses.append((f * p).sum())
+    np.testing.assert_allclose(stats.balance_loss, np.mean(losses), rtol=1e-5)
+
+
+def test_bias_update_pushes_overloaded_expert_down():
+    cfg = config.tiny()
+    variables = model.abstract_variables(cfg)
+    bias = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), variables["router_bias"])
+    counts = jnp.ones((cfg.num_moe_layers, 16), jnp.int32).at[:, 3].set(100).at[:, 7].set(0)
+    counts_mtp = jnp.ones((1, 16), jnp.int32).at[0, 3].set(100)
+    new = model.update_router_bias(bias, counts, counts_mtp, 0.001)
+    b = np.asarray(new["moe_layers"]["block"]["moe"]["bias"])
+    assert (b[:, 3] == -0.001).all() and (b[:, 7] == 0.001).all()
+    assert (np.asarray(new["mtp_0"]["block"]["moe"]["bias"])[3] == -0.001)
+
+
+def test_default_tile_m_bounds_padding():
+    for slots, e in [(8192, 16), (8192, 256), (64, 64), (10**6, 8)]:
+        m = moe.default_tile_m(slots, e)
+        assert 8 <= m <= 128 and m & (m - 1) == 0
+        assert e * m <= max(slots // 4, 8 * e)
