@@ -6,40 +6,102 @@ Layout (shared by every implementation, the FP8 variant and the dispatch kernels
                        one expert; trailing unused tiles are all-zero rows.
   rhs         [E, K, N] one weight matrix per expert.
   tile_expert [M // tile_m] int32, the expert of each tile.
+  used_tiles  optional int32 scalar: tiles at and after it are padding (zero rows, zero output).
   out         [M, N]   out[tile t] = lhs[tile t] @ rhs[tile_expert[t]].
 
 Cost is M*K*N with M <= tokens*top_k + E*(tile_m - 1): it follows the routed work, not the
 number of experts. Unlike `jax.lax.ragged_dot` (which densifies over groups on CPU), nothing here
 is ever multiplied by a weight the tile does not use.
+
+Two jnp implementations:
+  reference  gather each tile's weight, one batched matmul; plain autodiff. The oracle.
+  loop       a loop over the used tiles with a custom VJP (dW accumulated in place per expert).
+             On CPU XLA runs small batched matmuls single-threaded through Eigen; the loop of
+             plain GEMMs is 2-3x faster fwd+bwd and never materialises [tiles, K, N] weights.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *,
-                             tile_m: int, precision=None,
-                             preferred_element_type=None) -> jax.Array:
-    """Plain-jnp grouped matmul: gather each tile's expert weight, one batched matmul."""
+def _check(lhs, rhs, tile_expert, tile_m):
     m, k = lhs.shape
     if m % tile_m:
         raise ValueError(f"lhs rows ({m}) must be a multiple of tile_m ({tile_m})")
-    num_tiles = m // tile_m
-    if tile_expert.shape != (num_tiles,):
-        raise ValueError(f"tile_expert must have shape ({num_tiles},), got {tile_expert.shape}")
+    if tile_expert.shape != (m // tile_m,):
+        raise ValueError(f"tile_expert must have shape ({m // tile_m},), got {tile_expert.shape}")
     if rhs.ndim != 3 or rhs.shape[1] != k:
         raise ValueError(f"rhs must be [E, {k}, N], got {rhs.shape}")
-    lhs_tiles = lhs.reshape(num_tiles, tile_m, k)
-    rhs_tiles = jnp.take(rhs, tile_expert, axis=0)          # [tiles, K, N]
-    out = jnp.einsum("tmk,tkn->tmn", lhs_tiles, rhs_tiles, precision=precision,
-                     preferred_element_type=preferred_element_type)
-    return out.reshape(m, rhs.shape[2])
+
+
+def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *,
+                             tile_m: int, used_tiles: jax.Array | None = None,
+                             precision=None) -> jax.Array:
+    """Plain-jnp grouped matmul: gather each tile's expert weight, one batched matmul."""
+    _check(lhs, rhs, tile_expert, tile_m)
+    m, k = lhs.shape
+    num_tiles = m // tile_m
+    out = jnp.einsum("tmk,tkn->tmn", lhs.reshape(num_tiles, tile_m, k),
+                     jnp.take(rhs, tile_expert, axis=0), precision=precision)
+    if used_tiles is not None:
+        out = jnp.where((jnp.arange(num_tiles) < used_tiles)[:, None, None], out, 0)
+    return out.reshape(m, rhs.shape[2]).astype(lhs.dtype)
+
+
+def _tile(x, t, tile_m):
+    return jax.lax.dynamic_slice_in_dim(x, t * tile_m, tile_m, axis=0)
+
+
+def _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m):
+    def body(t, out):
+        y = jnp.dot(_tile(lhs, t, tile_m), rhs[tile_expert[t]].astype(lhs.dtype))
+        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile_m, axis=0)
+    out = jnp.zeros((lhs.shape[0], rhs.shape[2]), lhs.dtype)
+    return jax.lax.fori_loop(0, used, body, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _grouped_matmul_loop(lhs, rhs, tile_expert, used, tile_m):
+    return _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m)
+
+
+def _loop_fwd(lhs, rhs, tile_expert, used, tile_m):
+    return _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m), (lhs, rhs, tile_expert, used)
+
+
+def _loop_bwd(tile_m, res, dy):
+    lhs, rhs, tile_expert, used = res
+
+    def body(t, carry):
+        dx, dw = carry
+        e = tile_expert[t]
+        x_t, dy_t = _tile(lhs, t, tile_m), _tile(dy, t, tile_m).astype(lhs.dtype)
+        dx_t = jnp.dot(dy_t, rhs[e].astype(lhs.dtype).T)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t.astype(dx.dtype), t * tile_m, axis=0)
+        dw_e = jnp.dot(x_t.T, dy_t, preferred_element_type=dw.dtype)
+        return dx, dw.at[e].add(dw_e)          # in place: the loop carry is updated, not copied
+
+    dx, dw = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(lhs),
+                                               jnp.zeros(rhs.shape, jnp.float32)))
+    return dx, dw.astype(rhs.dtype), None, None
+
+
+_grouped_matmul_loop.defvjp(_loop_fwd, _loop_bwd)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *, tile_m: int,
-                   implementation: str = "jnp", precision=None) -> jax.Array:
+                   used_tiles: jax.Array | None = None, implementation: str = "loop") -> jax.Array:
     """The one entry point the MoE layer calls; `implementation` picks the backend."""
-    if implementation == "jnp":
-        return grouped_matmul_reference(lhs, rhs, tile_expert, tile_m=tile_m, precision=precision)
+    if implementation == "reference":
+        return grouped_matmul_reference(lhs, rhs, tile_expert, tile_m=tile_m, used_tiles=used_tiles)
+    if implementation == "loop":
+        _check(lhs, rhs, tile_expert, tile_m)
+        if used_tiles is None:
+            used_tiles = tile_expert.shape[0]
+        tile_expert = tile_expert.astype(jnp.int32)
+        return _grouped_matmul_loop(lhs, rhs, tile_expert, jnp.asarray(used_tiles, jnp.int32),
+                                    tile_m)
     raise ValueError(f"unknown grouped_matmul implementation {implementation!r}")

@@ -77,9 +77,10 @@ def default_tile_m(num_slots: int, num_experts: int) -> int:
 
 class Dispatch(NamedTuple):
     """Where each (token, slot) goes in the expert-sorted, tile-padded buffer."""
-    src_token_M: jax.Array     # [M] token feeding each buffer row (N = the zero row)
-    dest_row_NP: jax.Array     # [N, P] buffer row of each (token, slot)
+    src_slot_M: jax.Array      # [M] flat (token*P + slot) feeding each buffer row; N*P = padding
+    dest_row_NP: jax.Array     # [N, P] buffer row of each (token, slot): the inverse map
     tile_expert: jax.Array     # [M // tile_m] expert of each tile
+    used_tiles: jax.Array      # [] int32 tiles holding routed rows; the rest are padding
     tile_m: int
 
 
@@ -96,25 +97,66 @@ def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int) -> Dispa
     tiles = -(-counts // tile_m)
     tile_end = jnp.cumsum(tiles)
     row_start = (tile_end - tiles) * tile_m                       # first buffer row of expert e
-    dest_sorted = row_start[sorted_e] + jnp.arange(slots) - group_start[sorted_e]
-    dest = jnp.zeros(slots, jnp.int32).at[order].set(dest_sorted.astype(jnp.int32))
-    src = jnp.full(num_tiles * tile_m, n, jnp.int32).at[dest].set(
-        (jnp.arange(slots) // p).astype(jnp.int32))
+    dest_sorted = (row_start[sorted_e] + jnp.arange(slots) - group_start[sorted_e]).astype(jnp.int32)
+    dest = jnp.zeros(slots, jnp.int32).at[order].set(dest_sorted)
+    src = jnp.full(num_tiles * tile_m, slots, jnp.int32).at[dest_sorted].set(order.astype(jnp.int32))
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"),
                               num_experts - 1).astype(jnp.int32)
-    return Dispatch(src, dest.reshape(n, p), tile_expert, tile_m)
+    return Dispatch(src, dest.reshape(n, p), tile_expert, tile_end[-1].astype(jnp.int32), tile_m)
 
 
+# Both maps are gathers, and each one's transpose is a gather through the other map, so neither
+# direction needs a scatter-add (slow on CPU, atomics on GPU). The Pallas kernels in
+# kernels_pallas/moe_dispatch.py implement the same two functions.
+
+def _gather_rows(x, idx):
+    """x[idx] with out-of-range idx (the padding sentinel) giving zero rows."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
 def permute(x_ND: jax.Array, plan: Dispatch) -> jax.Array:
     """Token rows -> expert-sorted buffer [M, D] (padding rows are zero)."""
-    x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
-    return x_pad[plan.src_token_M]
+    p = plan.dest_row_NP.shape[1]
+    return _gather_rows(x_ND, jnp.where(plan.src_slot_M < x_ND.shape[0] * p,
+                                        plan.src_slot_M // p, x_ND.shape[0]))
 
 
+def _permute_fwd(x_ND, plan):
+    return permute(x_ND, plan), plan
+
+
+def _permute_bwd(plan, d_MD):
+    # each token's gradient is the sum of its P buffer rows
+    return _gather_rows(d_MD, plan.dest_row_NP).sum(1), None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.custom_vjp
 def unpermute_combine(y_MD: jax.Array, plan: Dispatch, gates_NP: jax.Array) -> jax.Array:
     """Buffer rows back to tokens, weighted by the gates and summed over the top-k slots."""
-    y_NPD = y_MD[plan.dest_row_NP]
+    y_NPD = _gather_rows(y_MD, plan.dest_row_NP)
     return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
+
+
+def _unpermute_fwd(y_MD, plan, gates_NP):
+    return unpermute_combine(y_MD, plan, gates_NP), (y_MD, plan, gates_NP)
+
+
+def _unpermute_bwd(res, d_ND):
+    y_MD, plan, gates_NP = res
+    n, p = gates_NP.shape
+    d_gates = jnp.einsum("NPD,ND->NP", _gather_rows(y_MD, plan.dest_row_NP).astype(d_ND.dtype),
+                         d_ND)
+    # buffer row r came from slot src[r] = token*P + j: its gradient is g[token, j] * d[token]
+    scaled = (d_ND[:, None, :] * gates_NP[:, :, None]).reshape(n * p, -1)
+    d_y = _gather_rows(scaled, plan.src_slot_M).astype(y_MD.dtype)
+    return d_y, None, d_gates.astype(gates_NP.dtype)
+
+
+unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
 class RoutedExperts(nn.Module):
@@ -137,7 +179,8 @@ class RoutedExperts(nn.Module):
             from dsv3_jax import fp8
             return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
                                        implementation=cfg.gemm_impl)
-        return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m)
+        return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m,
+                              used_tiles=plan.used_tiles)
 
     def sorted(self, x_ND, routing: Routing):
         """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
