@@ -1,0 +1,403 @@
+"""The trainer: python -m dsv3_jax.train [--config experiments/configs/tiny.py] [--workdir runs/tiny]
+
+One linear main() in sections: config -> data -> state -> restore -> loop {batch, step, log,
+eval, checkpoint} -> final eval and sample. `train_step` is a pure module-level function jitted
+once; the loop syncs with the device only at log, eval and checkpoint steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import checkpoint as ckpt_lib
+from dsv3_jax import model, optim
+from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.layers.mtp import shift_left
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+def default_config_path() -> str:
+    return importlib.util.find_spec("experiments.configs.tiny").origin
+
+
+def model_config(c) -> ModelConfig:
+    fields = {k: v for k, v in c.model.to_dict().items() if k != "preset"}
+    unknown = set(fields) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"config.model has unknown keys {sorted(unknown)}")
+    return ModelConfig(**fields)
+
+
+def validate(c) -> ModelConfig:
+    """Every value checked before anything compiles; all problems reported at once."""
+    errors = []
+    def need(cond, msg):
+        if not cond:
+            errors.append(msg)
+    d, t, o, b, m = c.data, c.train, c.optim, c.balance, c.mtp
+    need(d.seq_len >= 8, f"data.seq_len must be >= 8, got {d.seq_len}")
+    need(d.global_batch >= 1, f"data.global_batch must be >= 1, got {d.global_batch}")
+    need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")
+    need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    need(t.peak_tflops > 0, f"train.peak_tflops must be > 0, got {t.peak_tflops}")
+    need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
+    need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.constant_until <= o.decay_until <= o.tail1_until <= 1,
+         "optim needs 0 <= constant_until <= decay_until <= tail1_until <= 1")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+    need(o.weight_decay >= 0 and o.clip_norm > 0, "optim.weight_decay >= 0 and clip_norm > 0")
+    need(o.moments_dtype in ("float32", "bfloat16"),
+         f"optim.moments_dtype must be float32 or bfloat16, got {o.moments_dtype!r}")
+    need(b.gamma >= 0 and b.alpha >= 0, "balance.gamma and balance.alpha must be >= 0")
+    need(0 <= b.gamma_until <= 1 and 0 <= m.lambda_switch <= 1,
+         "balance.gamma_until and mtp.lambda_switch are fractions of the run in [0, 1]")
+    need(m.lambda_start >= 0 and m.lambda_end >= 0, "mtp lambdas must be >= 0")
+    try:
+        cfg = model_config(c)
+    except (ConfigError, TypeError) as e:
+        errors.append(str(e))
+        cfg = None
+    if errors:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and the train step (pure, jitted once)
+# ----------------------------------------------------------------------------------------------
+
+def masked_ce(logits_BTV, targets_BT, mask_BT):
+    """Mean next-token cross-entropy over positions with mask 1 (float32)."""
+    logits = logits_BTV.astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
+    mask = mask_BT.astype(jnp.float32)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def mtp_targets(batch, k: int):
+    """Depth k at position i predicts t_{i+k+1} = targets[i+k]; valid while the hidden state,
+    the embedded token and the target all belong to one document."""
+    seg = batch["segment_ids"]
+    same_doc = shift_left(seg, k, fill=-1) == seg
+    return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc
+
+
+def max_violation(counts_LE):
+    """MaxVio = (max load - mean load) / mean load per layer (Wang et al. 2024)."""
+    load = counts_LE.astype(jnp.float32)
+    mean = jnp.maximum(load.mean(-1), 1e-9)
+    return (load.max(-1) - mean) / mean
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The static pieces of the step: model config, optimizer and schedules."""
+    cfg: ModelConfig
+    optimizer: object
+    lr: object
+    mtp_weight: object
+    gamma: object
+    alpha: float
+    ema_decay: float
+
+
+def compute_loss(params, router_bias, batch, fns: StepFns, step):
+    cfg = fns.cfg
+    out = model.forward(cfg, {"params": params, "router_bias": router_bias}, batch["inputs"],
+                        positions=batch["positions"], segment_ids=batch["segment_ids"])
+    ce = masked_ce(out.logits, batch["targets"], batch["loss_mask"])
+    depth = cfg.num_nextn_predict_layers
+    mtp_ces = [masked_ce(out.mtp_logits[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
+    mtp_ce = sum(mtp_ces) / depth if depth else jnp.zeros((), jnp.float32)
+    # one complementary balance loss per MoE layer (MTP modules included), summed
+    balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
+    loss = ce + fns.mtp_weight(step) * mtp_ce + fns.alpha * balance
+    aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance,
+           "counts": out.router.counts, "mtp_counts": out.mtp_router.counts}
+    return loss, aux
+
+
+def train_step(state: dict, batch: dict, fns: StepFns):
+    """One optimizer step, the aux-loss-free bias update, EMA; a non-finite loss leaves the
+    state untouched and records the step in state['nonfinite_step']."""
+    step = state["step"]
+    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(
+        state["params"], state["router_bias"], batch, fns, step)
+    updates, opt_state = fns.optimizer.update(grads, state["opt_state"], state["params"])
+    params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+    # Outside the gradient: b_i += gamma * sign(mean load - load_i), loads of the global batch.
+    router_bias = model.update_router_bias(state["router_bias"], aux["counts"], aux["mtp_counts"],
+                                           fns.gamma(step))
+    new = dict(state, step=step + 1, params=params, opt_state=opt_state, router_bias=router_bias)
+    if fns.ema_decay:
+        new["ema"] = jax.tree.map(lambda e, p: fns.ema_decay * e + (1 - fns.ema_decay) * p,
+                                  state["ema"], params)
+    grad_norm = optax_global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    new["nonfinite_step"] = jnp.where(ok | (state["nonfinite_step"] >= 0),
+                                      state["nonfinite_step"], step)
+    metrics = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "balance": aux["balance"],
+               "grad_norm": grad_norm, "lr": fns.lr(step), "mtp_weight": fns.mtp_weight(step),
+               "gamma": fns.gamma(step), "maxvio": max_violation(aux["counts"]),
+               "mtp_maxvio": max_violation(aux["mtp_counts"]), "counts": aux["counts"]}
+    return new, metrics
+
+
+def optax_global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def eval_step(params, router_bias, batch, cfg: ModelConfig):
+    """Summed validation NLL, token count and expert loads of one batch."""
+    out = model.forward(cfg, {"params": params, "router_bias": router_bias}, batch["inputs"],
+                        positions=batch["positions"], segment_ids=batch["segment_ids"],
+                        with_mtp=False)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = masked_ce(out.logits, batch["targets"], mask)
+    return ce * mask.sum(), mask.sum(), out.router.counts
+
+
+def init_state(cfg: ModelConfig, optimizer, seed: int, ema: bool):
+    rng = jax.random.key(seed)
+    variables = model.init(cfg, jax.random.fold_in(rng, 0))
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+             "opt_state": optimizer.init(variables["params"]),
+             "router_bias": variables["router_bias"],
+             "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+             "nonfinite_step": jnp.full((), -1, jnp.int32)}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, variables["params"])
+    return state
+
+
+def make_step_fns(c, cfg: ModelConfig) -> StepFns:
+    steps = c.train.steps
+    lr = optim.lr_schedule(c.optim.peak_lr, steps, warmup_steps=c.optim.warmup_steps,
+                           constant_until=c.optim.constant_until, decay_until=c.optim.decay_until,
+                           tail1_until=c.optim.tail1_until)
+    optimizer = optim.make_optimizer(lr, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                                     weight_decay=c.optim.weight_decay,
+                                     clip_norm=c.optim.clip_norm,
+                                     moments_dtype=c.optim.moments_dtype)
+    return StepFns(cfg=cfg, optimizer=optimizer, lr=lr,
+                   mtp_weight=optim.piecewise_constant((c.mtp.lambda_start, c.mtp.lambda_end),
+                                                       (c.mtp.lambda_switch,), steps),
+                   gamma=optim.piecewise_constant((c.balance.gamma, 0.0), (c.balance.gamma_until,),
+                                                  steps),
+                   alpha=c.balance.alpha, ema_decay=c.train.ema_decay)
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x activated matmul parameters (fwd+bwd) + causal attention scores and values."""
+    import flax
+    flat = flax.traverse_util.flatten_dict(model.abstract_variables(cfg)["params"])
+    active = 0.0
+    for path, leaf in flat.items():
+        if path[0].startswith("mtp_") or path[0] == "embed":   # MTP is training-only extra work
+            continue
+        share = (cfg.num_experts_per_tok / cfg.n_routed_experts) if "experts" in path else 1.0
+        active += leaf.size * share
+    attn = (cfg.num_hidden_layers * cfg.num_attention_heads
+            * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len)   # 2 flops x T/2 causal keys x 2 GEMMs
+    return 6.0 * active + 3.0 * attn
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: logging, stop signals
+# ----------------------------------------------------------------------------------------------
+
+class StopSignal:
+    """SIGTERM / Ctrl-C: finish the current step, save, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _scalars(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if k == "counts":
+            continue
+        if v.ndim == 0:
+            out[k] = float(v)
+        else:
+            for i, x in enumerate(v):
+                out[f"{k}/layer_{i}"] = float(x)
+            if v.size:
+                out[f"{k}/mean"] = float(v.mean())
+    return out
+
+
+def main(argv=None):
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
+
+    config_flags.DEFINE_config_file("config", default_config_path(), "experiment config file",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl and TensorBoard logs")
+    app.run(lambda argv: run(flags.FLAGS.config, flags.FLAGS.workdir), argv=argv)
+
+
+def run(c, workdir: str) -> dict:
+    from dsv3_jax import data as data_lib
+    from dsv3_jax import writers
+    from dsv3_jax.generate import greedy_generate
+
+    # ---- config (validated before any compile) ----
+    cfg = validate(c)
+    fns = make_step_fns(c, cfg)
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+
+    # ---- data ----
+    train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
+        c.data.seq_len, c.data.global_batch, c.data.seed, data_dir=c.data.data_dir or None)
+    if info["vocab_size"] > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {info['vocab_size']} tokens but model.vocab_size is "
+                          f"{cfg.vocab_size}")
+    val_batches = val_batches_fn(c.data.eval_batches)
+    print(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
+          f"({info['train_docs']:,} documents), {info['steps_per_epoch']:.0f} steps per epoch; "
+          f"unigram entropy {info['unigram_entropy']:.3f} nats/token (the yardstick)", flush=True)
+
+    # ---- state: init, or restore the latest checkpoint in the workdir ----
+    ema = c.train.ema_decay > 0
+    abstract = jax.eval_shape(lambda: init_state(cfg, fns.optimizer, c.train.seed, ema))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_checkpoints,
+                                 c.train.async_checkpoint)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state, _ = ckpt.restore(latest, abstract)
+        train_iter.set_state(data_state)
+        print(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})", flush=True)
+    else:
+        state = init_state(cfg, fns.optimizer, c.train.seed, ema)
+    start = int(state["step"])
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"model: {n_params / 1e6:.2f}M parameters; {c.train.steps} steps of "
+          f"{c.data.global_batch}x{c.data.seq_len} tokens; workdir {os.path.abspath(workdir)}",
+          flush=True)
+
+    step_fn = jax.jit(functools.partial(train_step, fns=fns), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
+    writer = writers.create(workdir, truncate_after=start)
+    flops_per_token = model_flops_per_token(cfg, c.data.seq_len)
+    tokens_per_step = c.data.global_batch * c.data.seq_len
+    stop = StopSignal()
+
+    def evaluate(params):
+        nll = tok = 0.0
+        counts = 0
+        for vb in val_batches:
+            s, n, cts = eval_fn(params, state["router_bias"], vb)
+            nll, tok, counts = nll + s, tok + n, counts + cts
+        val = float(nll / max(float(tok), 1.0))
+        return val, np.asarray(max_violation(counts))
+
+    def check_finite():
+        bad = int(state["nonfinite_step"])
+        if bad >= 0:
+            ckpt.close()
+            raise FloatingPointError(
+                f"loss or gradient became NaN/Inf at step {bad}; stopping without saving. "
+                f"The last good checkpoint is kept in {ckpt.directory} "
+                f"(step {ckpt.latest_step()}).")
+
+    def save(step):
+        check_finite()
+        ckpt.save(step, state, train_iter.get_state(),
+                  {"config": c.to_dict(), "data_info": info, "step": step})
+
+    # ---- loop ----
+    from tqdm import tqdm
+    bar = tqdm(total=c.train.steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=None, file=sys.stdout)
+    t_log, step_log = time.perf_counter(), start
+    metrics = None
+    for step in range(start, c.train.steps):
+        batch = train_iter.batch(step)
+        state, metrics = step_fn(state, batch)
+        train_iter.set_state({"step": step + 1})
+        done = step + 1
+        last = done == c.train.steps or stop.requested
+        if done % c.train.log_every == 0 or last:
+            m = jax.device_get(metrics)
+            check_finite()
+            dt = time.perf_counter() - t_log
+            tps = (done - step_log) * tokens_per_step / max(dt, 1e-9)
+            t_log, step_log = time.perf_counter(), done
+            scalars = _scalars(m)
+            scalars.update({"tokens_per_s": tps,
+                            "mfu": tps * flops_per_token / (c.train.peak_tflops * 1e12)})
+            writer.write_scalars(done, scalars)
+            writer.write_histograms(done, {f"expert_load/layer_{i}": row
+                                           for i, row in enumerate(np.asarray(m["counts"]))})
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if done % c.train.eval_every == 0 and not last:
+            val, vio = evaluate(state["params"])
+            writer.write_scalars(done, {"val_loss": val, "val_maxvio": float(vio.mean())})
+            bar.write(f"step {done}: validation loss {val:.4f}, global MaxVio {vio.mean():.3f}")
+        if done % c.train.checkpoint_every == 0 or last:
+            save(done)
+        bar.update(1)
+        if stop.requested:
+            bar.write(f"stop requested: saved step {done}, exiting")
+            break
+    bar.close()
+    ckpt.wait()
+
+    # ---- end: validation, a sample, where things are ----
+    final_step = int(state["step"])
+    result = {"step": final_step, "workdir": os.path.abspath(workdir),
+              "unigram_entropy": info["unigram_entropy"]}
+    if not stop.requested:
+        val, vio = evaluate(state["params"])
+        writer.write_scalars(final_step, {"val_loss": val, "val_maxvio": float(vio.mean())})
+        prompt = tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID]
+        sample_ids = greedy_generate(cfg, {"params": state["params"],
+                                           "router_bias": state["router_bias"]},
+                                     prompt, c.train.sample_tokens, eos_id=data_lib.EOS_ID)
+        sample = tokenizer.decode(prompt + sample_ids)
+        result.update(val_loss=val, val_maxvio=float(vio.mean()), sample=sample)
+        print(f"\nfinal validation loss {val:.4f} nats/token (unigram entropy "
+              f"{info['unigram_entropy']:.4f}, {info['unigram_entropy'] - val:+.3f} better); "
+              f"global MaxVio {vio.mean():.3f}")
+        print(f"greedy sample:\n{sample}\n")
+    writer.close()
+    ckpt.close()
+    print(f"checkpoints: {ckpt.directory}\nmetrics: {os.path.join(result['workdir'], 'metrics.jsonl')}"
+          f" (TensorBoard: tensorboard --logdir {result['workdir']})\n"
+          f"wall time {time.time() - t_start:.0f}s", flush=True)
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The report's pre-training recipe, shape for shape (spec §7), on the release's architecture.
+
+Not runnable on one machine: it documents the paper's schedule in this codebase's terms and is
+the config the planning tool sizes (`python -m dsv3_jax.plan --config experiments/configs/deepseek_v3.py`).
+14.8T tokens at 4K sequence length and a final batch of 15360 sequences is about 235K steps.
+`:quick` keeps the schedule's shape on the tiny model for a smoke run.
+"""
+from experiments.configs.common import base_config, model_block
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model = model_block("deepseek_v3_671b", dtype="bfloat16", fp8=True, remat="selective")
+    c.data.seq_len = 4096
+    c.data.global_batch = 15360
+    c.train.steps = 235_000
+    c.train.peak_tflops = 989.0         # H800/H100 dense BF16
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.optim.peak_lr = 2.2e-4
+    c.optim.warmup_steps = 2000
+    c.optim.moments_dtype = "bfloat16"
+    c.balance.gamma = 0.001
+    c.balance.alpha = 1e-4
+    c.mtp.lambda_start, c.mtp.lambda_end = 0.3, 0.1
+    if arg == "quick":
+        c.model = model_block("tiny")
+        c.data.seq_len = 128
+        c.data.global_batch = 4
+        c.train.steps = 20
+        c.train.log_every = 5
+        c.train.eval_every = 20
+        c.train.checkpoint_every = 20
+        c.optim.warmup_steps = 4
+        c.data.eval_batches = 1
+    return c
