@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "array_record>=0.7",
     "tokenizers>=0.21,<1",
     "tqdm>=4.66",
+    "tensorboardX>=2.6",
     "matplotlib>=3.8",
 ]
 

@@ -17,9 +17,17 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint in the workdir does not fit the current config."""
 
 
+def _key_name(k) -> str:
+    # stored metadata turns namedtuple fields into dict keys: compare by name/index alone
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def _flatten(tree) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
 def describe_mismatch(stored, expected) -> list[str]:
@@ -41,7 +49,11 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

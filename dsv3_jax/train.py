@@ -261,7 +261,12 @@ def main(argv=None):
     config_flags.DEFINE_config_file("config", default_config_path(), "experiment config file",
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl and TensorBoard logs")
-    app.run(lambda argv: run(flags.FLAGS.config, flags.FLAGS.workdir), argv=argv)
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+    app.run(_main, argv=argv)
 
 
 def run(c, workdir: str) -> dict:
@@ -310,6 +315,8 @@ def run(c, workdir: str) -> dict:
     flops_per_token = model_flops_per_token(cfg, c.data.seq_len)
     tokens_per_step = c.data.global_batch * c.data.seq_len
     stop = StopSignal()
+    # Fault injection for the resume test: SIGKILL this process right after step N.
+    kill_at = int(os.environ.get("DSV3_FAULT_KILL_AFTER_STEP", "-1"))
 
     def evaluate(params):
         nll = tok = 0.0
@@ -345,7 +352,8 @@ def run(c, workdir: str) -> dict:
         state, metrics = step_fn(state, batch)
         train_iter.set_state({"step": step + 1})
         done = step + 1
-        last = done == c.train.steps or stop.requested
+        stopping = stop.requested          # read once: the signal may arrive mid-iteration
+        last = done == c.train.steps or stopping
         if done % c.train.log_every == 0 or last:
             m = jax.device_get(metrics)
             check_finite()
@@ -366,7 +374,10 @@ def run(c, workdir: str) -> dict:
         if done % c.train.checkpoint_every == 0 or last:
             save(done)
         bar.update(1)
-        if stop.requested:
+        if done == kill_at:
+            writer.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stopping:
             bar.write(f"stop requested: saved step {done}, exiting")
             break
     bar.close()
@@ -375,8 +386,9 @@ def run(c, workdir: str) -> dict:
     # ---- end: validation, a sample, where things are ----
     final_step = int(state["step"])
     result = {"step": final_step, "workdir": os.path.abspath(workdir),
-              "unigram_entropy": info["unigram_entropy"]}
-    if not stop.requested:
+              "unigram_entropy": info["unigram_entropy"],
+              "train_step_compiles": step_fn._cache_size()}
+    if final_step == c.train.steps:
         val, vio = evaluate(state["params"])
         writer.write_scalars(final_step, {"val_loss": val, "val_maxvio": float(vio.mean())})
         prompt = tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID]

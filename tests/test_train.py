@@ -1,0 +1,160 @@
+"""The training job: loss goes down, one compile, exact resume after kill -9, SIGTERM saves,
+NaN halts, mismatched checkpoints give one clear error, metrics.jsonl has its keys."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dsv3_jax import train
+from dsv3_jax.checkpoint import CheckpointMismatchError
+from experiments.configs import tiny
+
+MICRO = ["--config.model.num_hidden_layers=2", "--config.model.hidden_size=64",
+         "--config.model.intermediate_size=128", "--config.model.moe_intermediate_size=32",
+         "--config.model.q_lora_rank=32", "--config.model.kv_lora_rank=32",
+         "--config.data.seq_len=64", "--config.data.global_batch=4", "--config.train.log_every=1",
+         "--config.data.eval_batches=1", "--config.train.sample_tokens=4"]
+
+
+def micro_config(**train_overrides):
+    c = tiny.get_config("quick")
+    for flag in MICRO:
+        key, value = flag[len("--config."):].split("=")
+        section, name = key.split(".", 1)
+        node = c[section]
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value)
+    for k, v in train_overrides.items():
+        section, name = k.split(".")
+        c[section][name] = v
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def run_cli(workdir, *extra, env=None, **kw):
+    cmd = [sys.executable, "-m", "dsv3_jax.train", "--config",
+           "experiments/configs/tiny.py:quick", f"--workdir={workdir}", *MICRO, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600, **kw)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    c = micro_config()
+    cfg = train.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+    rng = np.random.default_rng(0)
+    t = 64
+    ids = rng.integers(2, 8192, (4, t + 1)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(t), (4, 1)),
+             "segment_ids": np.ones((4, t), np.int32), "loss_mask": np.ones((4, t), np.float32)}
+    step = jax.jit(lambda s, b: train.train_step(s, b, fns))
+    first = None
+    for _ in range(15):
+        state, m = step(state, batch)
+        first = float(m["loss"]) if first is None else first
+    assert float(m["loss"]) < first - 1.0, (first, float(m["loss"]))
+
+
+def test_run_compiles_once_and_logs_documented_keys(tmp_path):
+    c = micro_config(**{"train.steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3})
+    result = train.run(c, str(tmp_path))
+    assert result["train_step_compiles"] == 1
+    records = read_metrics(tmp_path)
+    scalars = [r for r in records if "loss" in r]
+    assert [r["step"] for r in scalars] == list(range(1, 7))
+    keys = {"loss", "ce", "mtp_ce", "balance", "grad_norm", "lr", "tokens_per_s", "mfu",
+            "maxvio/mean", "maxvio/layer_0", "mtp_weight", "gamma"}
+    assert keys <= set(scalars[-1]), keys - set(scalars[-1])
+    assert any("histograms" in r for r in records)
+    assert any("val_loss" in r and "val_maxvio" in r for r in records)
+    assert os.listdir(tmp_path / "tensorboard")
+    assert np.isfinite(result["val_loss"]) and isinstance(result["sample"], str)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    """kill -9 after step 7 (checkpoints every 3), rerun the same command: the per-step losses
+    of the whole run equal an uninterrupted run's, bit for bit."""
+    args = ["--config.train.steps=10", "--config.train.checkpoint_every=3",
+            "--config.train.eval_every=100"]
+    full = run_cli(tmp_path / "full", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_cli(tmp_path / "resumed", *args, env={"DSV3_FAULT_KILL_AFTER_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_cli(tmp_path / "resumed", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+
+
+def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
+    cmd = [sys.executable, "-m", "dsv3_jax.train", "--config", "experiments/configs/tiny.py:quick",
+           f"--workdir={tmp_path}", *MICRO, "--config.train.steps=100000",
+           "--config.train.checkpoint_every=100000", "--config.train.eval_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and len(losses(tmp_path)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved and saved[-1] == max(losses(tmp_path)) and saved[-1] < 100000
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    c = micro_config(**{"train.steps": 12, "train.checkpoint_every": 2, "train.eval_every": 100})
+    c.optim.peak_lr = 1e12           # diverges within a few steps
+    c.optim.clip_norm = 1e30
+    c.optim.warmup_steps = 0
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf at step (\d+)") as err:
+        train.run(c, str(tmp_path))
+    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert all(s <= bad for s in saved)
+
+
+def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
+    train.run(micro_config(**{"train.steps": 2, "train.checkpoint_every": 2}), str(tmp_path))
+    other = micro_config(**{"train.steps": 4})
+    other.model.hidden_size = 96
+    other.model.n_routed_experts = 8
+    with pytest.raises(CheckpointMismatchError) as err:
+        train.run(other, str(tmp_path))
+    msg = str(err.value)
+    assert "shape mismatch" in msg and "embed" in msg and "router" in msg
+
+
+def test_bad_config_values_are_reported_together():
+    c = micro_config()
+    c.data.seq_len = 0
+    c.optim.peak_lr = -1.0
+    c.model.n_group = 3
+    with pytest.raises(train.ConfigError) as err:
+        train.validate(c)
+    msg = str(err.value)
+    assert "seq_len" in msg and "peak_lr" in msg and "n_group" in msg
+
+
+def test_unknown_cli_key_is_an_error(tmp_path):
+    out = run_cli(tmp_path, "--config.train.stepz=3")
+    assert out.returncode != 0 and "stepz" in out.stderr
