@@ -51,6 +51,8 @@ def validate(c) -> ModelConfig:
     d, t, o, b, m = c.data, c.train, c.optim, c.balance, c.mtp
     need(d.seq_len >= 8, f"data.seq_len must be >= 8, got {d.seq_len}")
     need(d.global_batch >= 1, f"data.global_batch must be >= 1, got {d.global_batch}")
+    need(d.micro_batch >= 0 and (d.micro_batch == 0 or d.global_batch % d.micro_batch == 0),
+         f"data.micro_batch must be 0 (= global_batch) or divide global_batch, got {d.micro_batch}")
     need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -135,11 +137,26 @@ def compute_loss(params, router_bias, batch, fns: StepFns, step):
 
 
 def train_step(state: dict, batch: dict, fns: StepFns):
-    """One optimizer step, the aux-loss-free bias update, EMA; a non-finite loss leaves the
-    state untouched and records the step in state['nonfinite_step']."""
+    """One optimizer step over `batch` [micro, rows, T] (gradients accumulated over the leading
+    micro-batch axis), the aux-loss-free bias update from the whole batch's loads, EMA. A
+    non-finite loss leaves the state untouched and records the step in state['nonfinite_step']."""
     step = state["step"]
-    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-        state["params"], state["router_bias"], batch, fns, step)
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+
+    def micro(acc, mb):
+        (loss, aux), grads = grad_fn(state["params"], state["router_bias"], mb, fns, step)
+        return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
+
+    n_micro = batch["inputs"].shape[0]
+    zeros = jax.eval_shape(lambda: grad_fn(state["params"], state["router_bias"],
+                                           jax.tree.map(lambda x: x[0], batch), fns, step))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
+    zeros = (zeros[0][0], zeros[0][1], zeros[1])
+    (loss, aux, grads), _ = jax.lax.scan(micro, zeros, batch)
+    mean = lambda x: x / n_micro
+    loss, grads = loss / n_micro, jax.tree.map(mean, grads)
+    aux = {k: (v if k.endswith("counts") else v / n_micro) for k, v in aux.items()}
+
     updates, opt_state = fns.optimizer.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
     # Outside the gradient: b_i += gamma * sign(mean load - load_i), loads of the global batch.
@@ -203,6 +220,45 @@ def make_step_fns(c, cfg: ModelConfig) -> StepFns:
                    gamma=optim.piecewise_constant((c.balance.gamma, 0.0), (c.balance.gamma_until,),
                                                   steps),
                    alpha=c.balance.alpha, ema_decay=c.train.ema_decay)
+
+
+class BatchSchedule:
+    """Global batch per step (an optional ramp in stages, report §4.2) as a number of
+    micro-batches of `micro_batch` rows; each stage compiles the step once.
+
+    ramp: "" (constant) or "frac:rows,frac:rows,..." e.g. "0:2,0.05:4,0.1:8" (rows from that
+    fraction of the run on; the last stage should equal data.global_batch).
+    """
+
+    def __init__(self, global_batch: int, micro_batch: int, ramp: str, steps: int):
+        micro_batch = micro_batch or global_batch
+        stages = [(0.0, global_batch)]
+        if ramp:
+            try:
+                stages = [(float(f), int(b)) for f, b in (p.split(":") for p in ramp.split(","))]
+            except ValueError:
+                raise ConfigError(f"data.batch_ramp must look like '0:2,0.1:4,0.2:8', got {ramp!r}")
+        errors = [f"batch {b} is not a positive multiple of data.micro_batch={micro_batch}"
+                  for _, b in stages if b <= 0 or b % micro_batch]
+        if [f for f, _ in stages] != sorted(f for f, _ in stages) or stages[0][0] != 0:
+            errors.append(f"data.batch_ramp fractions must start at 0 and increase: {ramp!r}")
+        if errors:
+            raise ConfigError("bad batch schedule: " + "; ".join(errors))
+        self.micro_batch = micro_batch
+        per_step = np.zeros(steps, np.int64)
+        for frac, rows in stages:
+            per_step[int(round(frac * steps)):] = rows // micro_batch
+        self.micro_per_step = per_step
+        self.first_micro = np.concatenate([[0], np.cumsum(per_step)])   # micro index of each step
+
+    def rows(self, step: int) -> int:
+        return int(self.micro_per_step[step]) * self.micro_batch
+
+    def batch(self, data_iter, step: int) -> dict:
+        """[micro, rows, T] arrays: micro-batches first_micro[step] ... of the data stream."""
+        idx = range(int(self.first_micro[step]), int(self.first_micro[step + 1]))
+        parts = [data_iter.batch(i) for i in idx]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -281,12 +337,15 @@ def run(c, workdir: str) -> dict:
     t_start = time.time()
 
     # ---- data ----
+    schedule = BatchSchedule(c.data.global_batch, c.data.micro_batch, c.data.batch_ramp,
+                             c.train.steps)
+    # The iterator yields micro-batches; step s takes micro-batches first_micro[s]... in order.
     train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
-        c.data.seq_len, c.data.global_batch, c.data.seed, data_dir=c.data.data_dir or None)
+        c.data.seq_len, schedule.micro_batch, c.data.seed, data_dir=c.data.data_dir or None)
     if info["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {info['vocab_size']} tokens but model.vocab_size is "
                           f"{cfg.vocab_size}")
-    val_batches = val_batches_fn(c.data.eval_batches)
+    val_batches = val_batches_fn(c.data.eval_batches * (c.data.global_batch // schedule.micro_batch))
     print(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
           f"({info['train_docs']:,} documents), {info['steps_per_epoch']:.0f} steps per epoch; "
           f"unigram entropy {info['unigram_entropy']:.3f} nats/token (the yardstick)", flush=True)
@@ -299,7 +358,7 @@ def run(c, workdir: str) -> dict:
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, abstract)
-        train_iter.set_state(data_state)
+        train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
         print(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})", flush=True)
     else:
         state = init_state(cfg, fns.optimizer, c.train.seed, ema)
@@ -313,7 +372,6 @@ def run(c, workdir: str) -> dict:
     eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
     writer = writers.create(workdir, truncate_after=start)
     flops_per_token = model_flops_per_token(cfg, c.data.seq_len)
-    tokens_per_step = c.data.global_batch * c.data.seq_len
     stop = StopSignal()
     # Fault injection for the resume test: SIGKILL this process right after step N.
     kill_at = int(os.environ.get("DSV3_FAULT_KILL_AFTER_STEP", "-1"))
@@ -348,9 +406,9 @@ def run(c, workdir: str) -> dict:
     t_log, step_log = time.perf_counter(), start
     metrics = None
     for step in range(start, c.train.steps):
-        batch = train_iter.batch(step)
+        batch = schedule.batch(train_iter, step)
         state, metrics = step_fn(state, batch)
-        train_iter.set_state({"step": step + 1})
+        train_iter.set_state({"step": int(schedule.first_micro[step + 1])})
         done = step + 1
         stopping = stop.requested          # read once: the signal may arrive mid-iteration
         last = done == c.train.steps or stopping
@@ -358,7 +416,8 @@ def run(c, workdir: str) -> dict:
             m = jax.device_get(metrics)
             check_finite()
             dt = time.perf_counter() - t_log
-            tps = (done - step_log) * tokens_per_step / max(dt, 1e-9)
+            rows = schedule.first_micro[done] - schedule.first_micro[step_log]
+            tps = rows * schedule.micro_batch * c.data.seq_len / max(dt, 1e-9)
             t_log, step_log = time.perf_counter(), done
             scalars = _scalars(m)
             scalars.update({"tokens_per_s": tps,

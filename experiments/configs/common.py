@@ -18,6 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         seq_len=256,              # tokens per packed row
         global_batch=8,           # rows per optimizer step, all processes together
+        micro_batch=0,            # rows per forward/backward (gradient accumulation); 0 = global
+        batch_ramp="",            # e.g. "0:2,0.05:4,0.1:8": rows from that fraction of the run on
         seed=0,                   # shuffling of documents (per epoch)
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation

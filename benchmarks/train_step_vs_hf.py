@@ -1,0 +1,113 @@
+"""Our jitted train step vs Hugging Face transformers' DeepseekV3ForCausalLM + torch AdamW, on the
+same config, batch and sequence length, measured side by side in one run (float32, 2 threads).
+
+  python benchmarks/train_step_vs_hf.py [--steps 10 --threads 2]
+
+Config (the issue's): vocab 8192, hidden 256, 4 layers with 1 dense, 16 routed experts top-4 in 4
+groups keeping 2, 1 shared, MoE width 128, dense width 768, 4 heads, q_lora 96, kv_lora 64, nope
+32, rope 16, v 32; batch 8 x 256 tokens. HF has no MTP training path, so ours runs with MTP off
+for the comparison (and is also reported with MTP on, which does strictly more work).
+"""
+import argparse
+import os
+import time
+
+
+def parse():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    return ap.parse_args()
+
+
+ARGS = parse()
+# Both frameworks get the same thread budget; set before either is imported.
+os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
+                                   f"intra_op_parallelism_threads={ARGS.threads}")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dsv3_jax import config, train  # noqa: E402
+from experiments.configs import tiny  # noqa: E402
+
+SHAPES = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+              num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
+              num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+              num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
+              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+
+
+def batch_np(rng):
+    b, t = ARGS.batch, ARGS.seq
+    ids = rng.integers(2, 8192, (b, t + 1)).astype(np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+
+
+def time_ours(mtp: bool, batch):
+    c = tiny.get_config()
+    for k, v in SHAPES.items():
+        c.model[k] = v
+    c.model.num_nextn_predict_layers = 1 if mtp else 0
+    cfg = train.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+    step = jax.jit(lambda s, b: train.train_step(s, b, fns), donate_argnums=0)
+    batch = {k: v[None] for k, v in batch.items()}          # one micro-batch
+    state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(ARGS.steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    return (time.perf_counter() - t0) / ARGS.steps, float(m["loss"])
+
+
+def time_hf(batch):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    torch.set_num_threads(ARGS.threads)
+    torch.manual_seed(0)
+    hf_cfg = DeepseekV3Config(**SHAPES, num_nextn_predict_layers=0, rope_interleave=True,
+                              max_position_embeddings=2048, tie_word_embeddings=False)
+    model = DeepseekV3ForCausalLM(hf_cfg).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.from_numpy(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], 1)).long()
+
+    def one():
+        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    one()
+    t0 = time.perf_counter()
+    for _ in range(ARGS.steps):
+        loss = one()
+    return (time.perf_counter() - t0) / ARGS.steps, loss
+
+
+def main():
+    batch = batch_np(np.random.default_rng(0))
+    tokens = ARGS.batch * ARGS.seq
+    print(f"jax {jax.__version__}, torch {torch.__version__}; {ARGS.threads} threads, float32, "
+          f"batch {ARGS.batch}x{ARGS.seq}, mean of {ARGS.steps} steps after warm-up")
+    t_hf, l_hf = time_hf(batch)
+    t_ours, l_ours = time_ours(False, batch)
+    t_mtp, _ = time_ours(True, batch)
+    rows = [("HF transformers + torch AdamW", t_hf), ("dsv3_jax (MTP off, same model)", t_ours),
+            ("dsv3_jax (MTP on, +1 MoE block)", t_mtp)]
+    for name, t in rows:
+        print(f"  {name:34s} {t * 1e3:8.1f} ms/step  {tokens / t:9.0f} tokens/s")
+    print(f"ratio ours/HF tokens per second: {t_hf / t_ours:.2f}x (MTP on: {t_hf / t_mtp:.2f}x); "
+          f"initial losses {l_hf:.3f} (HF), {l_ours:.3f} (ours)")
+
+
+if __name__ == "__main__":
+    main()
