@@ -60,8 +60,10 @@ class Transformer(nn.Module):
 
     def head(self, h_BTD):
         dt = dtype_of(self.cfg.dtype)
-        return jnp.dot(h_BTD.astype(dt), self.lm_head.astype(dt),
-                       preferred_element_type=acc_dtype(self.cfg))
+        # A 2-D GEMM: XLA:CPU's weight gradient of a 3-D x 2-D dot is ~2x slower.
+        logits = jnp.dot(h_BTD.reshape(-1, h_BTD.shape[-1]).astype(dt), self.lm_head.astype(dt),
+                         preferred_element_type=acc_dtype(self.cfg))
+        return logits.reshape(*h_BTD.shape[:-1], -1)
 
     def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True):
         cfg = self.cfg

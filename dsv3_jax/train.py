@@ -197,7 +197,7 @@ def init_state(cfg: ModelConfig, optimizer, seed: int, ema: bool):
     variables = model.init(cfg, jax.random.fold_in(rng, 0))
     state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
              "opt_state": optimizer.init(variables["params"]),
-             "router_bias": variables["router_bias"],
+             "router_bias": variables.get("router_bias", {}),
              "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
              "nonfinite_step": jnp.full((), -1, jnp.int32)}
     if ema:
