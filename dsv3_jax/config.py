@@ -68,6 +68,8 @@ class ModelConfig:
     remat: str = "none"                     # none | full | selective (norms + MLA up-projections)
     moe_impl: str = "sorted"                # sorted: dropless grouped GEMM; dense: reference
     moe_tile_m: int | None = None           # rows per grouped-GEMM tile; None: from token count
+    moe_ep_capacity_factor: float = 2.0     # EP all-to-all rows per destination (x even share);
+                                            # overflow: worst-case buffers (0 = always those)
     gemm_impl: str = "jnp"                  # grouped/FP8 GEMM backend: jnp | pallas
     fp8: bool = False                       # route Linear layers through the FP8 recipe
 
@@ -151,6 +153,7 @@ class ModelConfig:
         need(self.gemm_impl in _GEMM_IMPLS, f"unknown gemm_impl {self.gemm_impl!r}; expected {_GEMM_IMPLS}")
         need(self.moe_tile_m is None or (self.moe_tile_m > 0 and self.moe_tile_m % 8 == 0),
                   f"moe_tile_m must be None or a positive multiple of 8, got {self.moe_tile_m}")
+        need(self.moe_ep_capacity_factor >= 0, "moe_ep_capacity_factor must be >= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
         need(self.rope_theta > 0, "rope_theta must be > 0")
         if self.rope_scaling is not None:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import checkpoint as ckpt_lib
-from dsv3_jax import model, optim
+from dsv3_jax import model, optim, sharding
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.layers.mtp import shift_left
 
@@ -205,6 +205,26 @@ def init_state(cfg: ModelConfig, optimizer, seed: int, ema: bool):
     return state
 
 
+def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape) -> dict:
+    """PartitionSpecs of the whole state from the one rules table; optimizer moments also
+    sharded over the ZeRO-1 axes; router biases, counters and the RNG replicated."""
+    import optax
+    from jax.sharding import PartitionSpec as P
+    axes = model.logical_axes(cfg)["params"]
+    is_spec = lambda x: isinstance(x, P)
+    param_specs = jax.tree.map(lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
+                                                                       mesh_shape),
+                               axes, abstract_state["params"], is_leaf=is_spec)
+    moment = lambda leaf, spec: sharding.add_zero1(spec, leaf.shape, mesh_shape)
+    opt_specs = optax.tree_map_params(optimizer, moment, abstract_state["opt_state"], param_specs,
+                                      transform_non_params=lambda _: P(), is_leaf=is_spec)
+    specs = jax.tree.map(lambda _: P(), abstract_state)
+    specs.update(params=param_specs, opt_state=opt_specs)
+    if "ema" in abstract_state:
+        specs["ema"] = param_specs
+    return specs
+
+
 def make_step_fns(c, cfg: ModelConfig) -> StepFns:
     steps = c.train.steps
     lr = optim.lr_schedule(c.optim.peak_lr, steps, warmup_steps=c.optim.warmup_steps,
@@ -333,6 +353,10 @@ def run(c, workdir: str) -> dict:
     # ---- config (validated before any compile) ----
     cfg = validate(c)
     fns = make_step_fns(c, cfg)
+    mesh_shape = sharding.resolve_mesh_shape(c.mesh.to_dict(), jax.device_count())
+    micro = c.data.micro_batch or c.data.global_batch
+    sharding.validate_mesh(mesh_shape, cfg, micro)
+    mesh = sharding.make_mesh(mesh_shape)
     os.makedirs(workdir, exist_ok=True)
     t_start = time.time()
 
@@ -341,11 +365,24 @@ def run(c, workdir: str) -> dict:
                              c.train.steps)
     # The iterator yields micro-batches; step s takes micro-batches first_micro[s]... in order.
     train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
-        c.data.seq_len, schedule.micro_batch, c.data.seed, data_dir=c.data.data_dir or None)
+        c.data.seq_len, schedule.micro_batch, c.data.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), data_dir=c.data.data_dir or None)
     if info["vocab_size"] > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {info['vocab_size']} tokens but model.vocab_size is "
                           f"{cfg.vocab_size}")
-    val_batches = val_batches_fn(c.data.eval_batches * (c.data.global_batch // schedule.micro_batch))
+    row_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(2))
+    micro_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(3, lead=1))
+
+    def to_global(local: dict, sharding_, rows_axis: int) -> dict:
+        """This process's rows -> one global array (each process feeds only its shard)."""
+        def one(x):
+            shape = list(x.shape)
+            shape[rows_axis] *= jax.process_count()
+            return jax.make_array_from_process_local_data(sharding_, x, tuple(shape))
+        return {k: one(v) for k, v in local.items()}
+
+    val_batches = [to_global(b, row_sharding, 0) for b in val_batches_fn(
+        c.data.eval_batches * (c.data.global_batch // schedule.micro_batch))]
     print(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
           f"({info['train_docs']:,} documents), {info['steps_per_epoch']:.0f} steps per epoch; "
           f"unigram entropy {info['unigram_entropy']:.3f} nats/token (the yardstick)", flush=True)
@@ -353,6 +390,9 @@ def run(c, workdir: str) -> dict:
     # ---- state: init, or restore the latest checkpoint in the workdir ----
     ema = c.train.ema_decay > 0
     abstract = jax.eval_shape(lambda: init_state(cfg, fns.optimizer, c.train.seed, ema))
+    state_sharding = sharding.named(mesh, state_specs(abstract, cfg, fns.optimizer, mesh_shape))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sharding)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), c.train.keep_checkpoints,
                                  c.train.async_checkpoint)
     latest = ckpt.latest_step()
@@ -361,15 +401,23 @@ def run(c, workdir: str) -> dict:
         train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
         print(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})", flush=True)
     else:
-        state = init_state(cfg, fns.optimizer, c.train.seed, ema)
+        state = jax.jit(lambda: init_state(cfg, fns.optimizer, c.train.seed, ema),
+                        out_shardings=state_sharding)()
     start = int(state["step"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     print(f"model: {n_params / 1e6:.2f}M parameters; {c.train.steps} steps of "
-          f"{c.data.global_batch}x{c.data.seq_len} tokens; workdir {os.path.abspath(workdir)}",
-          flush=True)
+          f"{c.data.global_batch}x{c.data.seq_len} tokens; mesh "
+          f"{ {k: v for k, v in mesh_shape.items() if v > 1} or 'single device'}; "
+          f"workdir {os.path.abspath(workdir)}", flush=True)
 
-    step_fn = jax.jit(functools.partial(train_step, fns=fns), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):   # the MoE layer's expert-parallel shard_map reads this mesh
+        step_fn = jax.jit(functools.partial(train_step, fns=fns),
+                          in_shardings=(state_sharding, micro_sharding),
+                          out_shardings=(state_sharding, replicated), donate_argnums=0)
+        eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg),
+                          in_shardings=(state_sharding["params"], state_sharding["router_bias"],
+                                        row_sharding), out_shardings=replicated)
     writer = writers.create(workdir, truncate_after=start)
     flops_per_token = model_flops_per_token(cfg, c.data.seq_len)
     stop = StopSignal()
@@ -380,7 +428,8 @@ def run(c, workdir: str) -> dict:
         nll = tok = 0.0
         counts = 0
         for vb in val_batches:
-            s, n, cts = eval_fn(params, state["router_bias"], vb)
+            with jax.set_mesh(mesh):
+                s, n, cts = eval_fn(params, state["router_bias"], vb)
             nll, tok, counts = nll + s, tok + n, counts + cts
         val = float(nll / max(float(tok), 1.0))
         return val, np.asarray(max_violation(counts))
@@ -406,8 +455,9 @@ def run(c, workdir: str) -> dict:
     t_log, step_log = time.perf_counter(), start
     metrics = None
     for step in range(start, c.train.steps):
-        batch = schedule.batch(train_iter, step)
-        state, metrics = step_fn(state, batch)
+        batch = to_global(schedule.batch(train_iter, step), micro_sharding, 1)
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, batch)
         train_iter.set_state({"step": int(schedule.first_micro[step + 1])})
         done = step + 1
         stopping = stop.requested          # read once: the signal may arrive mid-iteration

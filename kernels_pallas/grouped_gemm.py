@@ -51,6 +51,22 @@ def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Ar
     return out.reshape(m, rhs.shape[2]).astype(lhs.dtype)
 
 
+def _zeros_varying_like(shape, dtype, *refs):
+    """Zeros whose shard_map 'varying manual axes' match the refs' (a loop carry's type must
+    not change inside shard_map; jnp.zeros alone is invariant)."""
+    z = jnp.zeros(shape, dtype)
+    vma = frozenset().union(*(_varying_axes(r) for r in refs))
+    return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)          # jax 0.10
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))              # other versions
+
+
 def _tile(x, t, tile_m):
     return jax.lax.dynamic_slice_in_dim(x, t * tile_m, tile_m, axis=0)
 
@@ -59,7 +75,7 @@ def _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m):
     def body(t, out):
         y = jnp.dot(_tile(lhs, t, tile_m), rhs[tile_expert[t]].astype(lhs.dtype))
         return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile_m, axis=0)
-    out = jnp.zeros((lhs.shape[0], rhs.shape[2]), lhs.dtype)
+    out = _zeros_varying_like((lhs.shape[0], rhs.shape[2]), lhs.dtype, lhs, rhs, tile_expert, used)
     return jax.lax.fori_loop(0, used, body, out)
 
 
@@ -84,9 +100,17 @@ def _loop_bwd(tile_m, res, dy):
         dw_e = jnp.dot(x_t.T, dy_t, preferred_element_type=dw.dtype)
         return dx, dw.at[e].add(dw_e)          # in place: the loop carry is updated, not copied
 
-    dx, dw = jax.lax.fori_loop(0, used, body, (jnp.zeros_like(lhs),
-                                               jnp.zeros(rhs.shape, jnp.float32)))
-    return dx, dw.astype(rhs.dtype), None, None
+    refs = (lhs, rhs, dy, tile_expert, used)
+    dx, dw = jax.lax.fori_loop(0, used, body, (_zeros_varying_like(lhs.shape, lhs.dtype, *refs),
+                                               _zeros_varying_like(rhs.shape, jnp.float32, *refs)))
+    # Under shard_map a weight replicated over some axes gets its gradient summed over them.
+    return sum_to_vma(dx, lhs), sum_to_vma(dw, rhs).astype(rhs.dtype), None, None
+
+
+def sum_to_vma(ct, primal):
+    """A cotangent summed over the shard_map axes along which its primal is invariant."""
+    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct
 
 
 _grouped_matmul_loop.defvjp(_loop_fwd, _loop_bwd)

@@ -9,10 +9,11 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import SwiGLU, acc_dtype, dtype_of, normal_init
-from kernels_pallas.grouped_gemm import grouped_matmul
+from kernels_pallas.grouped_gemm import grouped_matmul, sum_to_vma
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
 
@@ -84,15 +85,21 @@ class Dispatch(NamedTuple):
     tile_m: int
 
 
-def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int) -> Dispatch:
-    """Sort slots by expert; pad each expert's group to whole tiles (static size bound)."""
+def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int,
+                  trash_group: bool = False) -> Dispatch:
+    """Sort slots by expert; pad each expert's group to whole tiles (static size bound).
+
+    trash_group: ids == num_experts mark rows to skip (empty all-to-all buffer rows); they are
+    sorted last, and their tiles fall after `used_tiles`, so no GEMM ever runs on them.
+    """
+    groups = num_experts + int(trash_group)
     n, p = experts_NP.shape
     slots = n * p
-    num_tiles = min(-(-slots // tile_m) + num_experts, slots)   # >= sum_e ceil(count_e / tile_m)
+    num_tiles = min(-(-slots // tile_m) + groups, slots)        # >= sum_e ceil(count_e / tile_m)
     flat_e = experts_NP.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
     sorted_e = flat_e[order]
-    counts = jnp.bincount(flat_e, length=num_experts)
+    counts = jnp.bincount(flat_e, length=groups)
     group_start = jnp.cumsum(counts) - counts                     # first sorted slot of expert e
     tiles = -(-counts // tile_m)
     tile_end = jnp.cumsum(tiles)
@@ -102,7 +109,8 @@ def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int) -> Dispa
     src = jnp.full(num_tiles * tile_m, slots, jnp.int32).at[dest_sorted].set(order.astype(jnp.int32))
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"),
                               num_experts - 1).astype(jnp.int32)
-    return Dispatch(src, dest.reshape(n, p), tile_expert, tile_end[-1].astype(jnp.int32), tile_m)
+    used = tile_end[num_experts - 1].astype(jnp.int32)
+    return Dispatch(src, dest.reshape(n, p), tile_expert, used, tile_m)
 
 
 # Both maps are gathers, and each one's transpose is a gather through the other map, so neither
@@ -123,12 +131,13 @@ def permute(x_ND: jax.Array, plan: Dispatch) -> jax.Array:
 
 
 def _permute_fwd(x_ND, plan):
-    return permute(x_ND, plan), plan
+    return permute(x_ND, plan), (plan, x_ND)
 
 
-def _permute_bwd(plan, d_MD):
+def _permute_bwd(res, d_MD):
+    plan, x_ND = res
     # each token's gradient is the sum of its P buffer rows
-    return _gather_rows(d_MD, plan.dest_row_NP).sum(1), None
+    return sum_to_vma(_gather_rows(d_MD, plan.dest_row_NP).sum(1), x_ND), None
 
 
 permute.defvjp(_permute_fwd, _permute_bwd)
@@ -153,10 +162,114 @@ def _unpermute_bwd(res, d_ND):
     # buffer row r came from slot src[r] = token*P + j: its gradient is g[token, j] * d[token]
     scaled = (d_ND[:, None, :] * gates_NP[:, :, None]).reshape(n * p, -1)
     d_y = _gather_rows(scaled, plan.src_slot_M).astype(y_MD.dtype)
-    return d_y, None, d_gates.astype(gates_NP.dtype)
+    return (sum_to_vma(d_y, y_MD), None,
+            sum_to_vma(d_gates.astype(gates_NP.dtype), gates_NP))
 
 
 unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def _gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
+    if cfg.fp8:
+        from dsv3_jax import fp8
+        return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
+                                   implementation=cfg.gemm_impl)
+    return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m,
+                          used_tiles=plan.used_tiles)
+
+
+def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelConfig, *,
+                   num_experts: int, trash_group: bool = False):
+    """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
+    n, p = experts_NP.shape
+    tile_m = cfg.moe_tile_m or default_tile_m(n * p, num_experts)
+    plan = plan_dispatch(experts_NP, num_experts, tile_m, trash_group)
+    x_MD = permute(x_ND, plan)
+    h = nn.silu(_gmm(x_MD, w_gate, plan, cfg)) * _gmm(x_MD, w_up, plan, cfg)
+    return unpermute_combine(_gmm(h, w_down, plan, cfg), plan, gates_NP)
+
+
+def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
+                    capacity: int) -> tuple[Dispatch, jax.Array, jax.Array]:
+    """Send buffer [shards * capacity] rows, grouped by destination shard then expert.
+
+    Returns the plan (its permute/unpermute maps are all we use), each send row's local expert id
+    (experts_per_shard = empty row) and the largest per-destination count (to detect overflow).
+    """
+    n, p = experts_NP.shape
+    slots = n * p
+    flat_e = experts_NP.reshape(-1)
+    dest = flat_e // experts_per_shard
+    order = jnp.argsort(flat_e, stable=True)              # by destination shard, then expert
+    counts = jnp.bincount(dest, length=num_shards)
+    start = jnp.cumsum(counts) - counts
+    sorted_dest = dest[order]
+    row_sorted = (sorted_dest * capacity + jnp.arange(slots) - start[sorted_dest]).astype(jnp.int32)
+    rows = num_shards * capacity
+    dest_row = jnp.zeros(slots, jnp.int32).at[order].set(row_sorted)
+    src = jnp.full(rows, slots, jnp.int32).at[row_sorted].set(order.astype(jnp.int32), mode="drop")
+    local_e = jnp.where(src < slots, flat_e[jnp.minimum(src, slots - 1)] % experts_per_shard,
+                        experts_per_shard).astype(jnp.int32)
+    plan = Dispatch(src, dest_row.reshape(n, p), jnp.zeros((0,), jnp.int32),
+                    jnp.zeros((), jnp.int32), 1)
+    return plan, local_e, counts.max()
+
+
+def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelConfig, mesh):
+    """Routed experts under a mesh: shard_map over the batch axes; experts split over `expert`.
+
+    Each device routes its own tokens, sends every (token, slot) to the shard holding its expert
+    with one all_to_all, runs its local experts' grouped SwiGLU, sends results back with a second
+    all_to_all and combines them with the gates. Buffers: each destination gets `capacity` rows
+    per source, capacity = ceil(moe_ep_capacity_factor * slots / shards) (rounded up to 8). If any
+    device would overflow that, the step takes the worst-case branch (capacity = all its slots):
+    a safe fallback decided collectively with lax.cond, never a dropped token.
+    """
+    from dsv3_jax.sharding import BATCH_AXES
+    ep = mesh.shape["expert"]
+    e_local = cfg.n_routed_experts // ep
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    row = P(batch_axes, None)
+    weight = P("expert", None, None)
+
+    def local(x, ex, g, wg, wu, wd):
+        if ep == 1:
+            return sorted_experts(x, ex, g, wg, wu, wd, cfg, num_experts=cfg.n_routed_experts)
+        slots = ex.size
+
+        def exchange(capacity):
+            plan, local_e, _ = plan_all_to_all(ex, ep, e_local, capacity)
+            a2a = lambda t: jax.lax.all_to_all(t, "expert", 0, 0, tiled=True)
+            send = permute(x, plan)
+            recv = a2a(send)
+            recv_e = a2a(local_e)
+            y = sorted_experts(recv, recv_e[:, None], jnp.ones((recv.shape[0], 1), g.dtype),
+                               wg, wu, wd, cfg, num_experts=e_local, trash_group=True)
+            return unpermute_combine(a2a(y.astype(x.dtype)), plan, g)
+
+        cf = cfg.moe_ep_capacity_factor
+        small = min(slots, -(-int(cf * slots / ep + 0.999999) // 8) * 8) if cf > 0 else slots
+        if small >= slots:
+            return exchange(slots)
+        _, _, biggest = plan_all_to_all(ex, ep, e_local, 1)
+        overflow = jax.lax.pmax(biggest, "expert") > small
+        return jax.lax.cond(overflow, lambda: exchange(slots), lambda: exchange(small))
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, weight, weight, weight),
+                       out_specs=row)
+    return fn(x_ND, routing.experts_NP, routing.gates_NP, w_gate, w_up, w_down)
+
+
+def _active_mesh():
+    """The mesh set by the trainer (jax.set_mesh), if it splits the batch; else None."""
+    from dsv3_jax.sharding import BATCH_AXES
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    ways = 1
+    for a in BATCH_AXES:
+        ways *= mesh.shape.get(a, 1)
+    return mesh if ways > 1 else None
 
 
 class RoutedExperts(nn.Module):
@@ -173,26 +286,6 @@ class RoutedExperts(nn.Module):
         self.down = self.param("down", nn.with_logical_partitioning(
             normal_init(cfg), ("expert", "moe_mlp", "embed")), (e, f, d), pdt)
 
-    def _gmm(self, lhs, rhs, plan: Dispatch):
-        cfg = self.cfg
-        if cfg.fp8:
-            from dsv3_jax import fp8
-            return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
-                                       implementation=cfg.gemm_impl)
-        return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m,
-                              used_tiles=plan.used_tiles)
-
-    def sorted(self, x_ND, routing: Routing):
-        """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
-        cfg = self.cfg
-        n, p = routing.experts_NP.shape
-        tile_m = cfg.moe_tile_m or default_tile_m(n * p, cfg.n_routed_experts)
-        plan = plan_dispatch(routing.experts_NP, cfg.n_routed_experts, tile_m)
-        x_MD = permute(x_ND, plan)
-        h = nn.silu(self._gmm(x_MD, self.gate, plan)) * self._gmm(x_MD, self.up, plan)
-        y_MD = self._gmm(h, self.down, plan)
-        return unpermute_combine(y_MD, plan, routing.gates_NP)
-
     def dense(self, x_ND, routing: Routing):
         """Reference: every token through every expert, masked by the gates (cost x E)."""
         dt = x_ND.dtype
@@ -205,9 +298,16 @@ class RoutedExperts(nn.Module):
         return jnp.einsum("NED,NE->ND", y.astype(combine_NE.dtype), combine_NE)
 
     def __call__(self, x_ND, routing: Routing):
-        if self.cfg.moe_impl == "dense":
+        cfg = self.cfg
+        if cfg.moe_impl == "dense":
             return self.dense(x_ND, routing)
-        return self.sorted(x_ND, routing)
+        dt = x_ND.dtype
+        weights = [w.astype(dt) for w in (self.gate, self.up, self.down)]
+        mesh = _active_mesh()
+        if mesh is not None:
+            return expert_parallel(x_ND, routing, *weights, cfg, mesh)
+        return sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
+                              num_experts=cfg.n_routed_experts)
 
 
 class MoE(nn.Module):

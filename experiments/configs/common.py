@@ -58,4 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
         lambda_end=0.1,           # ... and after the switch
         lambda_switch=0.676,      # fraction of the run (report: 10T of 14.8T)
     ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                  # pure data parallel (-1: all devices left over)
+        fsdp=1,                   # data parallel with params sharded along `embed`
+        expert=1,                 # expert parallel (routed experts split; batch split too)
+        pipeline=1,               # layers (schedules: not yet supported, must be 1)
+        tensor=1,                 # heads and FFN widths
+    ))
     return c
