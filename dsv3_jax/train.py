@@ -337,10 +337,17 @@ def main(argv=None):
     config_flags.DEFINE_config_file("config", default_config_path(), "experiment config file",
                                     lock_config=True)
     flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl and TensorBoard logs")
+    flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port (process 0)")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        run(flags.FLAGS.config, flags.FLAGS.workdir)
+        from dsv3_jax import distributed
+        f = flags.FLAGS
+        distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+        run(f.config, f.workdir)
 
     app.run(_main, argv=argv)
 
@@ -353,6 +360,8 @@ def run(c, workdir: str) -> dict:
     # ---- config (validated before any compile) ----
     cfg = validate(c)
     fns = make_step_fns(c, cfg)
+    main_process = jax.process_index() == 0
+    log = print if main_process else (lambda *a, **k: None)
     mesh_shape = sharding.resolve_mesh_shape(c.mesh.to_dict(), jax.device_count())
     micro = c.data.micro_batch or c.data.global_batch
     sharding.validate_mesh(mesh_shape, cfg, micro)
@@ -383,7 +392,7 @@ def run(c, workdir: str) -> dict:
 
     val_batches = [to_global(b, row_sharding, 0) for b in val_batches_fn(
         c.data.eval_batches * (c.data.global_batch // schedule.micro_batch))]
-    print(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
+    log(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
           f"({info['train_docs']:,} documents), {info['steps_per_epoch']:.0f} steps per epoch; "
           f"unigram entropy {info['unigram_entropy']:.3f} nats/token (the yardstick)", flush=True)
 
@@ -399,13 +408,13 @@ def run(c, workdir: str) -> dict:
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, abstract)
         train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
-        print(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})", flush=True)
+        log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})", flush=True)
     else:
         state = jax.jit(lambda: init_state(cfg, fns.optimizer, c.train.seed, ema),
                         out_shardings=state_sharding)()
     start = int(state["step"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    print(f"model: {n_params / 1e6:.2f}M parameters; {c.train.steps} steps of "
+    log(f"model: {n_params / 1e6:.2f}M parameters; {c.train.steps} steps of "
           f"{c.data.global_batch}x{c.data.seq_len} tokens; mesh "
           f"{ {k: v for k, v in mesh_shape.items() if v > 1} or 'single device'}; "
           f"workdir {os.path.abspath(workdir)}", flush=True)
@@ -418,7 +427,7 @@ def run(c, workdir: str) -> dict:
         eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg),
                           in_shardings=(state_sharding["params"], state_sharding["router_bias"],
                                         row_sharding), out_shardings=replicated)
-    writer = writers.create(workdir, truncate_after=start)
+    writer = writers.create(workdir, truncate_after=start) if main_process else writers.null()
     flops_per_token = model_flops_per_token(cfg, c.data.seq_len)
     stop = StopSignal()
     # Fault injection for the resume test: SIGKILL this process right after step N.
@@ -451,7 +460,7 @@ def run(c, workdir: str) -> dict:
     # ---- loop ----
     from tqdm import tqdm
     bar = tqdm(total=c.train.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=None, file=sys.stdout)
+               disable=None if main_process else True, file=sys.stdout)
     t_log, step_log = time.perf_counter(), start
     metrics = None
     for step in range(start, c.train.steps):
@@ -501,22 +510,26 @@ def run(c, workdir: str) -> dict:
         val, vio = evaluate(state["params"])
         writer.write_scalars(final_step, {"val_loss": val, "val_maxvio": float(vio.mean())})
         prompt = tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID]
-        sample_ids = greedy_generate(cfg, {"params": state["params"],
-                                           "router_bias": state["router_bias"]},
-                                     prompt, c.train.sample_tokens, eos_id=data_lib.EOS_ID)
-        sample = tokenizer.decode(prompt + sample_ids)
+        if jax.process_count() == 1:
+            sample_ids = greedy_generate(cfg, {"params": state["params"],
+                                               "router_bias": state["router_bias"]},
+                                         prompt, c.train.sample_tokens, eos_id=data_lib.EOS_ID)
+            sample = tokenizer.decode(prompt + sample_ids)
+        else:   # the sample generator is single-process; sample from the checkpoint instead
+            sample = "(skipped in a multi-process run: python -m dsv3_jax.generate --checkpoint ...)"
         result.update(val_loss=val, val_maxvio=float(vio.mean()), sample=sample)
-        print(f"\nfinal validation loss {val:.4f} nats/token (unigram entropy "
+        log(f"\nfinal validation loss {val:.4f} nats/token (unigram entropy "
               f"{info['unigram_entropy']:.4f}, {info['unigram_entropy'] - val:+.3f} better); "
               f"global MaxVio {vio.mean():.3f}")
-        print(f"greedy sample:\n{sample}\n")
+        log(f"greedy sample:\n{sample}\n")
     writer.close()
     ckpt.close()
-    print(f"checkpoints: {ckpt.directory}\nmetrics: {os.path.join(result['workdir'], 'metrics.jsonl')}"
+    log(f"checkpoints: {ckpt.directory}\nmetrics: {os.path.join(result['workdir'], 'metrics.jsonl')}"
           f" (TensorBoard: tensorboard --logdir {result['workdir']})\n"
           f"wall time {time.time() - t_start:.0f}s", flush=True)
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    if main_process:
+        with open(os.path.join(workdir, "result.json"), "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 

@@ -131,3 +131,8 @@ def create(workdir: str, truncate_after: int | None = None):
     writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl"), truncate_after),
                TensorBoardWriter(os.path.join(workdir, "tensorboard"))]
     return _clu_multi.MultiWriter(writers) if _clu_multi else MultiWriter(writers)
+
+
+def null():
+    """For processes other than 0: every call does nothing."""
+    return MultiWriter([])

@@ -174,3 +174,20 @@ def test_grouped_matmul_loop_equals_reference(used, rng):
 
     for a, b in zip(run("loop"), run("reference")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_node_limited_routing_with_one_group_per_expert_shard(rng):
+    """n_group == number of expert shards: each token's experts live on <= topk_group shards,
+    so the dispatch all_to_all sends every token to at most topk_group devices."""
+    cfg = config.tiny(n_routed_experts=32, n_group=8, topk_group=3, num_experts_per_tok=6)
+    shards = cfg.n_group
+    s = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((512, 32)), jnp.float32))
+    bias = jnp.asarray(rng.normal(0, 0.2, 32), jnp.float32)
+    r = moe.route(s, bias, cfg)
+    shard_of = np.asarray(r.experts_NP) // (cfg.n_routed_experts // shards)
+    per_token = [len(set(row)) for row in shard_of]
+    assert max(per_token) <= cfg.topk_group and max(per_token) == cfg.topk_group
+    # the all-to-all plan agrees: rows for a token are sent to exactly those shards
+    plan, _, _ = moe.plan_all_to_all(r.experts_NP, shards, 32 // shards, capacity=512 * 6)
+    dest_shard = np.asarray(plan.dest_row_NP) // (512 * 6)
+    np.testing.assert_array_equal(dest_shard, shard_of)

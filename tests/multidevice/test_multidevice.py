@@ -25,3 +25,42 @@ def test_meshes_match_single_device(which):
     out = run_script("mesh_equivalence.py", which)
     print(out.stdout)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+@pytest.mark.slow   # ~3-5 minutes on 2 cores: four trainer runs, two of them as 2 processes
+def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "multiprocess.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    print(out.stdout)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+BAD_MESH = """
+import jax
+from dsv3_jax import config, sharding
+cfg = config.tiny()
+cases = [dict(data=3), dict(data=-1, fsdp=-1), dict(data=2, expert=3, fsdp=-1),
+         dict(data=4, expert=2), dict(tensor=8), dict(data=2, pipeline=4), dict(dataa=8)]
+for sizes in cases:
+    try:
+        shape = sharding.resolve_mesh_shape(sizes, jax.device_count())
+        sharding.validate_mesh(shape, cfg, global_batch=4)
+        print("NO ERROR", sizes)
+    except sharding.MeshError as e:
+        print("ERROR", sizes, "|", str(e).replace(chr(10), " "))
+"""
+
+
+def test_bad_meshes_are_one_clear_error_each():
+    out = subprocess.run([sys.executable, "-c", BAD_MESH], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                                  PYTHONPATH=ROOT))
+    lines = [l for l in out.stdout.splitlines() if l.startswith(("ERROR", "NO ERROR"))]
+    assert len(lines) == 7 and all(l.startswith("ERROR") for l in lines), out.stdout + out.stderr
+    text = "\n".join(lines)
+    for needle in ("3 devices, but 8", "at most one mesh axis may be -1", "not divisible",
+                   "batch 4 is not divisible", "num_attention_heads 4 is not divisible",
+                   "pipeline > 1 is not yet supported", "unknown mesh axes"):
+        assert needle in text, (needle, text)
