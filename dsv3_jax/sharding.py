@@ -88,15 +88,16 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def logical_to_mesh(names: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> P:
-    """A PartitionSpec from logical names; a dim keeps only the mesh axes that divide it and that
-    no earlier dim already uses."""
+def logical_to_mesh(names: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+                    uneven: bool = False) -> P:
+    """A PartitionSpec from logical names; a dim keeps only the mesh axes that divide it (all of
+    them with uneven=True, for planning) and that no earlier dim already uses."""
     used, out = set(), []
     for name, dim in zip(names, shape):
         axes = [a for a in RULES.get(name, ()) if a not in used and mesh_shape[a] > 1]
         kept = []
         for a in axes:
-            if dim % (math.prod(mesh_shape[k] for k in kept) * mesh_shape[a]) == 0:
+            if uneven or dim % (math.prod(mesh_shape[k] for k in kept) * mesh_shape[a]) == 0:
                 kept.append(a)
         used.update(kept)
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
@@ -105,6 +106,13 @@ def logical_to_mesh(names: tuple, shape: tuple[int, ...], mesh_shape: Mapping[st
 
 def _spec_axes(entry) -> tuple:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def local_shape(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int]) -> tuple:
+    """The largest shard's shape (ceil division where a dim does not split evenly)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return tuple(-(-d // math.prod(mesh_shape[a] for a in _spec_axes(e)))
+                 for d, e in zip(shape, entries))
 
 
 def add_zero1(spec: P, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> P:
@@ -140,17 +148,6 @@ def describe(spec_tree, shapes) -> list[str]:
     flat = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=lambda x: isinstance(x, P))[0]
     leaves = jax.tree.leaves(shapes)
     return [f"{jax.tree_util.keystr(p)} {tuple(l.shape)} -> {s}" for (p, s), l in zip(flat, leaves)]
-
-
-def local_batch_slice(global_batch: int, mesh_shape: Mapping[str, int], process_count: int):
-    """Rows each process feeds (jax.make_array_from_process_local_data needs an even split)."""
-    if global_batch % process_count:
-        raise MeshError(f"batch {global_batch} is not divisible by {process_count} processes")
-    return global_batch // process_count
-
-
-def is_replicated(spec: P) -> bool:
-    return all(e is None for e in spec)
 
 
 def mesh_shape_of(mesh) -> dict[str, int]:

@@ -205,7 +205,8 @@ def init_state(cfg: ModelConfig, optimizer, seed: int, ema: bool):
     return state
 
 
-def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape) -> dict:
+def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape,
+                uneven: bool = False) -> dict:
     """PartitionSpecs of the whole state from the one rules table; optimizer moments also
     sharded over the ZeRO-1 axes; router biases, counters and the RNG replicated."""
     import optax
@@ -213,7 +214,7 @@ def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape) -> dict
     axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
     param_specs = jax.tree.map(lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
-                                                                       mesh_shape),
+                                                                       mesh_shape, uneven),
                                axes, abstract_state["params"], is_leaf=is_spec)
     moment = lambda leaf, spec: sharding.add_zero1(spec, leaf.shape, mesh_shape)
     opt_specs = optax.tree_map_params(optimizer, moment, abstract_state["opt_state"], param_specs,

@@ -13,6 +13,8 @@ def get_config(arg=None):
     c.model = model_block("deepseek_v3_671b", dtype="bfloat16", fp8=True, remat="selective")
     c.data.seq_len = 4096
     c.data.global_batch = 15360
+    c.data.micro_batch = 128            # one sequence per device of the (data x expert) = 128 ways
+    c.mesh.update(dict(data=-1, expert=64, pipeline=16))   # the report's PP16 x EP64 x ZeRO-1 DP
     c.train.steps = 235_000
     c.train.peak_tflops = 989.0         # H800/H100 dense BF16
     c.train.eval_every = 1000
@@ -25,6 +27,8 @@ def get_config(arg=None):
     c.mtp.lambda_start, c.mtp.lambda_end = 0.3, 0.1
     if arg == "quick":
         c.model = model_block("tiny")
+        c.data.micro_batch = 0
+        c.mesh.update(dict(data=-1, expert=1, pipeline=1))
         c.data.seq_len = 128
         c.data.global_batch = 4
         c.train.steps = 20

@@ -1,0 +1,144 @@
+"""Planning: per-device memory and FLOPs of a config on a mesh, from abstract shapes only.
+
+  python -m dsv3_jax.plan --config experiments/configs/deepseek_v3.py \
+      --mesh pipeline=16,expert=64,data=-1 --devices 2048
+
+Parameters, gradients and optimizer state come from `jax.eval_shape` of the real train state and
+the real sharding rules (sharding.RULES, ZeRO-1 for the moments); dims that do not split evenly
+(61 layers over 16 stages) count their largest shard. Activations are estimated per token and
+layer from the tensors this implementation keeps for the backward pass under the remat policy,
+times the tokens a device holds in flight (a 1F1B pipeline keeps up to `pipeline` micro-batches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import numpy as np
+
+from dsv3_jax import sharding, train
+from dsv3_jax.config import ModelConfig
+
+GB = 1024 ** 3
+
+
+def _bytes(leaf, spec, mesh_shape) -> int:
+    return math.prod(sharding.local_shape(leaf.shape, spec, mesh_shape)) * leaf.dtype.itemsize
+
+
+def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
+    """Bytes per device of params, gradients (same layout as params) and optimizer state."""
+    from jax.sharding import PartitionSpec as P
+    cfg = cfg.replace(fp8=False)     # same shapes; init need not trace the FP8 path
+    fns = train.make_step_fns(c, cfg)
+    abstract = jax.eval_shape(lambda: train.init_state(cfg, fns.optimizer, 0, ema=False))
+    specs = train.state_specs(abstract, cfg, fns.optimizer, mesh_shape, uneven=True)
+    is_spec = lambda x: isinstance(x, P)
+    total = lambda tree, spec: sum(_bytes(l, s, mesh_shape) for l, s in zip(
+        jax.tree.leaves(tree), jax.tree.leaves(spec, is_leaf=is_spec)))
+    params = total(abstract["params"], specs["params"])
+    return {"params": params, "grads": params,
+            "optimizer": total(abstract["opt_state"], specs["opt_state"]),
+            "param_count": sum(l.size for l in jax.tree.leaves(abstract["params"]))}
+
+
+def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int) -> dict:
+    """Bytes this implementation saves for the backward pass, per token and MoE layer."""
+    b = np.dtype(cfg.dtype).itemsize
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    k, r, v, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    q = cfg.q_lora_rank or 0
+    topk, f, e = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
+    fs = cfg.n_shared_experts * f
+    norms = (2 * d + q + c) * b                                # attn/ffn/q/kv norm outputs
+    up = (h * (k + r) + h * (k + v)) * b                       # MLA up-projections (q_b, kv_b)
+    attn_other = (q + (c + r) + h * r + r + h * v + d) * b     # q_a, kv_a, rope, o, o_proj out
+    scores = h * seq_len * 4                                   # f32 softmax probabilities
+    moe = (e * 4 + 2 * topk * d * b + 3 * topk * f * b + 3 * fs * b + d * b)
+    none = norms + up + attn_other + scores + moe + d * b
+    out = {"none": none, "selective": none - norms - up, "full": d * b}
+    return {"per_token_layer": out[remat], "attention_scores": scores if remat != "full" else 0}
+
+
+def plan(c, mesh_sizes: dict, devices: int) -> dict:
+    cfg = train.model_config(c).replace(fp8=False)   # FP8 changes no shape
+    mesh_shape = sharding.resolve_mesh_shape(mesh_sizes, devices)
+    mem = state_memory(c, cfg, mesh_shape)
+    batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
+    micro = c.data.micro_batch or c.data.global_batch
+    rows_per_device = max(micro // batch_ways, 1)
+    tokens_in_flight = rows_per_device * c.data.seq_len * mesh_shape["pipeline"]
+    layers_per_device = -(-cfg.num_hidden_layers // mesh_shape["pipeline"])
+    act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len)
+    activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
+    tokens_per_step = c.data.global_batch * c.data.seq_len
+    flops_token = train.model_flops_per_token(cfg, c.data.seq_len)
+    flops_step = flops_token * tokens_per_step
+    return {
+        "mesh": {k: v for k, v in mesh_shape.items()}, "devices": devices,
+        "model_params": mem["param_count"],
+        "per_device_GiB": {
+            "params (f32 master)": mem["params"] / GB,
+            "gradients (f32)": mem["grads"] / GB,
+            f"optimizer ({c.optim.moments_dtype} moments, ZeRO-1)": mem["optimizer"] / GB,
+            f"activations (remat={cfg.remat})": activations / GB,
+            "  of which attention scores": (act["attention_scores"] * tokens_in_flight
+                                            * layers_per_device) / GB,
+        },
+        "total_per_device_GiB": (2 * mem["params"] + mem["optimizer"] + activations) / GB,
+        "activation_assumptions": {"micro_batch_rows": micro, "rows_per_device": rows_per_device,
+                                   "micro_batches_in_flight": mesh_shape["pipeline"],
+                                   "layers_per_device": layers_per_device,
+                                   "bytes_per_token_layer": act["per_token_layer"]},
+        "flops": {"per_token_fwd_bwd": flops_token, "per_step": flops_step,
+                  "per_device_per_step": flops_step / devices,
+                  "tokens_per_step": tokens_per_step},
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="experiment config file (get_config)")
+    ap.add_argument("--config-arg", default=None, help="get_config argument, e.g. quick")
+    ap.add_argument("--mesh", default="", help="e.g. expert=64,pipeline=16,data=-1")
+    ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh product)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plan_config", args.config)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(args.config_arg)
+    sizes = dict(c.mesh.to_dict())
+    for part in filter(None, args.mesh.split(",")):
+        key, _, value = part.partition("=")
+        if key not in sharding.AXES or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--mesh: bad entry {part!r}; axes are {sharding.AXES}")
+        sizes[key] = int(value)
+    if args.mesh:
+        sizes = {a: sizes.get(a, 1) if a in dict(p.split("=") for p in args.mesh.split(",")) else 1
+                 for a in sharding.AXES} | {k: int(v) for k, v in
+                                            (p.split("=") for p in args.mesh.split(","))}
+    devices = args.devices or math.prod(v for v in sizes.values() if v > 0)
+    result = plan(c, sizes, devices)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"mesh {result['mesh']} on {devices} devices; model {result['model_params'] / 1e9:.2f}B "
+          f"parameters (MTP included)")
+    for k, v in result["per_device_GiB"].items():
+        print(f"  {k:45s} {v:9.2f} GiB")
+    print(f"  {'total per device':45s} {result['total_per_device_GiB']:9.2f} GiB")
+    a = result["activation_assumptions"]
+    print(f"  (activations: {a['rows_per_device']} row(s) per device per micro-batch, "
+          f"{a['micro_batches_in_flight']} micro-batches in flight, {a['layers_per_device']} "
+          f"layers per device, {a['bytes_per_token_layer']:,} bytes per token per layer)")
+    fl = result["flops"]
+    print(f"FLOPs per step: {fl['per_step']:.3e} total ({fl['per_token_fwd_bwd']:.3e} per token x "
+          f"{fl['tokens_per_step']:,} tokens), {fl['per_device_per_step']:.3e} per device")
+
+
+if __name__ == "__main__":
+    main()
