@@ -70,7 +70,7 @@ class ModelConfig:
     moe_tile_m: int | None = None           # rows per grouped-GEMM tile; None: from token count
     moe_ep_capacity_factor: float = 2.0     # EP all-to-all rows per destination (x even share);
                                             # overflow: worst-case buffers (0 = always those)
-    gemm_impl: str = "jnp"                  # grouped/FP8 GEMM backend: jnp | pallas
+    gemm_impl: str = "jnp"                  # jnp | pallas: MoE dispatch + FP8 GEMM kernels
     fp8: bool = False                       # route Linear layers through the FP8 recipe
 
     def __post_init__(self):

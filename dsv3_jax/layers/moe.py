@@ -184,9 +184,18 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     n, p = experts_NP.shape
     tile_m = cfg.moe_tile_m or default_tile_m(n * p, num_experts)
     plan = plan_dispatch(experts_NP, num_experts, tile_m, trash_group)
-    x_MD = permute(x_ND, plan)
+    if cfg.gemm_impl == "pallas":   # the Pallas dispatch kernels (interpreted on CPU)
+        from kernels_pallas import moe_dispatch
+        interpret = jax.default_backend() == "cpu"
+        x_MD = moe_dispatch.permute(x_ND, plan.src_slot_M, p, dest_row_NP=plan.dest_row_NP,
+                                    interpret=interpret)
+        combine = lambda y: moe_dispatch.unpermute_combine(
+            y, plan.dest_row_NP, gates_NP, src_slot_M=plan.src_slot_M, interpret=interpret)
+    else:
+        x_MD = permute(x_ND, plan)
+        combine = lambda y: unpermute_combine(y, plan, gates_NP)
     h = nn.silu(_gmm(x_MD, w_gate, plan, cfg)) * _gmm(x_MD, w_up, plan, cfg)
-    return unpermute_combine(_gmm(h, w_down, plan, cfg), plan, gates_NP)
+    return combine(_gmm(h, w_down, plan, cfg))
 
 
 def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
