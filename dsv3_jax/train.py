@@ -139,7 +139,8 @@ def compute_loss(params, router_bias, batch, fns: StepFns, step):
 def train_step(state: dict, batch: dict, fns: StepFns):
     """One optimizer step over `batch` [micro, rows, T] (gradients accumulated over the leading
     micro-batch axis), the aux-loss-free bias update from the whole batch's loads, EMA. A
-    non-finite loss leaves the state untouched and records the step in state['nonfinite_step']."""
+    non-finite loss or gradient records the step in state['nonfinite_step']; the host stops
+    there without saving, so the last checkpoint stays the last good state."""
     step = state["step"]
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
@@ -148,14 +149,17 @@ def train_step(state: dict, batch: dict, fns: StepFns):
         return jax.tree.map(jnp.add, acc, (loss, aux, grads)), None
 
     n_micro = batch["inputs"].shape[0]
-    zeros = jax.eval_shape(lambda: grad_fn(state["params"], state["router_bias"],
-                                           jax.tree.map(lambda x: x[0], batch), fns, step))
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
-    zeros = (zeros[0][0], zeros[0][1], zeros[1])
-    (loss, aux, grads), _ = jax.lax.scan(micro, zeros, batch)
-    mean = lambda x: x / n_micro
-    loss, grads = loss / n_micro, jax.tree.map(mean, grads)
-    aux = {k: (v if k.endswith("counts") else v / n_micro) for k, v in aux.items()}
+    if n_micro == 1:   # no accumulators to zero-fill and add (48 bytes x params saved per step)
+        (loss, aux), grads = grad_fn(state["params"], state["router_bias"],
+                                     jax.tree.map(lambda x: x[0], batch), fns, step)
+    else:
+        zeros = jax.eval_shape(lambda: grad_fn(state["params"], state["router_bias"],
+                                               jax.tree.map(lambda x: x[0], batch), fns, step))
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
+        zeros = (zeros[0][0], zeros[0][1], zeros[1])
+        (loss, aux, grads), _ = jax.lax.scan(micro, zeros, batch)
+        loss, grads = loss / n_micro, jax.tree.map(lambda x: x / n_micro, grads)
+        aux = {k: (v if k.endswith("counts") else v / n_micro) for k, v in aux.items()}
 
     updates, opt_state = fns.optimizer.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
@@ -168,7 +172,6 @@ def train_step(state: dict, batch: dict, fns: StepFns):
                                   state["ema"], params)
     grad_norm = optax_global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     new["nonfinite_step"] = jnp.where(ok | (state["nonfinite_step"] >= 0),
                                       state["nonfinite_step"], step)
     metrics = {"loss": loss, "ce": aux["ce"], "mtp_ce": aux["mtp_ce"], "balance": aux["balance"],
