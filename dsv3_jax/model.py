@@ -6,6 +6,13 @@ Public API:
   out.logits [B,T,V] f32, out.mtp_logits [D,B,T,V] f32, out.router / out.mtp_router RouterStats
   (counts [L,E], balance_loss [L]), out.hidden [B,T,D] (after the final norm).
 
+Decoding against the MLA latent cache (dsv3_jax/kv_cache.py; the loop lives in generate.py):
+  ctx = kv_cache.step_context(cache, positions_BT, attn_impl)      # "absorbed" | "naive"
+  out, stacks = decode(cfg, variables, input_ids_BT, positions_BT, cache, ctx)
+  logits_k, h_k, stacks_k = decode_mtp(cfg, variables, k, h_prev_BTD, next_ids_BT, positions_BT,
+                                       cache, ctx)                  # MTP module k as a draft
+  cache = kv_cache.commit(cache, ctx, {**stacks, **stacks_k}, num_kept_B)
+
 `router_bias` holds the aux-loss-free selection bias of every MoE layer: a variable collection,
 not a parameter, so no optimizer ever touches it; `update_router_bias` applies the paper's rule.
 """
@@ -18,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.block import block_stack
 from dsv3_jax.layers.common import RMSNorm, acc_dtype, dtype_of, normal_init
@@ -32,6 +40,12 @@ class ModelOutputs:
     router: RouterStats          # main MoE layers: counts [L_moe, E], balance_loss [L_moe]
     mtp_router: RouterStats      # MTP modules: counts [D, E], balance_loss [D]
     hidden: jax.Array            # [B, T, D] main-model hidden state after the final norm
+
+
+@flax.struct.dataclass
+class DecodeOutputs:
+    logits: jax.Array            # [B, T, V] float32 next-token logits of the new tokens
+    hidden: jax.Array            # [B, T, D] after the final norm (what MTP module 1 consumes)
 
 
 def _empty_stats(cfg: ModelConfig) -> RouterStats:
@@ -89,6 +103,36 @@ class Transformer(nn.Module):
             mtp_router = _empty_stats(cfg)
         return ModelOutputs(logits, mtp_logits, router, mtp_router, hidden)
 
+    def logits_at(self, hidden_BTD, index_BN):
+        """Head logits [B, N, V] at the positions index_BN only (all positions if None)."""
+        if index_BN is not None:
+            hidden_BTD = jnp.take_along_axis(hidden_BTD, index_BN[..., None], axis=1)
+        return self.head(hidden_BTD)
+
+    def decode(self, input_ids_BT, positions_BT, stacks: dict, ctx: kv_cache.StepContext,
+               logits_index_BN=None):
+        """New tokens against the cached stacks; returns (logits, hidden, updated stacks)."""
+        cfg = self.cfg
+        x = self.embed_tokens(input_ids_BT)
+        new = {}
+        if cfg.num_dense_layers:
+            x, new["dense_layers"] = self.dense_layers.decode(x, positions_BT,
+                                                              stacks["dense_layers"], ctx)
+        if cfg.num_moe_layers:
+            x, new["moe_layers"] = self.moe_layers.decode(x, positions_BT, stacks["moe_layers"],
+                                                          ctx)
+        hidden = self.final_norm(x)
+        return self.logits_at(hidden, logits_index_BN), hidden, new
+
+    def decode_mtp(self, k: int, h_prev_BTD, next_ids_BT, positions_BT, stack, ctx,
+                   logits_index_BN=None):
+        """MTP module k (0-based) at the new positions: h_prev is h^{k} (main hidden for k = 0),
+        next_ids the token k+1 places ahead. Returns (logits, h^{k+1}, updated stack)."""
+        kv = jax.tree.map(lambda a: a[0], stack)                      # [1,B,S,...] -> [B,S,...]
+        h, kv = self.mtp[k].decode(h_prev_BTD, self.embed_tokens(next_ids_BT), positions_BT, kv,
+                                   ctx)
+        return self.logits_at(h, logits_index_BN), h, jax.tree.map(lambda a: a[None], kv)
+
 
 def _defaults(input_ids, positions, segment_ids):
     b, t = input_ids.shape
@@ -136,6 +180,34 @@ def forward(cfg: ModelConfig, variables: dict, input_ids: jax.Array, *,
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     positions, segment_ids = _defaults(input_ids, positions, segment_ids)
     return Transformer(cfg).apply(variables, input_ids, positions, segment_ids, with_mtp)
+
+
+def decode(cfg: ModelConfig, variables: dict, input_ids: jax.Array, positions: jax.Array,
+           cache: kv_cache.KVCache, ctx: kv_cache.StepContext, *,
+           logits_index: jax.Array | None = None) -> tuple[DecodeOutputs, dict]:
+    """The main model over T new tokens per row (positions -1 = padding), attending to the cache
+    and to each other causally. Returns the outputs and the main stacks with the new latents
+    written at ctx.write_index_B; `kv_cache.commit` makes them part of the cache.
+
+    logits_index [B, N]: compute the head only there (a prefill needs the last token's logits,
+    not T x vocab of them); out.logits is then [B, N, V]. out.hidden is always [B, T, D].
+    """
+    logits, hidden, stacks = Transformer(cfg).apply(variables, input_ids, positions, cache.stacks,
+                                                    ctx, logits_index, method="decode")
+    return DecodeOutputs(logits, hidden), stacks
+
+
+def decode_mtp(cfg: ModelConfig, variables: dict, k: int, h_prev: jax.Array, next_ids: jax.Array,
+               positions: jax.Array, cache: kv_cache.KVCache, ctx: kv_cache.StepContext, *,
+               logits_index: jax.Array | None = None):
+    """MTP module k (0-based) over T new positions against its own cache stack `mtp_{k}`.
+    Returns (logits [B,T,V] (or [B,N,V] at logits_index) predicting the token k+2 places ahead,
+    h^{k+1} [B,T,D], {"mtp_k": updated stack})."""
+    name = f"mtp_{k}"
+    logits, h, stack = Transformer(cfg).apply(variables, k, h_prev, next_ids, positions,
+                                              cache.stacks[name], ctx, logits_index,
+                                              method="decode_mtp")
+    return logits, h, {name: stack}
 
 
 def update_router_bias(router_bias: dict, counts_main: jax.Array, counts_mtp: jax.Array,

@@ -1,30 +1,52 @@
-"""The pre-norm transformer block: x += MLA(RMSNorm(x)); x += FFN(RMSNorm(x)), FFN dense or MoE."""
+"""The pre-norm transformer block: x += MLA(RMSNorm(x)); x += FFN(RMSNorm(x)), FFN dense or MoE.
+
+`Block.decode` is the same block over T new tokens against its layer's latent cache
+(dsv3_jax/kv_cache.py); `block_stack` scans both methods over the stacked layers, the cache
+stacked on the same `layers` axis as the parameters.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 
+from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import RMSNorm, SwiGLU
 from dsv3_jax.layers.mla import MLA
-from dsv3_jax.layers.moe import MoE
+from dsv3_jax.layers.moe import ROUTER_BIAS, MoE
 
 
 class Block(nn.Module):
     cfg: ModelConfig
     moe: bool
 
-    @nn.compact
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array):
+    def setup(self):
         cfg = self.cfg
-        x_BTD = x_BTD + MLA(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BTD), positions_BT,
-                                              segment_ids_BT)
-        u = RMSNorm(cfg, name="ffn_norm")(x_BTD)
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg)
         if self.moe:
-            f, stats = MoE(cfg, name="moe")(u, segment_ids_BT > 0)
+            self.moe_ffn = MoE(cfg, name="moe")
         else:
-            f, stats = SwiGLU(cfg, cfg.intermediate_size, name="mlp")(u), ()
+            self.mlp = SwiGLU(cfg, cfg.intermediate_size)
+
+    def ffn(self, x_BTD, valid_BT):
+        u = self.ffn_norm(x_BTD)
+        if self.moe:
+            f, stats = self.moe_ffn(u, valid_BT)
+        else:
+            f, stats = self.mlp(u), ()
         return x_BTD + f, stats
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+        return self.ffn(x_BTD, segment_ids_BT > 0)
+
+    def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):
+        """(x, kv) after the block over T new tokens (positions -1 = padding); kv is [B,S,...]."""
+        a, kv = self.attn.decode(self.attn_norm(x_BTD), positions_BT, kv, ctx)
+        x_BTD, _ = self.ffn(x_BTD + a, positions_BT >= 0)
+        return x_BTD, kv
 
 
 _REMAT_POLICIES = {
@@ -35,22 +57,33 @@ _REMAT_POLICIES = {
 
 
 class _ScanBlock(nn.Module):
-    """(carry, broadcast inputs) -> (carry, per-layer stats), the signature nn.scan wants."""
+    """The signatures nn.scan wants: (carry, per-layer or broadcast inputs) -> (carry, ys)."""
     cfg: ModelConfig
     moe: bool
 
-    @nn.compact
+    def setup(self):
+        self.block = Block(self.cfg, self.moe)
+
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        return Block(self.cfg, self.moe, name="block")(x_BTD, positions_BT, segment_ids_BT)
+        return self.block(x_BTD, positions_BT, segment_ids_BT)          # ys: router stats
+
+    def decode(self, x_BTD, positions_BT, kv, ctx):
+        return self.block.decode(x_BTD, positions_BT, kv, ctx)          # ys: the layer's cache
 
 
 def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
-    """`length` blocks stacked on a leading `layers` axis; compile time does not grow with depth."""
-    from dsv3_jax.layers.moe import ROUTER_BIAS
+    """`length` blocks stacked on a leading `layers` axis; compile time does not grow with depth.
+
+    `stack(x, positions, segment_ids) -> (x, stats)` trains; `stack.decode(x, positions, kv, ctx)
+    -> (x, kv)` decodes, kv a LatentKV [length, B, S, ...] scanned along with the layers.
+    """
     cls = _ScanBlock
-    if cfg.remat != "none":
+    if cfg.remat != "none":   # only __call__ is rematerialised; decoding takes no gradients
         cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    scanned = nn.scan(cls, variable_axes={"params": 0, ROUTER_BIAS: 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
-                      length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    common = dict(variable_axes={"params": 0, ROUTER_BIAS: 0}, split_rngs={"params": True},
+                  length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(cls, methods={
+        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast)),
+        "decode": dict(common, in_axes=(nn.broadcast, 0, nn.broadcast)),
+    })
     return scanned(cfg, moe, name=name)

@@ -6,6 +6,15 @@
   [k_nope | v] = c_kv W_UKV                   [B,T,H,K+V]
   k_rope = RoPE(k_rope): ONE head shared by all heads
   o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v ; out = o W_O
+
+Decoding (`MLA.decode`) attends against the latent cache (dsv3_jax/kv_cache.py) in one of two
+mathematically identical forms:
+  naive:    expand every cached c_kv through W_UKV into per-head k_nope, v, then attend as above.
+  absorbed: W_UK folds into the query and W_UV into the output, so attention is MQA over the
+            latent itself (d_k = C + R, d_v = C) and nothing per head is built for the S keys:
+              q~_h = W_UK,h^T q_nope_h [C];  score = q~_h . c_kv + q_rope_h . k_rope
+              o~_h = sum_s p_s c_kv,s [C];    o_h = W_UV,h o~_h;  out = o W_O
+            Per new token it costs O(S (C + R) H) instead of the naive O(S C H (K + V)).
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig, softmax_scale
 from dsv3_jax.layers.common import Linear, RMSNorm, acc_dtype, apply_rope, dtype_of, rope_cos_sin
 
@@ -37,6 +47,23 @@ def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS,
     scores = jnp.where(mask_B1TS, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
+
+
+def attend_absorbed(q_nope_BTHK, q_rope_BTHR, c_kv_BSC, k_rope_BSR, w_uk_CHK, w_uv_CHV,
+                    mask_B1TS, scale):
+    """`attend` with k_nope = c_kv W_UK and v = c_kv W_UV, computed without expanding the latent:
+    W_UK moves to the query side and W_UV after the probability-weighted sum."""
+    dt = c_kv_BSC.dtype
+    acc = jnp.promote_types(dt, jnp.float32)
+    q_lat_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope_BTHK, w_uk_CHK.astype(dt),
+                            preferred_element_type=acc).astype(dt)
+    scores = (jnp.einsum("BTHC,BSC->BHTS", q_lat_BTHC, c_kv_BSC, preferred_element_type=acc)
+              + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, k_rope_BSR,
+                           preferred_element_type=acc)) * scale
+    scores = jnp.where(mask_B1TS, scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    o_lat_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv_BSC)
+    return jnp.einsum("BTHC,CHV->BTHV", o_lat_BTHC, w_uv_CHV.astype(dt))
 
 
 class MLA(nn.Module):
@@ -91,3 +118,25 @@ class MLA(nn.Module):
         mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
         o = attend(q_nope, q_rope, k_nope, k_rope, v, mask, softmax_scale(cfg))
         return self.o_proj(o.astype(dtype_of(cfg.dtype)))
+
+    def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):
+        """T new tokens against this layer's cache kv ([B,S,...]): writes their latents at
+        ctx.write_index_B, attends over the slots ctx.mask_B1TS allows; returns (out, kv)."""
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(cfg, jnp.maximum(positions_BT, 0))       # padding: any angle
+        q_nope, q_rope = self.project_q(x_BTD)
+        q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
+        c_kv, k_rope = self.project_latent(x_BTD)
+        k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
+        q_rope, k_rope = q_rope.astype(q_nope.dtype), k_rope.astype(q_nope.dtype)
+        kv = kv_cache.write(kv, ctx.write_index_B, c_kv, k_rope)
+        c_kv_BSC, k_rope_BSR = kv.c_kv.astype(q_nope.dtype), kv.k_rope.astype(q_nope.dtype)
+        if ctx.attn_impl == "naive":
+            k_nope, v = self.expand_latent(c_kv_BSC)
+            o = attend(q_nope, q_rope, k_nope, k_rope_BSR, v, ctx.mask_B1TS, softmax_scale(cfg))
+        else:
+            w_ukv_CHX = nn.meta.unbox(self.kv_b.variables["params"]["kernel"])   # X = K + V
+            k = cfg.qk_nope_head_dim
+            o = attend_absorbed(q_nope, q_rope, c_kv_BSC, k_rope_BSR, w_ukv_CHX[..., :k],
+                                w_ukv_CHX[..., k:], ctx.mask_B1TS, softmax_scale(cfg))
+        return self.o_proj(o.astype(dtype_of(cfg.dtype))), kv

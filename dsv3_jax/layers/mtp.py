@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.block import Block
 from dsv3_jax.layers.common import Linear, RMSNorm
@@ -25,11 +26,25 @@ def shift_left(x_BT: jax.Array, k: int, fill=0) -> jax.Array:
 class MTPModule(nn.Module):
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT):
+    def setup(self):
         cfg = self.cfg
-        x = jnp.concatenate([RMSNorm(cfg, name="enorm")(emb_next_BTD),
-                             RMSNorm(cfg, name="hnorm")(h_prev_BTD)], axis=-1)
-        x = Linear(cfg, (cfg.hidden_size,), ("mtp_concat", "embed"), name="eh_proj")(x)
-        x, stats = Block(cfg, moe=True, name="block")(x, positions_BT, segment_ids_BT)
-        return RMSNorm(cfg, name="norm")(x), stats
+        self.enorm = RMSNorm(cfg)
+        self.hnorm = RMSNorm(cfg)
+        self.eh_proj = Linear(cfg, (cfg.hidden_size,), ("mtp_concat", "embed"))
+        self.block = Block(cfg, moe=True)
+        self.norm = RMSNorm(cfg)
+
+    def combine(self, h_prev_BTD, emb_next_BTD):
+        x = jnp.concatenate([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], axis=-1)
+        return self.eh_proj(x)
+
+    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT):
+        x, stats = self.block(self.combine(h_prev_BTD, emb_next_BTD), positions_BT, segment_ids_BT)
+        return self.norm(x), stats
+
+    def decode(self, h_prev_BTD, emb_next_BTD, positions_BT, kv: kv_cache.LatentKV,
+               ctx: kv_cache.StepContext):
+        """T new positions against the module's own latent cache kv ([B,S,...]): as a draft model
+        for speculative decoding. Returns (h^k, kv)."""
+        x, kv = self.block.decode(self.combine(h_prev_BTD, emb_next_BTD), positions_BT, kv, ctx)
+        return self.norm(x), kv
