@@ -154,6 +154,11 @@ class ModelConfig:
         need(self.moe_tile_m is None or (self.moe_tile_m > 0 and self.moe_tile_m % 8 == 0),
                   f"moe_tile_m must be None or a positive multiple of 8, got {self.moe_tile_m}")
         need(self.moe_ep_capacity_factor >= 0, "moe_ep_capacity_factor must be >= 0")
+        if self.fp8:
+            import importlib.util
+            need(importlib.util.find_spec("dsv3_jax.fp8") is not None,
+                 "fp8=True needs the FP8 recipe (dsv3_jax/fp8.py), which this build does not "
+                 "have yet; use fp8=False")
         need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
         need(self.rope_theta > 0, "rope_theta must be > 0")
         if self.rope_scaling is not None:
