@@ -20,28 +20,11 @@ except ImportError:  # clu.metric_writers/__init__ imports tensorflow
     _MetricWriter = object
 
 
-class JsonlWriter(_MetricWriter):
-    """One JSON object per logged step: {"step": s, "<metric>": value, ...}."""
-
-    def __init__(self, path: str, truncate_after: int | None = None):
-        self.path = path
-        if truncate_after is not None and os.path.exists(path):
-            # resuming: drop records a killed run wrote after the checkpoint we restarted from
-            with open(path) as f:
-                keep = [line for line in f if line.strip()
-                        and json.loads(line).get("step", 0) <= truncate_after]
-            with open(path, "w") as f:
-                f.writelines(keep)
-        self._f = open(path, "a")
-        self._pending: dict[int, dict] = {}
+class _Writer(_MetricWriter):
+    """No-op defaults for the parts of clu's interface the trainer does not use."""
 
     def write_summaries(self, step, values, metadata=None):
         pass
-
-    def write_scalars(self, step, scalars):
-        record = {"step": int(step)}
-        record.update({k: float(v) for k, v in scalars.items()})
-        self._f.write(json.dumps(record) + "\n")
 
     def write_images(self, step, images):
         pass
@@ -55,13 +38,33 @@ class JsonlWriter(_MetricWriter):
     def write_texts(self, step, texts):
         pass
 
+    def write_hparams(self, hparams):
+        pass
+
+
+class JsonlWriter(_Writer):
+    """One JSON object per logged step: {"step": s, "<metric>": value, ...}."""
+
+    def __init__(self, path: str, truncate_after: int | None = None):
+        self.path = path
+        if truncate_after is not None and os.path.exists(path):
+            # resuming: drop records a killed run wrote after the checkpoint we restarted from
+            with open(path) as f:
+                keep = [line for line in f if line.strip()
+                        and json.loads(line).get("step", 0) <= truncate_after]
+            with open(path, "w") as f:
+                f.writelines(keep)
+        self._f = open(path, "a")
+
+    def write_scalars(self, step, scalars):
+        record = {"step": int(step)}
+        record.update({k: float(v) for k, v in scalars.items()})
+        self._f.write(json.dumps(record) + "\n")
+
     def write_histograms(self, step, arrays, num_buckets=None):
         record = {"step": int(step), "histograms": {k: np.asarray(v).tolist()
                                                     for k, v in arrays.items()}}
         self._f.write(json.dumps(record) + "\n")
-
-    def write_hparams(self, hparams):
-        pass
 
     def flush(self):
         self._f.flush()
@@ -70,26 +73,14 @@ class JsonlWriter(_MetricWriter):
         self._f.close()
 
 
-class TensorBoardWriter(_MetricWriter):
+class TensorBoardWriter(_Writer):
     def __init__(self, logdir: str):
         from tensorboardX import SummaryWriter
         self._w = SummaryWriter(logdir)
 
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
     def write_scalars(self, step, scalars):
         for k, v in scalars.items():
             self._w.add_scalar(k, float(v), int(step))
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
 
     def write_texts(self, step, texts):
         for k, v in texts.items():
@@ -103,9 +94,6 @@ class TensorBoardWriter(_MetricWriter):
                 (np.arange(len(v)) * v).sum()), sum_squares=float((np.arange(len(v)) ** 2 * v).sum()),
                 bucket_limits=list(np.arange(1, len(v) + 1, dtype=float)),
                 bucket_counts=list(v), global_step=int(step))
-
-    def write_hparams(self, hparams):
-        pass
 
     def flush(self):
         self._w.flush()

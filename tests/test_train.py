@@ -54,17 +54,20 @@ def run_cli(workdir, *extra, env=None, **kw):
                           cwd=os.path.dirname(os.path.dirname(__file__)), timeout=600, **kw)
 
 
+def random_batch(seed, rows=4, t=64):
+    """One packed-format batch of random tokens (one document per row)."""
+    ids = np.random.default_rng(seed).integers(2, 8192, (rows, t + 1)).astype(np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+            "positions": np.tile(np.arange(t, dtype=np.int32), (rows, 1)),
+            "segment_ids": np.ones((rows, t), np.int32), "loss_mask": np.ones((rows, t), np.float32)}
+
+
 def test_loss_decreases_on_a_fixed_batch():
     c = micro_config()
     cfg = train.validate(c)
     fns = train.make_step_fns(c, cfg)
     state = train.init_state(cfg, fns.optimizer, 0, ema=False)
-    rng = np.random.default_rng(0)
-    t = 64
-    ids = rng.integers(2, 8192, (4, t + 1)).astype(np.int32)
-    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(t), (4, 1)),
-             "segment_ids": np.ones((4, t), np.int32), "loss_mask": np.ones((4, t), np.float32)}
-    batch = {k: v[None] for k, v in batch.items()}          # one micro-batch
+    batch = {k: v[None] for k, v in random_batch(0).items()}   # one micro-batch
     step = jax.jit(lambda s, b: train.train_step(s, b, fns))
     first = None
     for _ in range(15):
@@ -151,12 +154,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     cfg = train.validate(c)
     fns = train.make_step_fns(c, cfg)
     state = train.init_state(cfg, fns.optimizer, 0, ema=False)
-    rng = np.random.default_rng(1)
-    t = 64
-    ids = rng.integers(2, 8192, (4, t + 1)).astype(np.int32)
-    big = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": np.tile(np.arange(t), (4, 1)),
-           "segment_ids": np.ones((4, t), np.int32), "loss_mask": np.ones((4, t), np.float32)}
-    split = {k: v.reshape(2, 2, t) for k, v in big.items()}
+    big = random_batch(1)
+    split = {k: v.reshape(2, 2, -1) for k, v in big.items()}
     big = {k: v[None] for k, v in big.items()}
     step = jax.jit(lambda s, b: train.train_step(s, b, fns))
     s1, m1 = step(state, big)
