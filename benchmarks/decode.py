@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsv3_jax import config, generate, kv_cache, model
 
@@ -126,7 +125,8 @@ def section_speculative(args):
         for _ in range(args.repeats):                                   # alternate: fair under load
             for speculative in (False, True):
                 g = run(ids, speculative)
-                if speculative not in best or g.stats["seconds"] < best[speculative].stats["seconds"]:
+                old = best.get(speculative)
+                if old is None or g.stats["seconds"] < old.stats["seconds"]:
                     best[speculative] = g
         plain, spec = best[False], best[True]
         p, s = plain.stats, spec.stats
@@ -144,7 +144,8 @@ def section_speculative(args):
         totals["accepted"] += s["acceptance_rate"] * s["decode_steps"]
     t = totals
     step_cost = (t["spec_s"] / t["row_steps"]) / (t["plain_s"] / t["plain_steps"])
-    print(f"{'all prompts':34} {t['tokens'] / t['plain_s']:11.1f} {t['tokens'] / t['spec_s']:10.1f} "
+    print(f"{'all prompts':34} {t['tokens'] / t['plain_s']:11.1f} "
+          f"{t['tokens'] / t['spec_s']:10.1f} "
           f"{t['plain_s'] / t['spec_s']:7.2f}x {t['accepted'] / t['row_steps']:7.1%} "
           f"{1 + t['accepted'] / t['row_steps']:7.2f} {step_cost:8.2f}x")
 

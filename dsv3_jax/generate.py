@@ -5,10 +5,13 @@ MTP speculative decoding (spec §2 "inference cache", §4, detailed spec §7).
   python -m dsv3_jax.generate --checkpoint runs/tiny --prompt "def " --speculative
   python -m dsv3_jax.generate --checkpoint HF_DIR --prompt "..." --temperature 0.7 --top_p 0.9
 
+--checkpoint takes a trainer workdir (or its checkpoints/ or a step dir; the packaged tokenizer), a
+Hugging Face / official safetensors dir (its tokenizer.json) or a convert.save_orbax dir.
+
 Library API:
   gen = generate(cfg, variables, prompts, max_new_tokens, sampling=Sampling(...), seed=0,
                  eos_id=None, speculative=False, attn_impl="absorbed", on_tokens=None)
-  gen.tokens [[int]] per prompt (EOS not included); gen.stats: forwards, acceptance, ...
+  gen.tokens [[int]] per prompt (EOS not included); gen.stats: steps, tokens/s, acceptance...
   greedy_generate(cfg, variables, prompt_ids, max_new_tokens, eos_id)   # the trainer's sample
   prefill, step = jitted_steps(cfg, sampling, attn_impl, speculative)    # the loop's pieces
 
@@ -265,7 +268,10 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     Prompts are padded to a common width (left or right; `bucket` rounds widths to limit
     recompiles), prefilled in one forward, then decoded one token per main forward, or a + 1
     per forward with `speculative` (MTP draft, lossless: see the module doc). on_tokens(row, ids)
-    streams each row's new tokens as they are committed.
+    streams each row's new tokens as they are committed. stats: decode_steps (main forwards after
+    the prefill), seconds (prefill included), generated_tokens, tokens_per_s, cache_bytes,
+    tokens_per_forward, and with `speculative` acceptance_rate (accepted / proposed drafts) and
+    acceptance_by_depth.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("need at least one prompt, and no empty prompt")
@@ -275,12 +281,13 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     if speculative and depth == 0:
         raise ValueError("speculative decoding drafts with the MTP modules, and this model has "
                          "none (num_nextn_predict_layers = 0)")
+    variables = jax.tree.map(jnp.asarray, variables)       # once, not a host copy per step
     b = len(prompts)
     width = _round_up(max(len(p) for p in prompts), bucket)
     positions = kv_cache.prompt_positions([len(p) for p in prompts], width, padding)
     ids = np.zeros((b, width), np.int32)
     ids[positions >= 0] = np.concatenate([np.asarray(p, np.int32) for p in prompts])
-    # Keep slots are at most prompt + generated; a verify step writes D+1 slots past them.
+    # Kept slots: at most prompt width + new tokens; a verify step writes D+1 slots past them.
     max_len = _round_up(width + max_new_tokens + (depth + 1 if speculative else 0), 64)
     if max_len > cfg.max_position_embeddings:
         print(f"warning: {max_len} cache slots exceed max_position_embeddings "
@@ -292,8 +299,8 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
 
-    def emit(row: int, new) -> int:
-        """Appends a row's new tokens up to EOS / max_new_tokens; returns how many it took."""
+    def emit(row: int, new):
+        """Appends a row's new tokens up to EOS (excluded) or max_new_tokens; streams them."""
         fresh = []
         for tok in map(int, new):
             if eos_id is not None and tok == eos_id:
@@ -306,7 +313,6 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
         out[row].extend(fresh)
         if on_tokens is not None and fresh:
             on_tokens(row, fresh)
-        return len(fresh)
 
     t0 = time.perf_counter()
     cache, tok, drafts, q = prefill(variables, cache, jnp.asarray(ids), jnp.asarray(positions),
@@ -384,7 +390,7 @@ def _orbax_step_dir(path: str) -> str:
     return os.path.join(path, max(steps, key=int))
 
 
-def load_orbax(path: str, use_ema: bool = False):
+def load_trainer_checkpoint(path: str, use_ema: bool = False):
     """(cfg, variables, meta) of a trainer checkpoint; only params and router_bias are kept."""
     import orbax.checkpoint as ocp
 
@@ -402,17 +408,20 @@ def load_orbax(path: str, use_ema: bool = False):
 
 
 def load_checkpoint(path: str, use_ema: bool = False):
-    """(cfg, variables, tokenizer path or None) from an orbax trainer checkpoint or a Hugging Face
-    / official-release safetensors directory (the latter through dsv3_jax.convert)."""
+    """(cfg, variables, tokenizer path or None) from a Hugging Face / official-release safetensors
+    directory or a `convert.save_orbax` directory (both through dsv3_jax.convert), or from an
+    orbax trainer checkpoint (workdir, its checkpoints/ dir, or one step dir)."""
     if glob.glob(os.path.join(path, "*.safetensors")):
-        try:
-            from dsv3_jax import convert
-        except ImportError as e:
-            raise RuntimeError("loading safetensors needs dsv3_jax.convert (load_hf)") from e
+        from dsv3_jax import convert
         cfg, variables = convert.load_hf(path)
         tok = os.path.join(path, "tokenizer.json")
-        return cfg, variables, (tok if os.path.isfile(tok) else None)
-    cfg, variables, meta = load_orbax(path, use_ema)
+        return cfg, jax.tree.map(jnp.asarray, variables), (tok if os.path.isfile(tok) else None)
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+            os.path.join(path, "variables")):
+        from dsv3_jax import convert
+        cfg, variables = convert.load_orbax(path)
+        return cfg, jax.tree.map(jnp.asarray, variables), None
+    cfg, variables, meta = load_trainer_checkpoint(path, use_ema)
     from dsv3_jax import tokenizer as tok_lib
     want = meta.get("data_info", {}).get("tokenizer_sha256")
     if want and want != tok_lib.tokenizer_hash(tok_lib.load_tokenizer()):

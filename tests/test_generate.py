@@ -2,8 +2,6 @@
 distribution-preserving rejection rule, consistent caches after partial acceptance), EOS, the
 trainer's greedy_generate, the command line, and greedy tokens equal to Hugging Face's."""
 import dataclasses
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -407,8 +405,8 @@ def test_greedy_tokens_equal_transformers_generate(hf_checkpoint, rng):
     import torch
     path, hf = hf_checkpoint
     try:
-        from dsv3_jax.convert import load_hf
-        cfg, v = load_hf(str(path))
+        import dsv3_jax.convert  # noqa: F401
+        cfg, v, _ = generate.load_checkpoint(str(path))        # convert.load_hf
     except ImportError:             # the converter is not there yet: the test-local copy
         c = hf.config
         cfg = config.ModelConfig(
@@ -439,3 +437,15 @@ def test_greedy_tokens_equal_transformers_generate(hf_checkpoint, rng):
                                       padding="right").tokens
     assert got == want
     assert got_naive == want
+
+
+def test_loads_a_converted_orbax_directory(hf_checkpoint, tmp_path):
+    """convert.save_orbax's layout (variables/ + config.json) goes through load_checkpoint too."""
+    convert = pytest.importorskip("dsv3_jax.convert")
+    path, _ = hf_checkpoint
+    cfg, v, _ = generate.load_checkpoint(str(path))
+    convert.save_orbax(cfg, v, str(tmp_path / "ckpt"))
+    cfg2, v2, _ = generate.load_checkpoint(str(tmp_path / "ckpt"))
+    assert cfg2 == cfg
+    assert generate.generate(cfg2, v2, [[5, 6, 7]], 4).tokens == generate.generate(
+        cfg, v, [[5, 6, 7]], 4).tokens
