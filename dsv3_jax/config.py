@@ -76,6 +76,8 @@ class ModelConfig:
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))
         self.validate()
+        # jit hashes static configs on every call: compute it once (frozen, so it cannot go stale)
+        object.__setattr__(self, "_hash", hash(json.dumps(self.to_dict(), sort_keys=True)))
 
     # ---- derived shapes ----
     @property
@@ -95,7 +97,7 @@ class ModelConfig:
         return self.rope_scaling is not None and self.rope_scaling["type"] == "yarn"
 
     def __hash__(self):  # rope_scaling is a dict; hash the JSON form so configs can be jit-static
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+        return self._hash
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
