@@ -13,7 +13,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT = ("none", "full", "selective")
-_MOE_IMPLS = ("sorted", "dense")
+_MOE_IMPLS = ("auto", "sorted", "gather", "dense")
 _GEMM_IMPLS = ("jnp", "pallas")
 
 
@@ -66,7 +66,9 @@ class ModelConfig:
     dtype: str = "float32"                  # compute dtype of activations
     param_dtype: str = "float32"            # master weights
     remat: str = "none"                     # none | full | selective (norms + MLA up-projections)
-    moe_impl: str = "sorted"                # sorted: dropless grouped GEMM; dense: reference
+    # auto: gather for few routed slots (decode), else sorted; sorted: dropless grouped GEMM;
+    # gather: each slot's expert weights gathered (cost x slots); dense: every expert (reference)
+    moe_impl: str = "auto"
     moe_tile_m: int | None = None           # rows per grouped-GEMM tile; None: from token count
     moe_ep_capacity_factor: float = 2.0     # EP all-to-all rows per destination (x even share);
                                             # overflow: worst-case buffers (0 = always those)
@@ -156,11 +158,10 @@ class ModelConfig:
         need(self.moe_tile_m is None or (self.moe_tile_m > 0 and self.moe_tile_m % 8 == 0),
                   f"moe_tile_m must be None or a positive multiple of 8, got {self.moe_tile_m}")
         need(self.moe_ep_capacity_factor >= 0, "moe_ep_capacity_factor must be >= 0")
-        if self.fp8:
-            import importlib.util
-            need(importlib.util.find_spec("dsv3_jax.fp8") is not None,
-                 "fp8=True needs the FP8 recipe (dsv3_jax/fp8.py), which this build does not "
-                 "have yet; use fp8=False")
+        if self.fp8:   # the routed experts reach FP8 only through the grouped GEMM (sorted)
+            need(self.moe_impl in ("auto", "sorted"),
+                 f"fp8=True needs moe_impl 'auto' or 'sorted' (the grouped GEMM); "
+                 f"{self.moe_impl!r} would run the routed experts in the compute dtype")
         need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
         need(self.rope_theta > 0, "rope_theta must be > 0")
         if self.rope_scaling is not None:

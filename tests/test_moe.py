@@ -98,10 +98,13 @@ def _moe_setup(cfg, rng, n_tokens=96, skew=False):
     return layer, variables, x, valid
 
 
-@pytest.mark.parametrize("tile_m,skew", [(8, False), (16, True), (128, False), (None, True)])
-def test_sorted_moe_equals_dense_reference(tile_m, skew, rng):
-    cfg = config.tiny(moe_tile_m=tile_m)
-    layer, variables, x, valid = _moe_setup(cfg, rng, skew=skew)
+@pytest.mark.parametrize("impl,tile_m,skew,n_tokens", [
+    ("sorted", 8, False, 96), ("sorted", 16, True, 96), ("sorted", 128, False, 96),
+    ("sorted", None, True, 96), ("gather", None, False, 96), ("gather", None, True, 6),
+    ("auto", None, False, 4)])
+def test_sorted_and_gathered_moe_equal_dense_reference(impl, tile_m, skew, n_tokens, rng):
+    cfg = config.tiny(moe_impl=impl, moe_tile_m=tile_m)
+    layer, variables, x, valid = _moe_setup(cfg, rng, n_tokens=n_tokens, skew=skew)
     dense = moe.MoE(cfg.replace(moe_impl="dense"))
 
     def loss(params, layer):
@@ -114,6 +117,15 @@ def test_sorted_moe_equals_dense_reference(tile_m, skew, rng):
     np.testing.assert_allclose(o1, o2, atol=1e-5 * float(jnp.abs(o2).max()))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-8)
+
+
+def test_auto_gathers_only_few_slots_in_the_plain_jnp_path():
+    cfg = config.tiny()                                   # 16 experts, top-4
+    assert moe.use_gather(cfg, 8) and moe.use_gather(cfg, 32)
+    assert not moe.use_gather(cfg, 33)
+    assert not moe.use_gather(cfg.replace(gemm_impl="pallas"), 8)
+    assert not moe.use_gather(cfg.replace(moe_impl="sorted"), 8)
+    assert moe.use_gather(cfg.replace(moe_impl="gather"), 4096)
 
 
 def test_router_stats_match_numpy(rng):

@@ -173,9 +173,35 @@ def _gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
     if cfg.fp8:
         from dsv3_jax import fp8
         return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
-                                   implementation=cfg.gemm_impl)
+                                   used_tiles=plan.used_tiles, implementation=cfg.gemm_impl)
     return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m,
                           used_tiles=plan.used_tiles)
+
+
+def gathered_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down):
+    """Each (token, slot) runs its own expert's weights, gathered: [N*P, D, F] per matrix.
+
+    Reads N*P expert matrices and does no sort, padding or tile loop, so it wins while N*P is
+    about the expert count or less (decoding, speculative verification). The weight gradient is
+    a scatter-add into the touched experts.
+    """
+    n, p = experts_NP.shape
+    e_S = experts_NP.reshape(-1)
+    x_SD = jnp.repeat(x_ND, p, axis=0)
+    h_SF = (nn.silu(jnp.einsum("SD,SDF->SF", x_SD, w_gate[e_S]))
+            * jnp.einsum("SD,SDF->SF", x_SD, w_up[e_S]))
+    y_NPD = jnp.einsum("SF,SFD->SD", h_SF, w_down[e_S]).reshape(n, p, -1)
+    return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
+
+
+def use_gather(cfg: ModelConfig, num_slots: int) -> bool:
+    """moe_impl 'gather', or 'auto' with few routed slots: at most max(E, 32), where the sorted
+    path's tiles hold ~1 row each and its sort and tile loop are overhead (decode, speculative
+    verification). Never for FP8 or the Pallas kernels, which only the sorted path runs."""
+    if cfg.moe_impl != "auto":
+        return cfg.moe_impl == "gather"
+    return (not cfg.fp8 and cfg.gemm_impl == "jnp"
+            and num_slots <= max(cfg.n_routed_experts, 32))
 
 
 def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelConfig, *,
@@ -315,6 +341,8 @@ class RoutedExperts(nn.Module):
         mesh = _active_mesh()
         if mesh is not None:
             return expert_parallel(x_ND, routing, *weights, cfg, mesh)
+        if use_gather(cfg, routing.experts_NP.size):
+            return gathered_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights)
         return sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
                               num_experts=cfg.n_routed_experts)
 
