@@ -4,7 +4,8 @@ Public API:
   variables = init(cfg, rng)           # {"params": ..., "router_bias": ...}
   out = forward(cfg, variables, input_ids, positions=None, segment_ids=None)
   out.logits [B,T,V] f32, out.mtp_logits [D,B,T,V] f32, out.router / out.mtp_router RouterStats
-  (counts [L,E], balance_loss [L]), out.hidden [B,T,D] (after the final norm).
+  (counts [L,E], balance_loss [L]), out.hidden [B,T,D] (after the final norm), out.mtp_hidden
+  [D,B,T,D]; with_logits=False skips the head (the trainer's loss.head_ce applies it chunked).
 
 Decoding against the MLA latent cache (dsv3_jax/kv_cache.py; the loop lives in generate.py):
   ctx = kv_cache.step_context(cache, positions_BT, attn_impl)      # "absorbed" | "naive"
@@ -40,6 +41,7 @@ class ModelOutputs:
     router: RouterStats          # main MoE layers: counts [L_moe, E], balance_loss [L_moe]
     mtp_router: RouterStats      # MTP modules: counts [D, E], balance_loss [D]
     hidden: jax.Array            # [B, T, D] main-model hidden state after the final norm
+    mtp_hidden: jax.Array        # [D, B, T, D] what the head reads at each MTP depth
 
 
 @flax.struct.dataclass
@@ -79,7 +81,8 @@ class Transformer(nn.Module):
                          preferred_element_type=acc_dtype(self.cfg))
         return logits.reshape(*h_BTD.shape[:-1], -1)
 
-    def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True):
+    def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True,
+                 with_logits: bool = True):
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
         if cfg.num_dense_layers:
@@ -88,20 +91,24 @@ class Transformer(nn.Module):
         if cfg.num_moe_layers:
             x, router = self.moe_layers(x, positions, segment_ids)
         hidden = self.final_norm(x)
-        logits = self.head(hidden)
 
-        mtp_logits, mtp_stats, h = [], [], hidden
+        mtp_hidden, mtp_stats, h = [], [], hidden
         for k, module in enumerate(self.mtp if with_mtp else (), start=1):
             h, stats = module(h, self.embed_tokens(shift_left(input_ids, k)), positions, segment_ids)
-            mtp_logits.append(self.head(h))
+            mtp_hidden.append(h)
             mtp_stats.append(stats)
-        if mtp_logits:
-            mtp_logits = jnp.stack(mtp_logits)
+        if mtp_hidden:
+            mtp_hidden = jnp.stack(mtp_hidden)
             mtp_router = jax.tree.map(lambda *s: jnp.stack(s), *mtp_stats)
         else:
-            mtp_logits = jnp.zeros((0,) + logits.shape, logits.dtype)
+            mtp_hidden = jnp.zeros((0,) + hidden.shape, hidden.dtype)
             mtp_router = _empty_stats(cfg)
-        return ModelOutputs(logits, mtp_logits, router, mtp_router, hidden)
+        logits = mtp_logits = None
+        if with_logits:
+            logits = self.head(hidden)
+            mtp_logits = (jnp.stack([self.head(m) for m in mtp_hidden]) if len(mtp_hidden)
+                          else jnp.zeros((0,) + logits.shape, logits.dtype))
+        return ModelOutputs(logits, mtp_logits, router, mtp_router, hidden, mtp_hidden)
 
     def logits_at(self, hidden_BTD, index_BN):
         """Head logits [B, N, V] at the positions index_BN only (all positions if None)."""
@@ -174,12 +181,15 @@ def logical_axes(cfg: ModelConfig):
 
 def forward(cfg: ModelConfig, variables: dict, input_ids: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            with_mtp: bool = True) -> ModelOutputs:
-    """Full-sequence forward. segment_ids: packed-document ids (0 = padding), default all 1."""
+            with_mtp: bool = True, with_logits: bool = True) -> ModelOutputs:
+    """Full-sequence forward. segment_ids: packed-document ids (0 = padding), default all 1.
+    with_logits=False skips the head (logits and mtp_logits are None): for `loss.head_ce`, which
+    applies params["lm_head"] to out.hidden / out.mtp_hidden chunk by chunk."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     positions, segment_ids = _defaults(input_ids, positions, segment_ids)
-    return Transformer(cfg).apply(variables, input_ids, positions, segment_ids, with_mtp)
+    return Transformer(cfg).apply(variables, input_ids, positions, segment_ids, with_mtp,
+                                  with_logits)
 
 
 def decode(cfg: ModelConfig, variables: dict, input_ids: jax.Array, positions: jax.Array,

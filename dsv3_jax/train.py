@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv3_jax import checkpoint as ckpt_lib
+from dsv3_jax import loss as loss_lib
 from dsv3_jax import model, optim, sharding
 from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.layers.common import dtype_of
+from dsv3_jax.loss import masked_ce
 from dsv3_jax.layers.mtp import shift_left
 
 
@@ -58,6 +61,7 @@ def validate(c) -> ModelConfig:
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")
     need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    need(t.get("ce_chunk", 0) >= 0, f"train.ce_chunk must be >= 0, got {t.get('ce_chunk')}")
     need(t.peak_tflops > 0, f"train.peak_tflops must be > 0, got {t.peak_tflops}")
     need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
     need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
@@ -85,14 +89,6 @@ def validate(c) -> ModelConfig:
 # Loss and the train step (pure, jitted once)
 # ----------------------------------------------------------------------------------------------
 
-def masked_ce(logits_BTV, targets_BT, mask_BT):
-    """Mean next-token cross-entropy over positions with mask 1 (float32)."""
-    logits = logits_BTV.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
-    mask = mask_BT.astype(jnp.float32)
-    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
 def mtp_targets(batch, k: int):
     """Depth k at position i predicts t_{i+k+1} = targets[i+k]; valid while the hidden state,
     the embedded token and the target all belong to one document."""
@@ -118,15 +114,25 @@ class StepFns:
     gamma: object
     alpha: float
     ema_decay: float
+    ce_chunk: int = 0          # > 0: head + CE fused over chunks of this many positions
 
 
 def compute_loss(params, router_bias, batch, fns: StepFns, step):
     cfg = fns.cfg
     out = model.forward(cfg, {"params": params, "router_bias": router_bias}, batch["inputs"],
-                        positions=batch["positions"], segment_ids=batch["segment_ids"])
-    ce = masked_ce(out.logits, batch["targets"], batch["loss_mask"])
+                        positions=batch["positions"], segment_ids=batch["segment_ids"],
+                        with_logits=not fns.ce_chunk)
+    if fns.ce_chunk:          # head + CE fused, no [B, T, V] logits (dsv3_jax/loss.py)
+        head = functools.partial(loss_lib.head_ce, w_DV=params["lm_head"], chunk=fns.ce_chunk,
+                                 dtype=dtype_of(cfg.dtype))
+        ce_at = lambda h, targets, mask: head(h, targets_BT=targets, mask_BT=mask)
+        hidden, mtp_hidden = out.hidden, out.mtp_hidden
+    else:
+        ce_at = masked_ce
+        hidden, mtp_hidden = out.logits, out.mtp_logits
+    ce = ce_at(hidden, batch["targets"], batch["loss_mask"])
     depth = cfg.num_nextn_predict_layers
-    mtp_ces = [masked_ce(out.mtp_logits[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
+    mtp_ces = [ce_at(mtp_hidden[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
     mtp_ce = sum(mtp_ces) / depth if depth else jnp.zeros((), jnp.float32)
     # one complementary balance loss per MoE layer (MTP modules included), summed
     balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
@@ -243,7 +249,8 @@ def make_step_fns(c, cfg: ModelConfig) -> StepFns:
                                                        (c.mtp.lambda_switch,), steps),
                    gamma=optim.piecewise_constant((c.balance.gamma, 0.0), (c.balance.gamma_until,),
                                                   steps),
-                   alpha=c.balance.alpha, ema_decay=c.train.ema_decay)
+                   alpha=c.balance.alpha, ema_decay=c.train.ema_decay,
+                   ce_chunk=int(c.train.get("ce_chunk", 0)))
 
 
 class BatchSchedule:

@@ -130,3 +130,21 @@ def test_every_param_has_logical_axes(tiny):
 def test_abstract_variables_allocate_nothing():
     shapes = model.abstract_variables(config.deepseek_v3_671b())
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+
+
+def test_unrolled_layer_scan_and_skipped_head_change_nothing(tiny, rng):
+    """scan_unroll only changes how XLA loops over layers; with_logits=False only skips the head
+    (its hidden states are what the trainer's fused head + CE reads)."""
+    cfg, variables = tiny
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        a = model.forward(cfg, variables, ids)
+        b = model.forward(cfg.replace(scan_unroll=3), variables, ids)
+        c = model.forward(cfg, variables, ids, with_logits=False)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.mtp_logits, b.mtp_logits, rtol=1e-5, atol=1e-5)
+    assert c.logits is None and c.mtp_logits is None
+    lm_head = variables["params"]["lm_head"]
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(c.hidden @ lm_head, a.logits, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(c.mtp_hidden @ lm_head, a.mtp_logits, rtol=1e-4, atol=1e-4)

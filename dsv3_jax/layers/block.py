@@ -81,7 +81,8 @@ def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Modul
     if cfg.remat != "none":   # only __call__ is rematerialised; decoding takes no gradients
         cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
     common = dict(variable_axes={"params": 0, ROUTER_BIAS: 0}, split_rngs={"params": True},
-                  length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                  length=length, metadata_params={nn.PARTITION_NAME: "layers"},
+                  unroll=min(cfg.scan_unroll, max(length, 1)))
     scanned = nn.scan(cls, methods={
         "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast)),
         "decode": dict(common, in_axes=(nn.broadcast, 0, nn.broadcast)),

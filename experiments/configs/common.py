@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,       # checkpoints kept in workdir/checkpoints
         async_checkpoint=True,    # orbax writes in the background
         ema_decay=0.0,            # parameter EMA (0 = off), e.g. 0.999
+        ce_chunk=64,              # head + CE fused over this many positions (0 = full logits)
         peak_tflops=0.4,          # per-device peak for MFU (2 CPU cores ~0.4; H200 bf16 ~990)
         sample_prompt="def ",     # greedy sample printed at the end
         sample_tokens=48,
