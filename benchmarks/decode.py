@@ -106,6 +106,7 @@ def section_speculative(args):
         return
     from dsv3_jax import tokenizer as tok_lib
     cfg, variables, _ = generate.load_checkpoint(path)
+    cfg = cfg.replace(moe_impl=args.moe_impl)      # how experts run, not what was trained
     tokenizer = tok_lib.load_tokenizer()
     print(f"\n== 3. MTP speculative decoding, greedy, batch 1, {args.new_tokens} new tokens, "
           f"{path} (D = {cfg.num_nextn_predict_layers}); plain and speculative runs alternate, "
@@ -161,6 +162,9 @@ def main():
                     help="trained run (MTP on) for section 3; default: /tmp/run_default, "
                          "runs/tiny")
     ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--moe_impl", default="auto",
+                    help="experts' implementation for section 3 (auto: gathered experts while "
+                         "a step routes few tokens; sorted: the grouped-GEMM path)")
     ap.add_argument("--sections", default="1,2,3")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs)")

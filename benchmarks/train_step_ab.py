@@ -1,0 +1,77 @@
+"""A/B of train-step variants in one process, alternating rounds (fair under background load).
+
+  python benchmarks/train_step_ab.py "model.scan_unroll=1,train.ce_chunk=0" \
+                                     "model.scan_unroll=4,train.ce_chunk=64"
+
+Each argument is a comma-separated list of config overrides (section.key=value) on
+experiments/configs/tiny.py with the issue's shapes (those of train_step_vs_hf.py; MTP off,
+batch 8 x 256, float32). Prints min and median ms/step over --rounds rounds of 3 steps, and the
+first step's loss (equal across variants that only change how the step runs).
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import train
+from experiments.configs import tiny
+
+SHAPES = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+              num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
+              num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+              num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
+              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+              num_nextn_predict_layers=0)
+
+
+def make_batch(b=8, t=256):
+    ids = np.random.default_rng(0).integers(2, 8192, (b, t + 1)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+             "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+    return {k: jnp.asarray(v[None]) for k, v in batch.items()}       # one micro-batch
+
+
+def config_for(spec: str):
+    c = tiny.get_config()
+    c.model.update(SHAPES)
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        section, name = key.split(".")
+        old = c[section][name]
+        c[section][name] = type(old)(value) if old is not None else int(value)
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    batch = make_batch()
+    runs = {}
+    for spec in args.variants:
+        c = config_for(spec)
+        cfg = train.validate(c)
+        fns = train.make_step_fns(c, cfg)
+        state = train.init_state(cfg, fns.optimizer, 0, False)
+        step = jax.jit(lambda s, b, fns=fns: train.train_step(s, b, fns), donate_argnums=0)
+        state, m = step(state, batch)                                  # compile
+        runs[spec] = dict(step=step, state=state, times=[], loss=float(m["loss"]))
+    for _ in range(args.rounds):
+        for r in runs.values():
+            t0 = time.perf_counter()
+            for _ in range(3):
+                r["state"], m = r["step"](r["state"], batch)
+            jax.block_until_ready(m["loss"])
+            r["times"].append((time.perf_counter() - t0) / 3 * 1e3)
+    for spec, r in runs.items():
+        times = sorted(r["times"])
+        print(f"{spec or 'tiny.py':50s} min {times[0]:7.1f} ms  median {times[len(times) // 2]:7.1f}"
+              f" ms  first loss {r['loss']:.5f}")
+
+
+if __name__ == "__main__":
+    main()
