@@ -70,6 +70,9 @@ class ModelConfig:
     # time flat in depth; unrolling drops the stacked per-layer residual buffers (their zero
     # fill and copies), ~11% of a tiny-model train step on CPU.
     scan_unroll: int = 1
+    # Training self-attention in this many causal query blocks (each skips the keys after it):
+    # (n-1)/2n of the score work saved; unrolled, so keep n small (the plain-jnp path).
+    attn_causal_blocks: int = 1
     # auto: gather for few routed slots (decode), else sorted; sorted: dropless grouped GEMM;
     # gather: each slot's expert weights gathered (cost x slots); dense: every expert (reference)
     moe_impl: str = "auto"
@@ -156,6 +159,8 @@ class ModelConfig:
                           f"kept groups = topk_group*n_routed_experts/n_group = {kept}]")
         need(self.dtype in _DTYPES, f"unknown dtype {self.dtype!r}; expected one of {_DTYPES}")
         need(self.param_dtype in _DTYPES, f"unknown param_dtype {self.param_dtype!r}")
+        need(self.attn_causal_blocks >= 1,
+             f"attn_causal_blocks must be >= 1, got {self.attn_causal_blocks}")
         need(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}")
         need(self.remat in _REMAT, f"unknown remat {self.remat!r}; expected one of {_REMAT}")
         need(self.moe_impl in _MOE_IMPLS, f"unknown moe_impl {self.moe_impl!r}; expected {_MOE_IMPLS}")

@@ -132,14 +132,15 @@ def test_abstract_variables_allocate_nothing():
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
 
 
-def test_unrolled_layer_scan_and_skipped_head_change_nothing(tiny, rng):
-    """scan_unroll only changes how XLA loops over layers; with_logits=False only skips the head
-    (its hidden states are what the trainer's fused head + CE reads)."""
+def test_speed_knobs_and_skipped_head_change_nothing(tiny, rng):
+    """scan_unroll (how XLA loops over layers) and attn_causal_blocks (query blocks that skip
+    the masked keys) leave the outputs equal; with_logits=False only skips the head (its hidden
+    states are what the trainer's fused head + CE reads)."""
     cfg, variables = tiny
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     with jax.default_matmul_precision("highest"):
         a = model.forward(cfg, variables, ids)
-        b = model.forward(cfg.replace(scan_unroll=3), variables, ids)
+        b = model.forward(cfg.replace(scan_unroll=3, attn_causal_blocks=4), variables, ids)
         c = model.forward(cfg, variables, ids, with_logits=False)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.mtp_logits, b.mtp_logits, rtol=1e-5, atol=1e-5)
