@@ -51,7 +51,7 @@ def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Ar
     return out.reshape(m, rhs.shape[2]).astype(lhs.dtype)
 
 
-def _zeros_varying_like(shape, dtype, *refs):
+def zeros_varying_like(shape, dtype, *refs):
     """Zeros whose shard_map 'varying manual axes' match the refs' (a loop carry's type must
     not change inside shard_map; jnp.zeros alone is invariant)."""
     z = jnp.zeros(shape, dtype)
@@ -75,7 +75,7 @@ def _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m):
     def body(t, out):
         y = jnp.dot(_tile(lhs, t, tile_m), rhs[tile_expert[t]].astype(lhs.dtype))
         return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile_m, axis=0)
-    out = _zeros_varying_like((lhs.shape[0], rhs.shape[2]), lhs.dtype, lhs, rhs, tile_expert, used)
+    out = zeros_varying_like((lhs.shape[0], rhs.shape[2]), lhs.dtype, lhs, rhs, tile_expert, used)
     return jax.lax.fori_loop(0, used, body, out)
 
 
@@ -101,8 +101,8 @@ def _loop_bwd(tile_m, res, dy):
         return dx, dw.at[e].add(dw_e)          # in place: the loop carry is updated, not copied
 
     refs = (lhs, rhs, dy, tile_expert, used)
-    dx, dw = jax.lax.fori_loop(0, used, body, (_zeros_varying_like(lhs.shape, lhs.dtype, *refs),
-                                               _zeros_varying_like(rhs.shape, jnp.float32, *refs)))
+    dx, dw = jax.lax.fori_loop(0, used, body, (zeros_varying_like(lhs.shape, lhs.dtype, *refs),
+                                               zeros_varying_like(rhs.shape, jnp.float32, *refs)))
     # Under shard_map a weight replicated over some axes gets its gradient summed over them.
     return sum_to_vma(dx, lhs), sum_to_vma(dw, rhs).astype(rhs.dtype), None, None
 

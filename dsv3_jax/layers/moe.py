@@ -337,7 +337,8 @@ class RoutedExperts(nn.Module):
         if cfg.moe_impl == "dense":
             return self.dense(x_ND, routing)
         dt = x_ND.dtype
-        weights = [w.astype(dt) for w in (self.gate, self.up, self.down)]
+        # FP8 quantizes the master weights itself (one rounding) and returns their dtype's dW
+        weights = [w if cfg.fp8 else w.astype(dt) for w in (self.gate, self.up, self.down)]
         mesh = _active_mesh()
         if mesh is not None:
             return expert_parallel(x_ND, routing, *weights, cfg, mesh)

@@ -21,8 +21,13 @@ LEAVES = [("moe_layers", "block", "moe", "experts", "gate"), ("embed",),
           ("moe_layers", "block", "attn", "q_b", "kernel"), ("mtp_0", "block", "moe", "router")]
 
 
+FP8 = "fp8" in sys.argv[1:]     # the FP8 recipe under expert parallelism (shard_map + custom VJPs)
+
+
 def config():
     c = tiny.get_config()
+    if FP8:
+        c.model.update(dict(fp8=True, dtype="bfloat16"))
     c.model.update(dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
                         moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=32,
                         n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4))
@@ -110,17 +115,23 @@ def main():
     assert jax.device_count() == 8, jax.device_count()
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     meshes = {"all": MESHES, "quick": [dict(data=2, expert=4), dict(data=4, tensor=2)],
-              "skew": [dict(data=2, expert=4)]}[which]
+              "skew": [dict(data=2, expert=4)], "fp8": [dict(data=2, expert=4)]}[which]
+    # BF16 compute: sharded reductions round differently, and FP8's 128x1 Wgrad tiles follow
+    # each device's rows; 1e-3 still catches a wrong scale, tile or gradient sum (order 1)
+    rtol = 1e-3 if FP8 else 1e-5
     skew = which == "skew"
     ref = run(None, skew)
     ok = True
     for sizes in meshes:
         got = run(sizes, skew)
         checks = {
-            "losses": close(got["losses"], ref["losses"]),
-            "grad_norm": close(got["grad_norms"], ref["grad_norms"]),
-            "grad_leaves": all(close(g, r) for g, r in zip(got["grad_leaves"], ref["grad_leaves"])),
-            "router_bias": all(close(g, r) for g, r in zip(got["bias"], ref["bias"])),
+            "losses": close(got["losses"], ref["losses"], rtol),
+            "grad_norm": close(got["grad_norms"], ref["grad_norms"], rtol * 10 if FP8 else rtol),
+            "grad_leaves": FP8 or all(close(g, r) for g, r in zip(got["grad_leaves"],
+                                                                  ref["grad_leaves"])),
+            # (FP8: a rounding-level change flips a near-tied expert choice, a count, and so
+            # a sign-rule bias step; the losses above are the check there)
+            "router_bias": FP8 or all(close(g, r) for g, r in zip(got["bias"], ref["bias"])),
         }
         # shardings are what the rules say: check the live arrays against the spec table
         live = jax.tree.leaves(jax.tree.map(lambda a: a.sharding.spec, got["state"]["params"]))
