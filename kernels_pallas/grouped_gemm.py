@@ -91,13 +91,18 @@ def _loop_fwd(lhs, rhs, tile_expert, used, tile_m):
 def _loop_bwd(tile_m, res, dy):
     lhs, rhs, tile_expert, used = res
 
+    # lhs transposed once, so each tile's Wgrad is a plain [K, tile] x [tile, N] GEMM (XLA:CPU
+    # runs a dot contracting the lhs's leading dim on a slower path).
+    lhs_KM = lhs.T
+
     def body(t, carry):
         dx, dw = carry
         e = tile_expert[t]
-        x_t, dy_t = _tile(lhs, t, tile_m), _tile(dy, t, tile_m).astype(lhs.dtype)
+        dy_t = _tile(dy, t, tile_m).astype(lhs.dtype)
         dx_t = jnp.dot(dy_t, rhs[e].astype(lhs.dtype).T)
         dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t.astype(dx.dtype), t * tile_m, axis=0)
-        dw_e = jnp.dot(x_t.T, dy_t, preferred_element_type=dw.dtype)
+        x_t_KT = jax.lax.dynamic_slice_in_dim(lhs_KM, t * tile_m, tile_m, axis=1)
+        dw_e = jnp.dot(x_t_KT, dy_t, preferred_element_type=dw.dtype)
         return dx, dw.at[e].add(dw_e)          # in place: the loop carry is updated, not copied
 
     refs = (lhs, rhs, dy, tile_expert, used)
