@@ -149,3 +149,21 @@ def test_speed_knobs_and_skipped_head_change_nothing(tiny, rng):
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(c.hidden @ lm_head, a.logits, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(c.mtp_hidden @ lm_head, a.mtp_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_keeps_float32_weight_gradients(rng):
+    """With BF16 compute and FP32 master weights, a Linear's weight gradient is accumulated and
+    returned in FP32 (autodiff through w.astype(bf16) would round it to BF16: ~1e-3 error)."""
+    from dsv3_jax.layers.common import linear_dot
+    cfg = config.tiny(dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((64, 16)), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, w: linear_dot(x, w, 1, cfg), x, w)
+    dx, dw = vjp(g)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    want = x64.T @ g64                                 # exact for BF16 inputs, up to FP32 sums
+    assert np.abs(np.asarray(dw, np.float64) - want).max() <= 1e-5 * np.abs(want).max()
+    w_bf16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w_bf16, rtol=2e-2, atol=2e-2)

@@ -66,9 +66,34 @@ def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig) -
     if cfg.fp8:
         from dsv3_jax import fp8  # the FP8 recipe; see fp8.py
         y = fp8.fp8_dot(x2.astype(dtype), w2, implementation=cfg.gemm_impl, out_dtype=dtype)
+    elif w2.dtype != dtype:
+        y = _low_precision_dot(x2.astype(dtype), w2)
     else:
-        y = jnp.dot(x2.astype(dtype), w2.astype(dtype))
+        y = jnp.dot(x2.astype(dtype), w2)
     return y.reshape(*lead, *out_shape)
+
+
+@jax.custom_vjp
+def _low_precision_dot(x_MK, w_KN):
+    """x . w in x's (compute) dtype, with the weight gradient accumulated AND returned in w's
+    (master) dtype. Autodiff of `x . w.astype(bf16)` would round dW to BF16 before it reaches the
+    FP32 master weights, which costs accuracy (the report's BF16 baseline keeps FP32 dW)."""
+    return jnp.dot(x_MK, w_KN.astype(x_MK.dtype))
+
+
+def _low_precision_dot_fwd(x_MK, w_KN):
+    w_c = w_KN.astype(x_MK.dtype)
+    return jnp.dot(x_MK, w_c), (x_MK, w_c, jnp.zeros((0,), w_KN.dtype))
+
+
+def _low_precision_dot_bwd(res, dy_MN):
+    x_MK, w_c, w_dtype = res
+    dx = jnp.dot(dy_MN, w_c.T)
+    dw = jnp.dot(x_MK.T, dy_MN, preferred_element_type=jnp.float32).astype(w_dtype.dtype)
+    return dx, dw
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 
 class Linear(nn.Module):

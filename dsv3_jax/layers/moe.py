@@ -174,7 +174,7 @@ def _gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
         from dsv3_jax import fp8
         return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
                                    used_tiles=plan.used_tiles, implementation=cfg.gemm_impl)
-    return grouped_matmul(lhs, rhs.astype(lhs.dtype), plan.tile_expert, tile_m=plan.tile_m,
+    return grouped_matmul(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
                           used_tiles=plan.used_tiles)
 
 
@@ -188,9 +188,10 @@ def gathered_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down):
     n, p = experts_NP.shape
     e_S = experts_NP.reshape(-1)
     x_SD = jnp.repeat(x_ND, p, axis=0)
-    h_SF = (nn.silu(jnp.einsum("SD,SDF->SF", x_SD, w_gate[e_S]))
-            * jnp.einsum("SD,SDF->SF", x_SD, w_up[e_S]))
-    y_NPD = jnp.einsum("SF,SFD->SD", h_SF, w_down[e_S]).reshape(n, p, -1)
+    take = lambda w: w[e_S].astype(x_ND.dtype)
+    h_SF = (nn.silu(jnp.einsum("SD,SDF->SF", x_SD, take(w_gate)))
+            * jnp.einsum("SD,SDF->SF", x_SD, take(w_up)))
+    y_NPD = jnp.einsum("SF,SFD->SD", h_SF, take(w_down)).reshape(n, p, -1)
     return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
 
 
@@ -341,9 +342,10 @@ class RoutedExperts(nn.Module):
         cfg = self.cfg
         if cfg.moe_impl == "dense":
             return self.dense(x_ND, routing)
-        dt = x_ND.dtype
-        # FP8 quantizes the master weights itself (one rounding) and returns their dtype's dW
-        weights = [w if cfg.fp8 else w.astype(dt) for w in (self.gate, self.up, self.down)]
+        # The master weights go in as they are: the grouped GEMMs (and FP8's quantizer) cast
+        # them per tile and return their weight gradient in the master dtype (FP32
+        # accumulation, not rounded to the compute dtype).
+        weights = [self.gate, self.up, self.down]
         mesh = _active_mesh()
         if mesh is not None:
             return expert_parallel(x_ND, routing, *weights, cfg, mesh)
