@@ -4,7 +4,7 @@
                                      "model.scan_unroll=4,train.ce_chunk=64"
 
 Each argument is a comma-separated list of config overrides (section.key=value) on
-experiments/configs/tiny.py with the issue's shapes (those of train_step_vs_hf.py; MTP off,
+experiments/configs/tiny.py with the issue's shapes (benchmarks/step_config.py; MTP off,
 batch 8 x 256, float32). Prints min and median ms/step over --rounds rounds of 3 steps, and the
 first step's loss (equal across variants that only change how the step runs).
 """
@@ -13,30 +13,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsv3_jax import train
-from experiments.configs import tiny
-
-SHAPES = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-              num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
-              num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
-              num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
-              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-              num_nextn_predict_layers=0)
-
-
-def make_batch(b=8, t=256):
-    ids = np.random.default_rng(0).integers(2, 8192, (b, t + 1)).astype(np.int32)
-    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-             "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-             "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
-    return {k: jnp.asarray(v[None]) for k, v in batch.items()}       # one micro-batch
+from step_config import our_config, random_batch
 
 
 def config_for(spec: str):
-    c = tiny.get_config()
-    c.model.update(SHAPES)
+    c = our_config()
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
         section, name = key.split(".")
@@ -50,7 +33,7 @@ def main():
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    batch = make_batch()
+    batch = {k: jnp.asarray(v[None]) for k, v in random_batch().items()}   # one micro-batch
     runs = {}
     for spec in args.variants:
         c = config_for(spec)

@@ -31,29 +31,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dsv3_jax import config, train  # noqa: E402
-from experiments.configs import tiny  # noqa: E402
-
-SHAPES = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-              num_hidden_layers=4, first_k_dense_replace=1, n_routed_experts=16,
-              num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
-              num_attention_heads=4, num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64,
-              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
-
-
-def batch_np(rng):
-    b, t = ARGS.batch, ARGS.seq
-    ids = rng.integers(2, 8192, (b, t + 1)).astype(np.int32)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
-            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-            "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.float32)}
+from dsv3_jax import train  # noqa: E402
+from step_config import SHAPES, our_config, random_batch  # noqa: E402
 
 
 def time_ours(mtp: bool, batch):
-    c = tiny.get_config()
-    for k, v in SHAPES.items():
-        c.model[k] = v
-    c.model.num_nextn_predict_layers = 1 if mtp else 0
+    c = our_config(mtp)
     cfg = train.validate(c)
     fns = train.make_step_fns(c, cfg)
     state = train.init_state(cfg, fns.optimizer, 0, ema=False)
@@ -94,7 +77,7 @@ def time_hf(batch):
 
 
 def main():
-    batch = batch_np(np.random.default_rng(0))
+    batch = random_batch(ARGS.batch, ARGS.seq)
     tokens = ARGS.batch * ARGS.seq
     print(f"jax {jax.__version__}, torch {torch.__version__}; {ARGS.threads} threads, float32, "
           f"batch {ARGS.batch}x{ARGS.seq}, mean of {ARGS.steps} steps after warm-up")

@@ -123,16 +123,16 @@ def compute_loss(params, router_bias, batch, fns: StepFns, step):
                         positions=batch["positions"], segment_ids=batch["segment_ids"],
                         with_logits=not fns.ce_chunk)
     if fns.ce_chunk:          # head + CE fused, no [B, T, V] logits (dsv3_jax/loss.py)
-        head = functools.partial(loss_lib.head_ce, w_DV=params["lm_head"], chunk=fns.ce_chunk,
-                                 dtype=dtype_of(cfg.dtype))
-        ce_at = lambda h, targets, mask: head(h, targets_BT=targets, mask_BT=mask)
-        hidden, mtp_hidden = out.hidden, out.mtp_hidden
+        def ce_of(h_BTD, targets, mask):
+            return loss_lib.head_ce(h_BTD, params["lm_head"], targets, mask, chunk=fns.ce_chunk,
+                                    dtype=dtype_of(cfg.dtype))
+        main_in, mtp_in = out.hidden, out.mtp_hidden       # what the head would read
     else:
-        ce_at = masked_ce
-        hidden, mtp_hidden = out.logits, out.mtp_logits
-    ce = ce_at(hidden, batch["targets"], batch["loss_mask"])
+        ce_of = masked_ce
+        main_in, mtp_in = out.logits, out.mtp_logits
+    ce = ce_of(main_in, batch["targets"], batch["loss_mask"])
     depth = cfg.num_nextn_predict_layers
-    mtp_ces = [ce_at(mtp_hidden[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
+    mtp_ces = [ce_of(mtp_in[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
     mtp_ce = sum(mtp_ces) / depth if depth else jnp.zeros((), jnp.float32)
     # one complementary balance loss per MoE layer (MTP modules included), summed
     balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
