@@ -149,6 +149,71 @@ def section_speculative(args):
           f"{t['tokens'] / t['spec_s']:10.1f} "
           f"{t['plain_s'] / t['spec_s']:7.2f}x {t['accepted'] / t['row_steps']:7.1%} "
           f"{1 + t['accepted'] / t['row_steps']:7.2f} {step_cost:8.2f}x")
+    step_anatomy(cfg, variables, 1 + t["accepted"] / t["row_steps"], args.repeats)
+
+
+def _ms_per_call(fn, *a, calls=200, repeats=3):
+    jax.block_until_ready(fn(*a))                                       # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*a)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e3
+
+
+def step_anatomy(cfg, variables, tokens_per_forward, repeats):
+    """Why the speed-up is what it is: a speculative step = the main model over W = D+1 tokens
+    (verify) + the MTP draft over the same W, each timed alone against a 64-token cache and
+    compared with a plain step. Speed-up = tokens per forward / (verify + draft) in plain steps;
+    even with a free verify (= 1 plain step) and every draft accepted it cannot pass
+    (D+1) / (1 + draft)."""
+    depth = cfg.num_nextn_predict_layers
+    w = depth + 1
+    cache = kv_cache.init_cache(cfg, 1, 256, with_mtp=True)
+    cache = kv_cache.KVCache(cache.stacks, jnp.where(jnp.arange(256) < 64, jnp.arange(256), -1)
+                             [None].astype(jnp.int32), jnp.full((1,), 64, jnp.int32))
+    variables = jax.tree.map(jnp.asarray, variables)
+    positions = 64 + jnp.arange(w, dtype=jnp.int32)[None]
+    ids = jnp.ones((1, w), jnp.int32)
+
+    @jax.jit
+    def main_forward(variables, cache, ids, positions):
+        ctx = kv_cache.step_context(cache, positions, "absorbed")
+        out, _ = model.decode(cfg, variables, ids, positions, cache, ctx)
+        return out.logits, out.hidden
+
+    @jax.jit
+    def draft(variables, cache, hidden, ids, positions):
+        ctx = kv_cache.step_context(cache, positions, "absorbed")
+        last = jnp.full((1, 1), ids.shape[1] - 1, jnp.int32)
+        h, drafts = hidden, []
+        for k in range(depth):
+            logits, h, _ = model.decode_mtp(cfg, variables, k, h, ids, positions, cache, ctx,
+                                            logits_index=last)
+            drafts.append(jnp.argmax(logits[:, 0], -1))
+        return jnp.stack(drafts, 1)
+
+    _, step = generate.jitted_steps(cfg, generate.Sampling(), "absorbed", False)
+
+    def plain_step(variables, cache):      # the step donates its cache: hand it a fresh copy
+        return step(variables, jax.tree.map(jnp.copy, cache), ids[:, 0], positions[:, 0],
+                    jnp.ones((1,), bool), jax.random.key(0), 0)[1]
+
+    copy = jax.jit(lambda c: jax.tree.map(jnp.copy, c))
+    t_copy = _ms_per_call(copy, cache, repeats=repeats)
+    t_plain = _ms_per_call(plain_step, variables, cache, repeats=repeats) - t_copy
+    t_verify = _ms_per_call(main_forward, variables, cache, ids, positions, repeats=repeats)
+    hidden = main_forward(variables, cache, ids, positions)[1]
+    t_draft = _ms_per_call(draft, variables, cache, hidden, ids, positions, repeats=repeats)
+    v, c = t_verify / t_plain, t_draft / t_plain
+    print(f"step anatomy (batch 1, 64 cached tokens): plain step {t_plain:.3f} ms; verify over "
+          f"{w} tokens {t_verify:.3f} ms ({v:.2f} plain), MTP draft {t_draft:.3f} ms "
+          f"({c:.2f} plain)\n  predicted speed-up {tokens_per_forward:.2f} / ({v:.2f} + {c:.2f}) "
+          f"= {tokens_per_forward / (v + c):.2f}x; ceiling with a free verify and every draft "
+          f"accepted: {w} / (1 + {c:.2f}) = {w / (1 + c):.2f}x")
 
 
 def main():

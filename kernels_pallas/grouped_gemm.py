@@ -15,9 +15,11 @@ is ever multiplied by a weight the tile does not use.
 
 Two jnp implementations:
   reference  gather each tile's weight, one batched matmul; plain autodiff. The oracle.
-  loop       a loop over the used tiles with a custom VJP (dW accumulated in place per expert).
-             On CPU XLA runs small batched matmuls single-threaded through Eigen; the loop of
-             plain GEMMs is 2-3x faster fwd+bwd and never materialises [tiles, K, N] weights.
+  loop       a loop over experts, each running its used tiles as GEMMs of up to 512 rows, with a
+             custom VJP (each expert's dW accumulated in the loop and stored once). On CPU XLA
+             runs small batched matmuls single-threaded through Eigen; the loop of plain GEMMs is
+             2-3x faster fwd+bwd and never materialises [tiles, K, N] weights, and visiting
+             experts (not tiles) reads each weight once: 1.5x faster than a loop over tiles.
 """
 from __future__ import annotations
 
@@ -67,16 +69,53 @@ def _varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))              # other versions
 
 
-def _tile(x, t, tile_m):
-    return jax.lax.dynamic_slice_in_dim(x, t * tile_m, tile_m, axis=0)
+# The loop visits experts, not tiles: each expert's weight is read (and, backward, transposed)
+# once, its dW is accumulated in a loop carry and stored once, and its rows run as GEMMs of up to
+# CHUNK_ROWS rows: whole chunks, then the remainder in halving sizes (each size a static shape).
+CHUNK_ROWS = 512
+
+
+def _expert_tiles(tile_expert, used, num_experts):
+    """(first tile, number of used tiles) of each expert; tile_expert is non-decreasing."""
+    used_t = (jnp.arange(tile_expert.shape[0]) < used).astype(jnp.int32)
+    count = jnp.zeros((num_experts,), jnp.int32).at[tile_expert].add(used_t)
+    return jnp.cumsum(count) - count, count
+
+
+def _over_rows(first_tile, num_tiles, tile_m, total_tiles, body, carry):
+    """carry = body(first row, rows (static), carry) over an expert's rows in chunks."""
+    sizes, size = [], max(min(CHUNK_ROWS // tile_m, total_tiles), 1)
+    while size >= 1:
+        sizes.append(size)
+        size //= 2
+    for size in sizes:
+        n = num_tiles // size
+
+        def chunk(j, c, t0=first_tile, size=size):
+            return body((t0 + j * size) * tile_m, size * tile_m, c)
+
+        carry = jax.lax.fori_loop(0, n, chunk, carry)
+        first_tile, num_tiles = first_tile + n * size, num_tiles - n * size
+    return carry
+
+
+def _rows(x, row0, rows, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, row0, rows, axis=axis)
 
 
 def _loop_fwd_impl(lhs, rhs, tile_expert, used, tile_m):
-    def body(t, out):
-        y = jnp.dot(_tile(lhs, t, tile_m), rhs[tile_expert[t]].astype(lhs.dtype))
-        return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile_m, axis=0)
+    first, count = _expert_tiles(tile_expert, used, rhs.shape[0])
+
+    def expert(e, out):
+        w = rhs[e].astype(lhs.dtype)
+
+        def body(row0, rows, out):
+            y = jnp.dot(_rows(lhs, row0, rows), w)
+            return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), row0, axis=0)
+        return _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body, out)
+
     out = zeros_varying_like((lhs.shape[0], rhs.shape[2]), lhs.dtype, lhs, rhs, tile_expert, used)
-    return jax.lax.fori_loop(0, used, body, out)
+    return jax.lax.fori_loop(0, rhs.shape[0], expert, out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -90,24 +129,32 @@ def _loop_fwd(lhs, rhs, tile_expert, used, tile_m):
 
 def _loop_bwd(tile_m, res, dy):
     lhs, rhs, tile_expert, used = res
-
-    # lhs transposed once, so each tile's Wgrad is a plain [K, tile] x [tile, N] GEMM (XLA:CPU
+    first, count = _expert_tiles(tile_expert, used, rhs.shape[0])
+    refs = (lhs, rhs, dy, tile_expert, used)
+    # lhs transposed once, so each chunk's Wgrad is a plain [K, rows] x [rows, N] GEMM (XLA:CPU
     # runs a dot contracting the lhs's leading dim on a slower path).
     lhs_KM = lhs.T
 
-    def body(t, carry):
+    def expert(e, carry):
         dx, dw = carry
-        e = tile_expert[t]
-        dy_t = _tile(dy, t, tile_m).astype(lhs.dtype)
-        dx_t = jnp.dot(dy_t, rhs[e].astype(lhs.dtype).T)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_t.astype(dx.dtype), t * tile_m, axis=0)
-        x_t_KT = jax.lax.dynamic_slice_in_dim(lhs_KM, t * tile_m, tile_m, axis=1)
-        dw_e = jnp.dot(x_t_KT, dy_t, preferred_element_type=dw.dtype)
-        return dx, dw.at[e].add(dw_e)          # in place: the loop carry is updated, not copied
+        w_NK = rhs[e].astype(lhs.dtype).T
 
-    refs = (lhs, rhs, dy, tile_expert, used)
-    dx, dw = jax.lax.fori_loop(0, used, body, (zeros_varying_like(lhs.shape, lhs.dtype, *refs),
-                                               zeros_varying_like(rhs.shape, jnp.float32, *refs)))
+        def body(row0, rows, c):
+            dx, dw_e = c
+            dy_c = _rows(dy, row0, rows).astype(lhs.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.dot(dy_c, w_NK).astype(dx.dtype),
+                                                     row0, axis=0)
+            return dx, dw_e + jnp.dot(_rows(lhs_KM, row0, rows, axis=1), dy_c,
+                                      preferred_element_type=jnp.float32)
+
+        dw_e = zeros_varying_like(rhs.shape[1:], jnp.float32, *refs)
+        dx, dw_e = _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body,
+                               (dx, dw_e))
+        return dx, dw.at[e].set(dw_e)           # in place: the loop carry is updated, not copied
+
+    dx, dw = jax.lax.fori_loop(0, rhs.shape[0], expert,
+                               (zeros_varying_like(lhs.shape, lhs.dtype, *refs),
+                                zeros_varying_like(rhs.shape, jnp.float32, *refs)))
     # Under shard_map a weight replicated over some axes gets its gradient summed over them.
     return sum_to_vma(dx, lhs), sum_to_vma(dw, rhs).astype(rhs.dtype), None, None
 
@@ -119,6 +166,125 @@ def sum_to_vma(ct, primal):
 
 
 _grouped_matmul_loop.defvjp(_loop_fwd, _loop_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The routed experts' whole SwiGLU in one loop: down(silu(x Wg) * (x Wu)) per expert
+# ----------------------------------------------------------------------------------------------
+
+def grouped_swiglu_reference(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                             w_down: jax.Array, tile_expert: jax.Array, *, tile_m: int,
+                             used_tiles: jax.Array | None = None) -> jax.Array:
+    """down(silu(x . gate) * (x . up)) per tile's expert, from three reference grouped matmuls."""
+    gmm = functools.partial(grouped_matmul_reference, tile_expert=tile_expert, tile_m=tile_m,
+                            used_tiles=used_tiles)
+    h = jax.nn.silu(gmm(x, w_gate)) * gmm(x, w_up)
+    return gmm(h, w_down)
+
+
+def _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m):
+    """(y [M, D], the gate and up pre-activations [M, 2F] the backward reads)."""
+    first, count = _expert_tiles(tile_expert, used, wg.shape[0])
+    f = wg.shape[2]
+    refs = (x, wg, wu, wd, tile_expert, used)
+
+    def expert(e, carry):
+        gu_w = jnp.concatenate([wg[e], wu[e]], axis=1).astype(x.dtype)    # [D, 2F]: one GEMM
+        d_w = wd[e].astype(x.dtype)
+
+        def body(row0, rows, carry):
+            y, gu = carry
+            gu_c = jnp.dot(_rows(x, row0, rows), gu_w)
+            y_c = jnp.dot(jax.nn.silu(gu_c[:, :f]) * gu_c[:, f:], d_w)
+            y = jax.lax.dynamic_update_slice_in_dim(y, y_c.astype(y.dtype), row0, axis=0)
+            return y, jax.lax.dynamic_update_slice_in_dim(gu, gu_c.astype(gu.dtype), row0, axis=0)
+        return _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body, carry)
+
+    carry = (zeros_varying_like((x.shape[0], wd.shape[2]), x.dtype, *refs),
+             zeros_varying_like((x.shape[0], 2 * f), x.dtype, *refs))
+    return jax.lax.fori_loop(0, wg.shape[0], expert, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _grouped_swiglu_loop(x, wg, wu, wd, tile_expert, used, tile_m):
+    return _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m)[0]
+
+
+def _swiglu_fwd(x, wg, wu, wd, tile_expert, used, tile_m):
+    y, gu = _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m)
+    return y, (x, gu, wg, wu, wd, tile_expert, used)
+
+
+def _swiglu_bwd(tile_m, res, dy):
+    x, gu, wg, wu, wd, tile_expert, used = res
+    first, count = _expert_tiles(tile_expert, used, wg.shape[0])
+    f = wg.shape[2]
+    refs = (x, wg, wu, wd, dy, tile_expert, used)
+    # Transposed once, so each chunk's Wgrad is a plain [K, rows] x [rows, N] GEMM.
+    h_FM = (jax.nn.silu(gu[:, :f]) * gu[:, f:]).T
+    x_DM = x.T
+
+    def expert(e, carry):
+        dx, dwg, dwu, dwd = carry
+        gu_wT = jnp.concatenate([wg[e], wu[e]], axis=1).astype(x.dtype).T    # [2F, D]
+        d_wT = wd[e].astype(x.dtype).T
+
+        def body(row0, rows, c):
+            dx, dgu_w, dd_w = c
+            dy_c = _rows(dy, row0, rows).astype(x.dtype)
+            dh = jnp.dot(dy_c, d_wT, preferred_element_type=jnp.float32)
+            gu_c = _rows(gu, row0, rows).astype(jnp.float32)
+            g_c, u_c = gu_c[:, :f], gu_c[:, f:]
+            s_c = jax.nn.sigmoid(g_c)
+            # d silu(g) / dg = s (1 + g (1 - s))
+            dgu = jnp.concatenate([dh * u_c * s_c * (1 + g_c * (1 - s_c)), dh * g_c * s_c],
+                                  axis=1).astype(x.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.dot(dgu, gu_wT).astype(dx.dtype),
+                                                     row0, axis=0)
+            acc = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+            return (dx, dgu_w + acc(_rows(x_DM, row0, rows, axis=1), dgu),
+                    dd_w + acc(_rows(h_FM, row0, rows, axis=1), dy_c))
+
+        zeros = lambda shape: zeros_varying_like(shape, jnp.float32, *refs)
+        dx, dgu_w, dd_w = _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body,
+                                     (dx, zeros((wg.shape[1], 2 * f)), zeros(wd.shape[1:])))
+        return (dx, dwg.at[e].set(dgu_w[:, :f]), dwu.at[e].set(dgu_w[:, f:]),
+                dwd.at[e].set(dd_w))
+
+    zeros = lambda w: zeros_varying_like(w.shape, jnp.float32, *refs)
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(
+        0, wg.shape[0], expert,
+        (zeros_varying_like(x.shape, x.dtype, *refs), zeros(wg), zeros(wu), zeros(wd)))
+    return (sum_to_vma(dx, x),) + tuple(sum_to_vma(d, w).astype(w.dtype) for d, w in
+                                        ((dwg, wg), (dwu, wu), (dwd, wd))) + (None, None)
+
+
+_grouped_swiglu_loop.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                   tile_expert: jax.Array, *, tile_m: int, used_tiles: jax.Array | None = None,
+                   implementation: str = "loop") -> jax.Array:
+    """y[tile t] = down_e(silu(x gate_e) * (x up_e)), e = tile_expert[t]: the routed experts'
+    SwiGLU on the grouped layout (x [M, D], gate/up [E, D, F], down [E, F, D]).
+
+    `loop` runs all three GEMMs of a chunk back to back (the [rows, F] activations stay in
+    cache, no [M, 2F] round trip, no per-step concatenation of the gate and up weights) with a
+    custom VJP that keeps each expert's dW in the loop and stores it once, in FP32 before the
+    cast to the weights' dtype; `reference` is three reference grouped matmuls."""
+    if implementation == "reference":
+        return grouped_swiglu_reference(x, w_gate, w_up, w_down, tile_expert, tile_m=tile_m,
+                                        used_tiles=used_tiles)
+    if implementation != "loop":
+        raise ValueError(f"unknown grouped_swiglu implementation {implementation!r}")
+    _check(x, w_gate, tile_expert, tile_m)
+    if w_up.shape != w_gate.shape or w_down.shape != (w_gate.shape[0], w_gate.shape[2],
+                                                      x.shape[1]):
+        raise ValueError(f"grouped_swiglu: gate {w_gate.shape}, up {w_up.shape}, down "
+                         f"{w_down.shape} do not fit x {x.shape}")
+    used = tile_expert.shape[0] if used_tiles is None else used_tiles
+    return _grouped_swiglu_loop(x, w_gate, w_up, w_down, tile_expert.astype(jnp.int32),
+                                jnp.asarray(used, jnp.int32), tile_m)
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *, tile_m: int,

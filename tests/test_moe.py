@@ -162,9 +162,11 @@ def test_bias_update_pushes_overloaded_expert_down():
 
 def test_default_tile_m_bounds_padding():
     for slots, e in [(8192, 16), (8192, 256), (64, 64), (10**6, 8)]:
-        m = moe.default_tile_m(slots, e)
-        assert 8 <= m <= 128 and m & (m - 1) == 0
-        assert e * m <= max(slots // 4, 8 * e)
+        for share in (4, 16):
+            m = moe.default_tile_m(slots, e, share)
+            assert 8 <= m <= 128 and m & (m - 1) == 0
+            assert e * m <= max(slots // share, 8 * e)
+    assert moe.default_tile_m(8192, 16) == 128 and moe.default_tile_m(8192, 16, 16) == 32
 
 
 @pytest.mark.parametrize("used", [None, 3])
@@ -186,6 +188,68 @@ def test_grouped_matmul_loop_equals_reference(used, rng):
 
     for a, b in zip(run("loop"), run("reference")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [8, 32, 512])
+def test_grouped_matmul_loop_chunks_rows(chunk_rows, rng, monkeypatch):
+    """The loop runs each expert's tiles in chunks of CHUNK_ROWS rows, then halving sizes:
+    experts of 9, 7, 3 and 1 tiles cover every chunk size; unused trailing tiles stay 0."""
+    from kernels_pallas import grouped_gemm
+    monkeypatch.setattr(grouped_gemm, "CHUNK_ROWS", chunk_rows)
+    tile, e = 8, 6
+    tile_expert = jnp.asarray([1] * 9 + [2] * 3 + [4] * 7 + [5] + [5] * 2, jnp.int32)
+    used = 20                                                     # the last 2 tiles: padding
+    m = tile_expert.shape[0] * tile
+    x = jnp.asarray(rng.standard_normal((m, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((e, 24, 16)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((m, 16)), jnp.float32)
+
+    def run(impl):
+        f = lambda x, w: grouped_gemm.grouped_matmul(x, w, tile_expert, tile_m=tile,
+                                                     used_tiles=used, implementation=impl)
+        y, vjp = jax.vjp(jax.jit(f), x, w)
+        return (y,) + vjp(dy)
+
+    for a, b in zip(run("loop"), run("reference")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    y, dx, _ = run("loop")
+    assert not np.any(y[used * tile:]) and not np.any(dx[used * tile:])
+
+
+@pytest.mark.parametrize("dtype,chunk_rows", [("float32", 8), ("float32", 32),
+                                               ("float32", 512), ("bfloat16", 32)])
+def test_grouped_swiglu_loop_equals_reference(dtype, chunk_rows, rng, monkeypatch):
+    """The fused expert SwiGLU loop (custom VJP) against three reference grouped matmuls:
+    output and all four gradients, with empty experts, chunked and halved tiles, unused
+    trailing tiles; BF16 compute keeps FP32 weight gradients."""
+    from kernels_pallas import grouped_gemm
+    monkeypatch.setattr(grouped_gemm, "CHUNK_ROWS", chunk_rows)
+    tile, e, d, f = 8, 6, 24, 16
+    tile_expert = jnp.asarray([1] * 9 + [2] * 3 + [4] * 7 + [5] * 3, jnp.int32)
+    used = 20
+    m = tile_expert.shape[0] * tile
+    dt = jnp.dtype(dtype)
+    x = jnp.asarray(rng.standard_normal((m, d)), dt)
+    ws = [jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32)
+          for s in ((e, d, f), (e, d, f), (e, f, d))]
+    dy = jnp.asarray(rng.standard_normal((m, d)), dt)
+
+    def run(impl):
+        def fn(x, wg, wu, wd):
+            if impl == "reference":      # the reference casts per tile like the model does
+                wg, wu, wd = (w.astype(dt) for w in (wg, wu, wd))
+            return grouped_gemm.grouped_swiglu(x, wg, wu, wd, tile_expert, tile_m=tile,
+                                               used_tiles=used, implementation=impl)
+        y, vjp = jax.vjp(jax.jit(fn), x, *ws)
+        return (y,) + vjp(dy)
+
+    got, want = run("loop"), run("reference")
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    for name, a, b in zip(["y", "dx", "dgate", "dup", "ddown"], got, want):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+    assert all(g.dtype == jnp.float32 for g in got[2:])
+    assert not np.any(np.asarray(got[0][used * tile:], np.float32))
 
 
 def test_node_limited_routing_with_one_group_per_expert_shard(rng):

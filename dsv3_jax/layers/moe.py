@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import SwiGLU, acc_dtype, dtype_of, normal_init
-from kernels_pallas.grouped_gemm import grouped_matmul, sum_to_vma
+from kernels_pallas.grouped_gemm import grouped_swiglu, sum_to_vma
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
 
@@ -69,10 +69,12 @@ def router_stats(routing: Routing, valid_BT: jax.Array, cfg: ModelConfig) -> Rou
     return RouterStats(counts, loss)
 
 
-def default_tile_m(num_slots: int, num_experts: int) -> int:
+def default_tile_m(num_slots: int, num_experts: int, share: int = 4) -> int:
     """Rows per grouped-GEMM tile: padding costs at most E*(tile_m-1) rows, so keep E*tile_m
-    near a quarter of the routed rows; a power of two in [8, 128]."""
-    target = max(num_slots // (4 * num_experts), 8)
+    near 1/share of the routed rows; a power of two in [8, 128]. The FP8 and Pallas GEMMs run
+    one tile per program (share 4); the jnp loop runs each expert's tiles as chunks of up to
+    512 rows whatever the tile, so its tiles only set the padding (share 16)."""
+    target = max(num_slots // (share * num_experts), 8)
     return int(min(128, 1 << (target.bit_length() - 1)))
 
 
@@ -169,13 +171,10 @@ def _unpermute_bwd(res, d_ND):
 unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)
 
 
-def _gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
-    if cfg.fp8:
-        from dsv3_jax import fp8
-        return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
-                                   used_tiles=plan.used_tiles, implementation=cfg.gemm_impl)
-    return grouped_matmul(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
-                          used_tiles=plan.used_tiles)
+def _fp8_gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
+    from dsv3_jax import fp8
+    return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
+                               used_tiles=plan.used_tiles, implementation=cfg.gemm_impl)
 
 
 def gathered_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down):
@@ -209,7 +208,8 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
                    num_experts: int, trash_group: bool = False):
     """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
     n, p = experts_NP.shape
-    tile_m = cfg.moe_tile_m or default_tile_m(n * p, num_experts)
+    share = 4 if cfg.fp8 or cfg.gemm_impl == "pallas" else 16      # see default_tile_m
+    tile_m = cfg.moe_tile_m or default_tile_m(n * p, num_experts, share)
     plan = plan_dispatch(experts_NP, num_experts, tile_m, trash_group)
     if cfg.gemm_impl == "pallas":   # the Pallas dispatch kernels (interpreted on CPU)
         from kernels_pallas import moe_dispatch
@@ -221,13 +221,12 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     else:
         x_MD = permute(x_ND, plan)
         combine = lambda y: unpermute_combine(y, plan, gates_NP)
-    if cfg.fp8:   # separate GEMMs: each weight keeps its own 128x128 quantization blocks
-        h = nn.silu(_gmm(x_MD, w_gate, plan, cfg)) * _gmm(x_MD, w_up, plan, cfg)
-    else:         # gate and up as one grouped GEMM of twice the width: half the tile loops
-        f = w_gate.shape[-1]
-        gate_up = _gmm(x_MD, jnp.concatenate([w_gate, w_up], axis=-1), plan, cfg)
-        h = nn.silu(gate_up[:, :f]) * gate_up[:, f:]
-    return combine(_gmm(h, w_down, plan, cfg))
+    if cfg.fp8:   # three GEMMs: each weight keeps its own 128x128 quantization blocks
+        h = nn.silu(_fp8_gmm(x_MD, w_gate, plan, cfg)) * _fp8_gmm(x_MD, w_up, plan, cfg)
+        return combine(_fp8_gmm(h, w_down, plan, cfg))
+    # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
+    return combine(grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
+                                  tile_m=plan.tile_m, used_tiles=plan.used_tiles))
 
 
 def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
