@@ -10,7 +10,9 @@
 2. Cache bytes per token: the latent (C + R per layer) vs an equal-width standard MHA cache
    (H (K + R + V) per layer: the per-head keys and values the naive form materialises).
 3. With a trained checkpoint (MTP on): greedy generation, plain vs speculative (MTP draft),
-   batch 1, per prompt: identical tokens, acceptance rate, tokens per main forward, speed-up.
+   batch 1, per prompt: identical tokens, acceptance rate, tokens per main forward, speed-up;
+   then the step anatomy: verify and draft each timed alone in plain steps, the speed-up they
+   predict and its ceiling (every draft accepted).
 """
 import argparse
 import os

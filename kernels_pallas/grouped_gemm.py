@@ -20,6 +20,10 @@ Two jnp implementations:
              runs small batched matmuls single-threaded through Eigen; the loop of plain GEMMs is
              2-3x faster fwd+bwd and never materialises [tiles, K, N] weights, and visiting
              experts (not tiles) reads each weight once: 1.5x faster than a loop over tiles.
+
+`grouped_swiglu` is the routed experts' whole FFN, down(silu(x gate) * (x up)), on this layout:
+the same expert loop runs a chunk's three GEMMs back to back (what the MoE layer calls when not
+in FP8); `grouped_swiglu_reference` is three reference grouped matmuls.
 """
 from __future__ import annotations
 
