@@ -27,9 +27,9 @@ PROMPTS = ["def ", "import os\nimport sys\n\n", "class Foo:\n    def __init__(se
            "    for i in range(", "    return self.", "if __name__ == \"__main__\":\n"]
 
 
-def filled_cache(cfg, batch, context, max_len, key):
+def filled_cache(cfg, batch, context, max_len, key, with_mtp=False):
     """A cache holding `context` tokens of random latents (values do not change the cost)."""
-    cache = kv_cache.init_cache(cfg, batch, max_len)
+    cache = kv_cache.init_cache(cfg, batch, max_len, with_mtp=with_mtp)
     stacks = {}
     for name, kv in cache.stacks.items():
         k1, k2, key = jax.random.split(key, 3)
@@ -172,11 +172,8 @@ def step_anatomy(cfg, variables, tokens_per_forward, repeats):
     compared with a plain step. Speed-up = tokens per forward / (verify + draft) in plain steps;
     even with a free verify (= 1 plain step) and every draft accepted it cannot pass
     (D+1) / (1 + draft)."""
-    depth = cfg.num_nextn_predict_layers
-    w = depth + 1
-    cache = kv_cache.init_cache(cfg, 1, 256, with_mtp=True)
-    cache = kv_cache.KVCache(cache.stacks, jnp.where(jnp.arange(256) < 64, jnp.arange(256), -1)
-                             [None].astype(jnp.int32), jnp.full((1,), 64, jnp.int32))
+    w = cfg.num_nextn_predict_layers + 1
+    cache = filled_cache(cfg, 1, 64, 256, jax.random.key(1), with_mtp=True)
     variables = jax.tree.map(jnp.asarray, variables)
     positions = 64 + jnp.arange(w, dtype=jnp.int32)[None]
     ids = jnp.ones((1, w), jnp.int32)
@@ -189,14 +186,11 @@ def step_anatomy(cfg, variables, tokens_per_forward, repeats):
 
     @jax.jit
     def draft(variables, cache, hidden, ids, positions):
+        """The speculative step's own draft (every window token accepted, then ids[:, 0])."""
         ctx = kv_cache.step_context(cache, positions, "absorbed")
-        last = jnp.full((1, 1), ids.shape[1] - 1, jnp.int32)
-        h, drafts = hidden, []
-        for k in range(depth):
-            logits, h, _ = model.decode_mtp(cfg, variables, k, h, ids, positions, cache, ctx,
-                                            logits_index=last)
-            drafts.append(jnp.argmax(logits[:, 0], -1))
-        return jnp.stack(drafts, 1)
+        return generate._mtp_chain(cfg, variables, cache, ctx, hidden, ids, positions,
+                                   jnp.full((1,), w - 1, jnp.int32), ids[:, 0],
+                                   jax.random.key(0), generate.Sampling())[0]
 
     _, step = generate.jitted_steps(cfg, generate.Sampling(), "absorbed", False)
 

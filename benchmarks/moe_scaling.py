@@ -59,7 +59,7 @@ def main():
         t_sorted = time_layer(cfg, args.tokens, args.repeats)
         t_dense = (float("nan") if args.no_dense or e > 64
                    else time_layer(cfg.replace(moe_impl="dense"), args.tokens, 2))
-        tile = moe.default_tile_m(args.tokens * args.topk, e, 16)      # the jnp loop's tiles
+        tile = moe.tile_m_for(cfg, args.tokens * args.topk, e)
         rows.append((e, tile, t_sorted, t_dense))
         print(f"  experts {e:4d}  tile_m {tile:3d}  sorted {t_sorted * 1e3:8.1f} ms   "
               f"dense reference {t_dense * 1e3:8.1f} ms", flush=True)

@@ -9,6 +9,7 @@ batch 8 x 256, float32). Prints min and median ms/step over --rounds rounds of 3
 first step's loss (equal across variants that only change how the step runs).
 """
 import argparse
+import ast
 import time
 
 import jax
@@ -23,8 +24,10 @@ def config_for(spec: str):
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
         section, name = key.split(".")
-        old = c[section][name]
-        c[section][name] = type(old)(value) if old is not None else int(value)
+        try:
+            c[section][name] = ast.literal_eval(value)   # 1e-3, True, None, 64 ...
+        except (ValueError, SyntaxError):
+            c[section][name] = value                     # a bare string: jnp, selective ...
     return c
 
 

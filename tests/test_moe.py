@@ -169,56 +169,10 @@ def test_default_tile_m_bounds_padding():
     assert moe.default_tile_m(8192, 16) == 128 and moe.default_tile_m(8192, 16, 16) == 32
 
 
-@pytest.mark.parametrize("used", [None, 3])
-def test_grouped_matmul_loop_equals_reference(used, rng):
-    """The CPU loop implementation (custom VJP) against the batched-gather reference,
-    with empty experts and unused trailing tiles."""
-    from kernels_pallas.grouped_gemm import grouped_matmul
-    tile, e = 8, 6
-    tile_expert = jnp.asarray([0, 2, 2, 5, 5], jnp.int32)      # experts 1, 3, 4 own no tile
-    x = jnp.asarray(rng.standard_normal((5 * tile, 24)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((e, 24, 16)), jnp.float32)
-    dy = jnp.asarray(rng.standard_normal((5 * tile, 16)), jnp.float32)
-
-    def run(impl):
-        f = lambda x, w: grouped_matmul(x, w, tile_expert, tile_m=tile, used_tiles=used,
-                                        implementation=impl)
-        y, vjp = jax.vjp(f, x, w)
-        return (y,) + vjp(dy)
-
-    for a, b in zip(run("loop"), run("reference")):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("chunk_rows", [8, 32, 512])
-def test_grouped_matmul_loop_chunks_rows(chunk_rows, rng, monkeypatch):
-    """The loop runs each expert's tiles in chunks of CHUNK_ROWS rows, then halving sizes:
-    experts of 9, 7, 3 and 1 tiles cover every chunk size; unused trailing tiles stay 0."""
-    from kernels_pallas import grouped_gemm
-    monkeypatch.setattr(grouped_gemm, "CHUNK_ROWS", chunk_rows)
-    tile, e = 8, 6
-    tile_expert = jnp.asarray([1] * 9 + [2] * 3 + [4] * 7 + [5] + [5] * 2, jnp.int32)
-    used = 20                                                     # the last 2 tiles: padding
-    m = tile_expert.shape[0] * tile
-    x = jnp.asarray(rng.standard_normal((m, 24)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((e, 24, 16)), jnp.float32)
-    dy = jnp.asarray(rng.standard_normal((m, 16)), jnp.float32)
-
-    def run(impl):
-        f = lambda x, w: grouped_gemm.grouped_matmul(x, w, tile_expert, tile_m=tile,
-                                                     used_tiles=used, implementation=impl)
-        y, vjp = jax.vjp(jax.jit(f), x, w)
-        return (y,) + vjp(dy)
-
-    for a, b in zip(run("loop"), run("reference")):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    y, dx, _ = run("loop")
-    assert not np.any(y[used * tile:]) and not np.any(dx[used * tile:])
-
-
-@pytest.mark.parametrize("dtype,chunk_rows", [("float32", 8), ("float32", 32),
-                                               ("float32", 512), ("bfloat16", 32)])
-def test_grouped_swiglu_loop_equals_reference(dtype, chunk_rows, rng, monkeypatch):
+@pytest.mark.parametrize("dtype,chunk_rows,used", [("float32", 8, 20), ("float32", 32, 20),
+                                                    ("float32", 512, 20), ("bfloat16", 32, 20),
+                                                    ("float32", 32, None)])
+def test_grouped_swiglu_loop_equals_reference(dtype, chunk_rows, used, rng, monkeypatch):
     """The fused expert SwiGLU loop (custom VJP) against three reference grouped matmuls:
     output and all four gradients, with empty experts, chunked and halved tiles, unused
     trailing tiles; BF16 compute keeps FP32 weight gradients."""
@@ -226,7 +180,6 @@ def test_grouped_swiglu_loop_equals_reference(dtype, chunk_rows, rng, monkeypatc
     monkeypatch.setattr(grouped_gemm, "CHUNK_ROWS", chunk_rows)
     tile, e, d, f = 8, 6, 24, 16
     tile_expert = jnp.asarray([1] * 9 + [2] * 3 + [4] * 7 + [5] * 3, jnp.int32)
-    used = 20
     m = tile_expert.shape[0] * tile
     dt = jnp.dtype(dtype)
     x = jnp.asarray(rng.standard_normal((m, d)), dt)
@@ -248,8 +201,12 @@ def test_grouped_swiglu_loop_equals_reference(dtype, chunk_rows, rng, monkeypatc
     for name, a, b in zip(["y", "dx", "dgate", "dup", "ddown"], got, want):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
-    assert all(g.dtype == jnp.float32 for g in got[2:])
-    assert not np.any(np.asarray(got[0][used * tile:], np.float32))
+    if dtype == "bfloat16":   # FP32 dW, not BF16-rounded: most entries fall between BF16 values
+        for g in got[2:]:
+            g = np.asarray(g)[np.asarray(g) != 0]                # empty experts' dW is exactly 0
+            assert np.mean(g != np.asarray(jnp.asarray(g, jnp.bfloat16), np.float32)) > 0.9
+    if used is not None:                                          # padding tiles: zero output
+        assert not np.any(np.asarray(got[0][used * tile:], np.float32))
 
 
 def test_node_limited_routing_with_one_group_per_expert_shard(rng):

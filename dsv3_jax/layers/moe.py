@@ -71,11 +71,17 @@ def router_stats(routing: Routing, valid_BT: jax.Array, cfg: ModelConfig) -> Rou
 
 def default_tile_m(num_slots: int, num_experts: int, share: int = 4) -> int:
     """Rows per grouped-GEMM tile: padding costs at most E*(tile_m-1) rows, so keep E*tile_m
-    near 1/share of the routed rows; a power of two in [8, 128]. The FP8 and Pallas GEMMs run
-    one tile per program (share 4); the jnp loop runs each expert's tiles as chunks of up to
-    512 rows whatever the tile, so its tiles only set the padding (share 16)."""
+    near 1/share of the routed rows; a power of two in [8, 128]."""
     target = max(num_slots // (share * num_experts), 8)
     return int(min(128, 1 << (target.bit_length() - 1)))
+
+
+def tile_m_for(cfg: ModelConfig, num_slots: int, num_experts: int) -> int:
+    """cfg.moe_tile_m, else the default: FP8's grouped GEMMs (jnp or Pallas) run one tile per
+    program (share 4); the jnp SwiGLU loop runs each expert's tiles as chunks of up to
+    grouped_gemm.CHUNK_ROWS rows whatever the tile, so its tiles only set the padding
+    (share 16)."""
+    return cfg.moe_tile_m or default_tile_m(num_slots, num_experts, 4 if cfg.fp8 else 16)
 
 
 class Dispatch(NamedTuple):
@@ -208,9 +214,8 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
                    num_experts: int, trash_group: bool = False):
     """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
     n, p = experts_NP.shape
-    share = 4 if cfg.fp8 or cfg.gemm_impl == "pallas" else 16      # see default_tile_m
-    tile_m = cfg.moe_tile_m or default_tile_m(n * p, num_experts, share)
-    plan = plan_dispatch(experts_NP, num_experts, tile_m, trash_group)
+    plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
+                         trash_group)
     if cfg.gemm_impl == "pallas":   # the Pallas dispatch kernels (interpreted on CPU)
         from kernels_pallas import moe_dispatch
         interpret = jax.default_backend() == "cpu"
