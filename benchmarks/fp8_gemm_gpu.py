@@ -37,7 +37,6 @@ import numpy as np                            # noqa: E402
 from dsv3_jax import fp8                      # noqa: E402
 from kernels_pallas import fp8_gemm as fg     # noqa: E402
 
-E4M3 = jnp.float8_e4m3fn
 ERRORS: list[str] = []
 
 

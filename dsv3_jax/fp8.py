@@ -284,10 +284,11 @@ def _fp8_grouped(lhs, rhs, tile_expert, used, tile_m, opt):
 
 def _fp8_grouped_fwd(lhs, rhs, tile_expert, used, tile_m, opt):
     w = quantize_weight(rhs, pow2_scale=opt.pow2_scale)                   # [E, Kp, Np] blocks
-    x_q, x_s = quantize_1x128_padded(lhs, pow2_scale=opt.pow2_scale)
-    x_s = jnp.where(_used_rows(used, lhs.shape[0], tile_m)[:, None], x_s, 0.0)   # unused: 0
-    y = _kernel(opt, "fp8_grouped_gemm")(x_q, x_s, _swap(w.q_KN), _swap(w.scale), tile_expert,
-                                         tile_m=tile_m, out_dtype=opt.out_dtype or lhs.dtype)
+    ops = fprop_operands(lhs, w, pow2_scale=opt.pow2_scale)
+    used_rows = _used_rows(used, lhs.shape[0], tile_m)[:, None]
+    ops = ops._replace(lhs_scale=jnp.where(used_rows, ops.lhs_scale, 0.0))      # unused: 0
+    y = _kernel(opt, "fp8_grouped_gemm")(*ops, tile_expert, tile_m=tile_m,
+                                         out_dtype=opt.out_dtype or lhs.dtype)
     return y[:, :rhs.shape[2]], (lhs, _to_bits(w), tile_expert, used, jnp.zeros((0,), rhs.dtype))
 
 
@@ -300,9 +301,8 @@ def _fp8_grouped_bwd(tile_m, opt, res, dy_MN):
     # Unused rows join the last expert's Wgrad chunks (their tile_expert is E-1): zero them in x
     # too, or their values would enter that chunk's 128x1 amax and change the real rows' scales.
     x_MK = jnp.where(used_rows, lhs, 0)
-    dy_q, dy_s = quantize_1x128_padded(dy_MN, pow2_scale=opt.pow2_scale)
-    dx = _kernel(opt, "fp8_grouped_gemm")(dy_q, dy_s, w.q_KN, w.scale, tile_expert,
-                                          tile_m=tile_m, out_dtype=lhs.dtype)[:, :k]
+    dx = _kernel(opt, "fp8_grouped_gemm")(*dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale),
+                                          tile_expert, tile_m=tile_m, out_dtype=lhs.dtype)[:, :k]
     x_c, dy_c, chunk_expert = wgrad_chunks(x_MK, dy_MN, tile_expert, tile_m=tile_m, num_experts=e)
     ops = wgrad_operands(x_c, dy_c, pow2_scale=opt.pow2_scale)
     dw = _kernel(opt, "fp8_group_wgrad")(*ops, chunk_expert, num_experts=e,

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -118,11 +117,9 @@ def default_config(n: int, *, tile_m: int | None = None, interpret: bool = False
 
 # GEMM shapes (M, K, N) shared with tests/test_fp8_gemm.py and benchmarks/fp8_gemm_gpu.py.
 # The 671B model's projections at 4096 tokens with K = 7168 (q_a 1536, kv_a 576, q_b-sized
-# 24576, dense MLP 18432, routed expert 2048), and their backward GEMMs: Dgrad [M, N] . [N, K]
-# and Wgrad [K, M] . [M, N].
+# 24576, dense MLP 18432, routed expert 2048); the benchmark also times their backward GEMMs,
+# Dgrad [M, N] . [N, K] and Wgrad [K, M] . [M, N].
 DSV3_671B_FPROP = tuple((4096, 7168, n) for n in (1536, 576, 24576, 18432, 2048))
-DSV3_671B_SHAPES = (DSV3_671B_FPROP + tuple((m, n, k) for m, k, n in DSV3_671B_FPROP)
-                    + tuple((k, m, n) for m, k, n in DSV3_671B_FPROP))
 SQUARE_SHAPES = ((4096, 4096, 4096), (8192, 8192, 8192))
 # CI-sized: ragged M, N and K (padded to 128 by the quantizer), N = 576's 64-multiple case.
 SMALL_SHAPES = ((256, 384, 200), (200, 256, 576), (130, 128, 72))

@@ -38,27 +38,19 @@ def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
     return (causal & same_doc)[:, None]
 
 
-def _join_rope(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR):
-    """[nope | rope] queries and keys, the shared rope key broadcast to every head: one score
-    GEMM over K = nope + rope is faster than two GEMMs and a [B, H, T, S] add."""
-    b, s, r = k_rope_BSR.shape
-    k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None], (b, s, q_rope_BTHR.shape[2], r))
-    return (jnp.concatenate([q_nope_BTHK, q_rope_BTHR], axis=-1),
-            jnp.concatenate([k_nope_BSHK, k_rope_BSHR.astype(k_nope_BSHK.dtype)], axis=-1))
-
-
-def _attend_joined(q_BTHX, k_BSHX, v_BSHV, mask_B1TS, scale):
+def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS, scale):
+    """Softmax attention with MLA's shared rope key; scores and softmax in float32 (or wider)."""
     acc = jnp.promote_types(v_BSHV.dtype, jnp.float32)
+    # One score GEMM over [nope | rope] (the shared rope key broadcast to every head): a single
+    # K = nope + rope contraction is faster than two GEMMs and a [B, H, T, S] add.
+    k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None],
+                                   (*k_rope_BSR.shape[:2], q_rope_BTHR.shape[2], k_rope_BSR.shape[-1]))
+    q_BTHX = jnp.concatenate([q_nope_BTHK, q_rope_BTHR], axis=-1)
+    k_BSHX = jnp.concatenate([k_nope_BSHK, k_rope_BSHR.astype(k_nope_BSHK.dtype)], axis=-1)
     scores = jnp.einsum("BTHX,BSHX->BHTS", q_BTHX, k_BSHX, preferred_element_type=acc) * scale
     scores = jnp.where(mask_B1TS, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
-
-
-def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS, scale):
-    """Softmax attention with MLA's shared rope key; scores and softmax in float32 (or wider)."""
-    q_BTHX, k_BSHX = _join_rope(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR)
-    return _attend_joined(q_BTHX, k_BSHX, v_BSHV, mask_B1TS, scale)
 
 
 def attend_causal_blocks(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS,
@@ -68,15 +60,14 @@ def attend_causal_blocks(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BS
     never computed ((blocks - 1) / (2 blocks) of the score and PV work saved). Exact: the
     skipped keys are masked for those queries. blocks must divide T (else one block)."""
     t = q_nope_BTHK.shape[1]
-    q_BTHX, k_BSHX = _join_rope(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR)  # once
     if blocks <= 1 or t % blocks:
-        return _attend_joined(q_BTHX, k_BSHX, v_BSHV, mask_B1TS, scale)
+        return attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS, scale)
     size = t // blocks
     outs = []
     for i in range(blocks):
         q, end = slice(i * size, (i + 1) * size), (i + 1) * size
-        outs.append(_attend_joined(q_BTHX[:, q], k_BSHX[:, :end], v_BSHV[:, :end],
-                                   mask_B1TS[:, :, q, :end], scale))
+        outs.append(attend(q_nope_BTHK[:, q], q_rope_BTHR[:, q], k_nope_BSHK[:, :end],
+                           k_rope_BSR[:, :end], v_BSHV[:, :end], mask_B1TS[:, :, q, :end], scale))
     return jnp.concatenate(outs, axis=1)
 
 
