@@ -6,6 +6,8 @@ one error, instead of a traceback from deep inside orbax.
 """
 from __future__ import annotations
 
+from dsv3_jax.errors import UserError
+
 import os
 from typing import Any
 
@@ -13,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The checkpoint in the workdir does not fit the current config."""
 
 

@@ -6,6 +6,8 @@ MoE implementation, FP8) follow, marked "ours". Presets are functions.
 """
 from __future__ import annotations
 
+from dsv3_jax.errors import UserError
+
 import dataclasses
 import json
 import math
@@ -17,7 +19,7 @@ _MOE_IMPLS = ("auto", "sorted", "gather", "dense")
 _GEMM_IMPLS = ("jnp", "pallas")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config that cannot describe a working model."""
 
 

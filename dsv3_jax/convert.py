@@ -38,6 +38,8 @@ neither is read as an attention head size.
 """
 from __future__ import annotations
 
+from dsv3_jax.errors import UserError
+
 import argparse
 import dataclasses
 import json
@@ -74,7 +76,7 @@ _ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_s
               "mscale_all_dim", "attention_factor", "truncate")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit its config. Carries every problem, found in one pass."""
 
     def __init__(self, message: str, missing=(), unexpected=(), misshaped=()):

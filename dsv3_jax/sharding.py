@@ -11,6 +11,8 @@ dispatch. jax >= 0.10 defaults `jax.make_mesh` to Explicit axes, so we say Auto 
 """
 from __future__ import annotations
 
+from dsv3_jax.errors import UserError
+
 import math
 from typing import Mapping
 
@@ -35,7 +37,7 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     """A mesh that does not fit the devices, the model or the batch."""
 
 
