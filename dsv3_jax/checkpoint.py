@@ -6,13 +6,13 @@ one error, instead of a traceback from deep inside orbax.
 """
 from __future__ import annotations
 
-from dsv3_jax.errors import UserError
-
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from dsv3_jax.errors import UserError
 
 
 class CheckpointMismatchError(UserError):

@@ -6,12 +6,13 @@ MoE implementation, FP8) follow, marked "ours". Presets are functions.
 """
 from __future__ import annotations
 
-from dsv3_jax.errors import UserError
-
 import dataclasses
+import difflib
 import json
 import math
 from typing import Any
+
+from dsv3_jax.errors import UserError
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT = ("none", "full", "selective")
@@ -115,6 +116,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = True,
+                  where: str = "model config") -> "ModelConfig":
+        """The one dict -> ModelConfig constructor. strict: unknown keys are a ConfigError
+        naming each (with the closest field); otherwise they are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown and strict:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, sorted(known), n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"{where} has unknown keys: {', '.join(hints)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     # ---- validation ----
     def validate(self) -> None:

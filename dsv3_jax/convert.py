@@ -38,8 +38,6 @@ neither is read as an attention head size.
 """
 from __future__ import annotations
 
-from dsv3_jax.errors import UserError
-
 import argparse
 import dataclasses
 import json
@@ -57,6 +55,7 @@ import ml_dtypes
 import numpy as np
 
 from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ dispatch. jax >= 0.10 defaults `jax.make_mesh` to Explicit axes, so we say Auto 
 """
 from __future__ import annotations
 
-from dsv3_jax.errors import UserError
-
 import math
 from typing import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dsv3_jax.errors import UserError
 
 AXES = ("data", "fsdp", "expert", "pipeline", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")

@@ -1,0 +1,180 @@
+"""The training config: its schema (every field, commented), variant parsing, and validation.
+
+Experiment files (`experiments/configs/*.py`) build on `base_config()` and `model_block(preset)`,
+parse their `get_config(arg)` variants with `parse_arg`, and the trainer checks the result with
+`validate(c)` before anything compiles. ml-collections is imported here and in the entry modules
+only; the model, kernels and benchmarks do not need it.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import os
+
+import ml_collections
+
+from dsv3_jax import config as model_config
+from dsv3_jax.config import ConfigError, ModelConfig
+
+
+def default_config_path() -> str:
+    """experiments/configs/tiny.py beside the package (a file path: the library does not import
+    the top-level `experiments` package)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(here, "experiments", "configs", "tiny.py")
+
+
+def model_block(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """Every ModelConfig field of the preset, so any can be overridden from the command line."""
+    fields = dataclasses.asdict(model_config.preset(preset, **overrides))
+    fields["preset"] = preset
+    return ml_collections.ConfigDict(fields, type_safe=False)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema: every section and field the trainer reads, with its default."""
+    c = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(
+        seq_len=256,              # tokens per packed row
+        global_batch=8,           # rows per optimizer step, all processes together
+        micro_batch=0,            # rows per forward/backward (gradient accumulation); 0 = global
+        batch_ramp="",            # e.g. "0:2,0.05:4,0.1:8": rows from that fraction of the run on
+        seed=0,                   # shuffling of documents (per epoch)
+        data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
+        eval_batches=8,           # validation batches per evaluation
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        objective="pretrain",     # dsv3_jax/objectives/<name>.py (or a dotted module path)
+        steps=600,                # optimizer steps of the run
+        seed=0,                   # parameter init and the state RNG
+        init_from="",             # start from these weights (trainer workdir/checkpoint, orbax
+                                  # export or HF/official safetensors dir): fresh optimizer, step 0
+        init_router_bias=True,    # with init_from: also take the routers' selection biases
+        log_every=10,             # steps between metric logs (the only host syncs)
+        eval_every=200,           # steps between validation loss / global MaxVio
+        checkpoint_every=200,     # steps between checkpoints (and one at the end)
+        keep_checkpoints=3,       # checkpoints kept in workdir/checkpoints
+        async_checkpoint=True,    # orbax writes in the background
+        ema_decay=0.0,            # parameter EMA (0 = off), e.g. 0.999
+        ce_chunk=64,              # head + CE fused over this many positions (0 = full logits)
+        peak_tflops=0.4,          # per-device peak for MFU (2 CPU cores ~0.4; H200 bf16 ~990)
+        sample_prompt="def ",     # greedy sample printed at the end
+        sample_tokens=48,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        peak_lr=3e-3,             # report: 2.2e-4 at 671B scale
+        warmup_steps=50,          # report: 2K steps
+        constant_until=0.676,     # fraction of the run (report: 10T of 14.8T tokens)
+        decay_until=0.966,        # cosine to 10% of peak until here (14.3T)
+        tail1_until=0.989,        # 10% of peak until here (333B tokens), then 3.3% (7.3e-6)
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1,         # not applied to norm scales
+        clip_norm=1.0,            # global gradient norm clipping
+        moments_dtype="float32",  # "bfloat16" as in the report
+    ))
+    c.balance = ml_collections.ConfigDict(dict(
+        gamma=0.001,              # aux-loss-free bias speed
+        gamma_until=0.966,        # then 0 (report: after 14.3T tokens)
+        alpha=1e-4,               # sequence-wise balance loss weight
+    ))
+    c.mtp = ml_collections.ConfigDict(dict(
+        lambda_start=0.3,         # MTP loss weight ...
+        lambda_end=0.1,           # ... and after the switch
+        lambda_switch=0.676,      # fraction of the run (report: 10T of 14.8T)
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,                  # pure data parallel (-1: all devices left over)
+        fsdp=1,                   # data parallel with params sharded along `embed`
+        expert=1,                 # expert parallel (routed experts split; batch split too)
+        pipeline=1,               # layers (schedules: not yet supported, must be 1)
+        tensor=1,                 # heads and FFN widths
+    ))
+    return c
+
+
+def parse_arg(arg: str | None, *, config: str = "config", **defaults) -> ml_collections.ConfigDict:
+    """Parse a `get_config(arg)` variant string strictly (big_vision's `parse_arg`).
+
+      parse_arg("quick,seed=3", quick=False, seed=0, mode="bf16")
+        -> ConfigDict(quick=True, seed=3, mode="bf16")
+
+    A bare name sets a boolean to True; `name=value` takes the default's type. A name that is not
+    a declared variant is a ConfigError naming the known ones (and the closest match).
+    """
+    out = ml_collections.ConfigDict(dict(defaults))
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        name, eq, value = part.partition("=")
+        if name not in defaults:
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{config}: unknown variant {name!r} in {arg!r} (known: "
+                              f"{', '.join(sorted(defaults)) or 'none'}){hint}")
+        default = defaults[name]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ConfigError(f"{config}: variant {name!r} needs a value ({name}=...)")
+            out[name] = True
+            continue
+        try:
+            if isinstance(default, bool):
+                parsed = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            elif isinstance(default, str):
+                parsed = value
+            else:
+                parsed = type(default)(ast.literal_eval(value))
+        except (KeyError, ValueError, SyntaxError, TypeError):
+            raise ConfigError(f"{config}: variant {name}={value!r} is not a "
+                              f"{type(default).__name__}") from None
+        out[name] = parsed
+    return out
+
+
+def model_config(c) -> ModelConfig:
+    """config.model (a preset's fields plus overrides) -> the frozen, validated ModelConfig."""
+    fields = {k: v for k, v in c.model.to_dict().items() if k != "preset"}
+    return ModelConfig.from_dict(fields, strict=True, where="config.model")
+
+
+def validate(c) -> ModelConfig:
+    """Every value checked before anything compiles; all problems reported at once."""
+    errors = []
+
+    def need(cond, msg):
+        if not cond:
+            errors.append(msg)
+
+    d, t, o, b, m = c.data, c.train, c.optim, c.balance, c.mtp
+    need(d.seq_len >= 8, f"data.seq_len must be >= 8, got {d.seq_len}")
+    need(d.global_batch >= 1, f"data.global_batch must be >= 1, got {d.global_batch}")
+    need(d.micro_batch >= 0 and (d.micro_batch == 0 or d.global_batch % d.micro_batch == 0),
+         f"data.micro_batch must be 0 (= global_batch) or divide global_batch, got {d.micro_batch}")
+    need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")
+    need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    need(t.ce_chunk >= 0, f"train.ce_chunk must be >= 0, got {t.ce_chunk}")
+    need(t.peak_tflops > 0, f"train.peak_tflops must be > 0, got {t.peak_tflops}")
+    need(not t.init_from or os.path.exists(os.path.expanduser(t.init_from)),
+         f"train.init_from: {t.init_from!r} does not exist")
+    need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
+    need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.constant_until <= o.decay_until <= o.tail1_until <= 1,
+         "optim needs 0 <= constant_until <= decay_until <= tail1_until <= 1")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+    need(o.weight_decay >= 0 and o.clip_norm > 0, "optim.weight_decay >= 0 and clip_norm > 0")
+    need(o.moments_dtype in ("float32", "bfloat16"),
+         f"optim.moments_dtype must be float32 or bfloat16, got {o.moments_dtype!r}")
+    need(b.gamma >= 0 and b.alpha >= 0, "balance.gamma and balance.alpha must be >= 0")
+    need(0 <= b.gamma_until <= 1 and 0 <= m.lambda_switch <= 1,
+         "balance.gamma_until and mtp.lambda_switch are fractions of the run in [0, 1]")
+    need(m.lambda_start >= 0 and m.lambda_end >= 0, "mtp lambdas must be >= 0")
+    try:
+        cfg = model_config(c)
+    except (ConfigError, TypeError) as e:
+        errors.append(str(e))
+        cfg = None
+    if errors:
+        raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+    return cfg
