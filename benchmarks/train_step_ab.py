@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import train
+from dsv3_jax import train, train_config, train_state
 from step_config import our_config, random_batch
 
 
@@ -40,9 +40,9 @@ def main():
     runs = {}
     for spec in args.variants:
         c = config_for(spec)
-        cfg = train.validate(c)
+        cfg = train_config.validate(c)
         fns = train.make_step_fns(c, cfg)
-        state = train.init_state(cfg, fns.optimizer, 0, False)
+        state = train_state.init_state(cfg, fns.optimizer, 0, False)
         step = jax.jit(lambda s, b, fns=fns: train.train_step(s, b, fns), donate_argnums=0)
         state, m = step(state, batch)                                  # compile
         runs[spec] = dict(step=step, state=state, times=[], loss=float(m["loss"]))

@@ -31,15 +31,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dsv3_jax import train  # noqa: E402
+from dsv3_jax import train, train_config, train_state  # noqa: E402
 from step_config import SHAPES, our_config, random_batch  # noqa: E402
 
 
 def time_ours(mtp: bool, batch):
     c = our_config(mtp)
-    cfg = train.validate(c)
+    cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
-    state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+    state = train_state.init_state(cfg, fns.optimizer, 0, ema=False)
     step = jax.jit(lambda s, b: train.train_step(s, b, fns), donate_argnums=0)
     batch = {k: v[None] for k, v in batch.items()}          # one micro-batch
     state, m = step(state, batch)

@@ -39,7 +39,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dsv3_jax.errors import UserError
 from dsv3_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_tokenizer, tokenizer_hash
+
+
+
+class DataError(UserError):
+    """Data that cannot be used as given (batching, seeds, a stored position, an empty split)."""
+
 
 DATASET_NAME = "dsv3_stdlib_corpus"
 DEFAULT_DATA_DIR = "~/.cache/dsv3_jax/tfds"
@@ -190,7 +197,7 @@ def load_split_texts(builder: StdlibCorpus, split: str) -> list[tuple[str, str]]
     records = source.__getitems__(range(len(source)))
     docs = sorted((r["name"].decode(), r["text"].decode()) for r in records)
     if not docs:
-        raise ValueError(f"split {split!r} of {builder.data_dir} is empty")
+        raise DataError(f"split {split!r} of {builder.data_dir} is empty")
     return docs
 
 
@@ -290,12 +297,12 @@ def _check_batching(seq_len, global_batch, process_index, process_count):
     for name, v in (("seq_len", seq_len), ("global_batch", global_batch),
                     ("process_count", process_count)):
         if not isinstance(v, (int, np.integer)) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise DataError(f"{name} must be a positive int, got {v!r}")
     if global_batch % process_count:
-        raise ValueError(f"global_batch={global_batch} is not divisible by "
+        raise DataError(f"global_batch={global_batch} is not divisible by "
                          f"process_count={process_count}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        raise DataError(f"process_index={process_index} not in [0, {process_count})")
 
 
 class PackedBatches:
@@ -310,7 +317,7 @@ class PackedBatches:
                  process_index: int = 0, process_count: int = 1):
         _check_batching(seq_len, global_batch, process_index, process_count)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise DataError(f"seed must be a non-negative int, got {seed!r}")
         self._stream = _Stream(tokens, offsets, int(seed))
         self.seq_len, self.global_batch, self.seed = int(seq_len), int(global_batch), int(seed)
         self.local_batch = self.global_batch // process_count
@@ -337,10 +344,11 @@ class PackedBatches:
         mine = self.get_state()
         for k in ("seed", "seq_len", "global_batch"):
             if state.get(k, mine[k]) != mine[k]:
-                raise ValueError(f"state was saved with {k}={state[k]}, this iterator has "
-                                 f"{mine[k]}")
+                raise DataError(f"the checkpoint's data position was saved with {k}="
+                                f"{state[k]}, this run has data.{k}={mine[k]}: use the config "
+                                f"that wrote the checkpoint, or another --workdir")
         if not isinstance(state.get("step"), (int, np.integer)) or state["step"] < 0:
-            raise ValueError(f"bad iterator state {state!r}")
+            raise DataError(f"bad iterator state {state!r}")
         self.step = int(state["step"])
 
 

@@ -29,7 +29,7 @@ def show_tracebacks() -> bool:
 
 def report(e: BaseException, prog: str | None = None) -> int:
     """Print a user error as one `error:` message (its lines indented) and return the exit code."""
-    prog = prog or os.path.basename(sys.argv[0] or "dsv3_jax")
+    prog = prog or _prog()
     lines = str(e).strip().splitlines() or [type(e).__name__]
     print(f"{prog}: error: {lines[0]}", file=sys.stderr)
     for line in lines[1:]:
@@ -37,6 +37,15 @@ def report(e: BaseException, prog: str | None = None) -> int:
     if not show_tracebacks():
         print(f"  (set {TRACEBACK_ENV}=1 to see the traceback)", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _prog() -> str:
+    """`python -m dsv3_jax.train` runs .../dsv3_jax/train.py: name it dsv3_jax.train."""
+    path = os.path.abspath(sys.argv[0] or "dsv3_jax")
+    parent, name = os.path.split(path)
+    if os.path.basename(parent) == "dsv3_jax" and name.endswith(".py"):
+        return f"dsv3_jax.{name[:-3]}"
+    return os.path.basename(path)
 
 
 def cli(main):

@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.layers.common import head_logits
+
 
 def masked_ce(logits_BTV, targets_BT, mask_BT):
     """Mean next-token cross-entropy over positions with mask 1 (float32)."""
@@ -50,13 +52,6 @@ def _split(x, chunk):
     return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
-def _chunk_logits(h_BCD, w_DV, dtype):
-    b, c, d = h_BCD.shape
-    logits = jnp.dot(h_BCD.reshape(b * c, d).astype(dtype), w_DV.astype(dtype),
-                     preferred_element_type=jnp.float32)
-    return logits.reshape(b, c, -1)
-
-
 def _nll(logits_BCV, t_BC):
     lse = jax.nn.logsumexp(logits_BCV, -1)
     return lse, lse - jnp.take_along_axis(logits_BCV, t_BC[..., None], -1)[..., 0]
@@ -68,7 +63,7 @@ def _head_ce(h_BTD, w_DV, targets_BT, mask_BT, chunk, dtype):
 
     def body(total, xs):
         h, t, m = xs
-        _, nll = _nll(_chunk_logits(h, w_DV, dtype), t)
+        _, nll = _nll(head_logits(h, w_DV, dtype), t)
         return total + (nll * m).sum(), None
 
     xs = (_split(h_BTD, chunk), _split(targets_BT, chunk), _split(mask_BT, chunk))
@@ -83,7 +78,7 @@ def _head_ce_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, dtype):
     def body(carry, xs):
         total, dw_DV = carry
         h, t, m = xs
-        logits = _chunk_logits(h, w_DV, dtype)
+        logits = head_logits(h, w_DV, dtype)
         lse, nll = _nll(logits, t)
         # d loss / d logits = (softmax - onehot(target)) * mask / den
         g = jnp.exp(logits - lse[..., None])

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.block import block_stack
-from dsv3_jax.layers.common import RMSNorm, acc_dtype, dtype_of, normal_init
+from dsv3_jax.layers.common import RMSNorm, acc_dtype, dtype_of, head_logits, normal_init
 from dsv3_jax.layers.moe import ROUTER_BIAS, RouterStats
 from dsv3_jax.layers.mtp import MTPModule, shift_left
 
@@ -75,11 +75,7 @@ class Transformer(nn.Module):
         return jnp.take(self.embed, ids_BT, axis=0).astype(dtype_of(self.cfg.dtype))
 
     def head(self, h_BTD):
-        dt = dtype_of(self.cfg.dtype)
-        # A 2-D GEMM: XLA:CPU's weight gradient of a 3-D x 2-D dot is ~2x slower.
-        logits = jnp.dot(h_BTD.reshape(-1, h_BTD.shape[-1]).astype(dt), self.lm_head.astype(dt),
-                         preferred_element_type=acc_dtype(self.cfg))
-        return logits.reshape(*h_BTD.shape[:-1], -1)
+        return head_logits(h_BTD, self.lm_head, dtype_of(self.cfg.dtype), acc_dtype(self.cfg))
 
     def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True,
                  with_logits: bool = True):

@@ -18,8 +18,10 @@ import math
 import jax
 import numpy as np
 
-from dsv3_jax import sharding, train
+from dsv3_jax import errors, sharding, train_config
+from dsv3_jax import train_state as ts
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import UserError
 
 GB = 1024 ** 3
 
@@ -32,9 +34,9 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
     """Bytes per device of params, gradients (same layout as params) and optimizer state."""
     from jax.sharding import PartitionSpec as P
     cfg = cfg.replace(fp8=False)     # same shapes; init need not trace the FP8 path
-    fns = train.make_step_fns(c, cfg)
-    abstract = jax.eval_shape(lambda: train.init_state(cfg, fns.optimizer, 0, ema=False))
-    specs = train.state_specs(abstract, cfg, fns.optimizer, mesh_shape, uneven=True)
+    optimizer, _ = ts.make_optimizer(c)
+    abstract = jax.eval_shape(lambda: ts.init_state(cfg, optimizer, 0, ema=False))
+    specs = ts.state_specs(abstract, cfg, optimizer, mesh_shape, uneven=True)
     is_spec = lambda x: isinstance(x, P)
     total = lambda tree, spec: sum(_bytes(l, s, mesh_shape) for l, s in zip(
         jax.tree.leaves(tree), jax.tree.leaves(spec, is_leaf=is_spec)))
@@ -63,7 +65,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int)
 
 
 def plan(c, mesh_sizes: dict, devices: int) -> dict:
-    cfg = train.model_config(c).replace(fp8=False)   # FP8 changes no shape
+    cfg = train_config.model_config(c).replace(fp8=False)   # FP8 changes no shape
     mesh_shape = sharding.resolve_mesh_shape(mesh_sizes, devices)
     mem = state_memory(c, cfg, mesh_shape)
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
@@ -74,7 +76,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len)
     activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
     tokens_per_step = c.data.global_batch * c.data.seq_len
-    flops_token = train.model_flops_per_token(cfg, c.data.seq_len)
+    flops_token = ts.model_flops_per_token(cfg, c.data.seq_len)
     flops_step = flops_token * tokens_per_step
     return {
         "mesh": {k: v for k, v in mesh_shape.items()}, "devices": devices,
@@ -98,6 +100,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     }
 
 
+@errors.cli
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="experiment config file (get_config)")
@@ -106,21 +109,16 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh product)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("plan_config", args.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(args.config_arg)
+    c = train_config.load(args.config, args.config_arg)
     sizes = dict(c.mesh.to_dict())
-    for part in filter(None, args.mesh.split(",")):
-        key, _, value = part.partition("=")
-        if key not in sharding.AXES or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--mesh: bad entry {part!r}; axes are {sharding.AXES}")
-        sizes[key] = int(value)
-    if args.mesh:
-        sizes = {a: sizes.get(a, 1) if a in dict(p.split("=") for p in args.mesh.split(",")) else 1
-                 for a in sharding.AXES} | {k: int(v) for k, v in
-                                            (p.split("=") for p in args.mesh.split(","))}
+    if args.mesh:   # --mesh names the whole mesh: axes it leaves out are 1
+        sizes = dict.fromkeys(sharding.AXES, 1)
+        for part in args.mesh.split(","):
+            key, _, value = part.partition("=")
+            if key not in sharding.AXES or not value.lstrip("-").isdigit():
+                raise UserError(f"--mesh: bad entry {part!r}; axes are {', '.join(sharding.AXES)}"
+                                f" (e.g. --mesh pipeline=16,expert=64,data=-1)")
+            sizes[key] = int(value)
     devices = args.devices or math.prod(v for v in sizes.values() if v > 0)
     result = plan(c, sizes, devices)
     if args.json:

@@ -4,7 +4,7 @@ Byte-level BPE needs no `<unk>`: every byte has a token, so any text round-trips
 (`decode(encode(text).ids) == text`). No normalizer and no automatic BOS/EOS: the data pipeline
 appends `<|eos|>` (EOS_ID) itself after every document; text that spells a special token is
 encoded as ordinary text. The committed asset `assets/tokenizer.json` was trained on
-the train split of the default corpus; regenerate it with `python -m dsv3_jax.tokenizer`.
+the train split of the default corpus; regenerate it with `python scripts/retrain_tokenizer.py`.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     path = Path(path) if path is not None else ASSET_PATH
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path} "
-                                "(regenerate the default one with `python -m dsv3_jax.tokenizer`)")
+                                "(regenerate the default one with `python scripts/retrain_tokenizer.py`)")
     tok = Tokenizer.from_file(str(path))
     _setup_special_tokens(tok)
     return tok
@@ -66,15 +66,3 @@ def _setup_special_tokens(tok: Tokenizer) -> None:
             raise ValueError(f"tokenizer must map {name} to id {want}, got {tok.token_to_id(name)}")
     if tok.get_vocab_size() > 65536:
         raise ValueError(f"vocab size {tok.get_vocab_size()} does not fit the uint16 token cache")
-
-
-if __name__ == "__main__":  # Retrain the committed asset from the default corpus's train split.
-    import time
-
-    from dsv3_jax import data
-
-    t0 = time.perf_counter()
-    texts = [text for _, text in data.load_split_texts(data.prepare_corpus(), "train")]
-    tok = train_tokenizer(texts, save_path=ASSET_PATH)
-    print(f"trained on {len(texts)} docs in {time.perf_counter() - t0:.1f}s -> {ASSET_PATH} "
-          f"(vocab {tok.get_vocab_size()}, sha256 {tokenizer_hash(tok)[:16]})")

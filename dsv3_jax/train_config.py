@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from dsv3_jax import config as model_config
+from dsv3_jax import config as config_lib
 from dsv3_jax.config import ConfigError, ModelConfig
 
 
@@ -25,9 +25,26 @@ def default_config_path() -> str:
     return os.path.join(here, "experiments", "configs", "tiny.py")
 
 
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """get_config(arg) of an experiment file; `path` may carry the variant as `file.py:arg`
+    (as --config does)."""
+    import importlib.util
+    if arg is None and ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        f"dsv3_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} defines no get_config(arg=None)")
+    return module.get_config(arg)
+
+
 def model_block(preset: str, **overrides) -> ml_collections.ConfigDict:
     """Every ModelConfig field of the preset, so any can be overridden from the command line."""
-    fields = dataclasses.asdict(model_config.preset(preset, **overrides))
+    fields = dataclasses.asdict(config_lib.preset(preset, **overrides))
     fields["preset"] = preset
     return ml_collections.ConfigDict(fields, type_safe=False)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv3_jax import config, fp8, model, train
+from dsv3_jax import config, fp8, model, train_config
 
 VOCAB = 512
 PINNED = (0, 1, 4, 5)    # two experts in each of groups 0 and 1: topk_group=2, top-4
@@ -140,18 +140,18 @@ def test_fp8_config_validates():
         with pytest.raises(config.ConfigError, match="fp8=True needs moe_impl"):
             config.tiny(fp8=True, moe_impl=impl)
     from experiments.configs import deepseek_v3, fp8_vs_bf16
-    assert train.validate(deepseek_v3.get_config()).fp8
+    assert train_config.validate(deepseek_v3.get_config()).fp8
     fp8_flags = []
 
     def add(**overrides):       # the experiment's sweep: BF16, then FP8, nothing else changed
         c = fp8_vs_bf16.get_config()
         c.update_from_flattened_dict(overrides)
-        fp8_flags.append(train.validate(c).fp8)
+        fp8_flags.append(train_config.validate(c).fp8)
         assert c.model.dtype == "bfloat16" and c.model.gemm_impl == "jnp"
 
     fp8_vs_bf16.sweep(add)
     assert fp8_flags == [False, True]
-    assert train.validate(fp8_vs_bf16.get_config("fp8,quick")).fp8
+    assert train_config.validate(fp8_vs_bf16.get_config("fp8,quick")).fp8
 
 
 # ---- numerics ---------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from dsv3_jax import train
+from dsv3_jax import train, train_config, train_state
+from dsv3_jax.config import ConfigError
 from dsv3_jax.checkpoint import CheckpointMismatchError
 from experiments.configs import tiny
 
@@ -64,9 +65,9 @@ def random_batch(seed, rows=4, t=64):
 
 def test_loss_decreases_on_a_fixed_batch():
     c = micro_config()
-    cfg = train.validate(c)
+    cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
-    state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+    state = train_state.init_state(cfg, fns.optimizer, 0, ema=False)
     batch = {k: v[None] for k, v in random_batch(0).items()}   # one micro-batch
     step = jax.jit(lambda s, b: train.train_step(s, b, fns))
     first = None
@@ -151,9 +152,9 @@ def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
 def test_gradient_accumulation_equals_one_big_batch():
     """4 rows as 2 micro-batches of 2: same update as one batch of 4 (equal token counts)."""
     c = micro_config()
-    cfg = train.validate(c)
+    cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
-    state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+    state = train_state.init_state(cfg, fns.optimizer, 0, ema=False)
     big = random_batch(1)
     split = {k: v.reshape(2, 2, -1) for k, v in big.items()}
     big = {k: v[None] for k, v in big.items()}
@@ -168,11 +169,11 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_batch_ramp_stages():
-    sched = train.BatchSchedule(8, 2, "0:2,0.5:4,0.75:8", 8)
+    sched = train_state.BatchSchedule(8, 2, "0:2,0.5:4,0.75:8", 8)
     assert [sched.rows(s) for s in range(8)] == [2, 2, 2, 2, 4, 4, 8, 8]
     assert list(sched.first_micro) == [0, 1, 2, 3, 4, 6, 8, 12, 16]
-    with pytest.raises(train.ConfigError, match="multiple"):
-        train.BatchSchedule(8, 3, "0:3,0.5:8", 8)
+    with pytest.raises(ConfigError, match="multiple"):
+        train_state.BatchSchedule(8, 3, "0:3,0.5:8", 8)
 
 
 def test_bad_config_values_are_reported_together():
@@ -180,8 +181,8 @@ def test_bad_config_values_are_reported_together():
     c.data.seq_len = 0
     c.optim.peak_lr = -1.0
     c.model.n_group = 3
-    with pytest.raises(train.ConfigError) as err:
-        train.validate(c)
+    with pytest.raises(ConfigError) as err:
+        train_config.validate(c)
     msg = str(err.value)
     assert "seq_len" in msg and "peak_lr" in msg and "n_group" in msg
 

@@ -29,6 +29,14 @@ def acc_dtype(cfg: ModelConfig):
     return jnp.promote_types(dtype_of(cfg.dtype), jnp.float32)
 
 
+def head_logits(h_XD: jax.Array, w_DV: jax.Array, dtype, acc=jnp.float32) -> jax.Array:
+    """The output head, h . W, in `dtype` with `acc` accumulation; any leading shape. One 2-D
+    GEMM: XLA:CPU's weight gradient of a 3-D x 2-D dot is ~2x slower."""
+    logits = jnp.dot(h_XD.reshape(-1, h_XD.shape[-1]).astype(dtype), w_DV.astype(dtype),
+                     preferred_element_type=acc)
+    return logits.reshape(*h_XD.shape[:-1], -1)
+
+
 def normal_init(cfg: ModelConfig):
     return nn.initializers.normal(stddev=cfg.initializer_range)
 

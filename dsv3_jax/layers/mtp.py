@@ -23,6 +23,15 @@ def shift_left(x_BT: jax.Array, k: int, fill=0) -> jax.Array:
     return jnp.concatenate([x_BT[:, k:], pad], axis=1)
 
 
+def mtp_targets(batch: dict, k: int) -> tuple[jax.Array, jax.Array]:
+    """Targets and loss mask of MTP depth k (1-based): depth k at position i predicts
+    t_{i+k+1} = targets[i+k]; valid while the hidden state, the embedded token (the input
+    shift_left(inputs, k)) and the target all belong to one document."""
+    seg = batch["segment_ids"]
+    same_doc = shift_left(seg, k, fill=-1) == seg
+    return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc
+
+
 class MTPModule(nn.Module):
     cfg: ModelConfig
 

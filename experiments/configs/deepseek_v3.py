@@ -5,10 +5,11 @@ the config the planning tool sizes (`python -m dsv3_jax.plan --config experiment
 14.8T tokens at 4K sequence length and a final batch of 15360 sequences is about 235K steps.
 `:quick` keeps the schedule's shape on the tiny model for a smoke run.
 """
-from experiments.configs.common import base_config, model_block
+from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 
 def get_config(arg=None):
+    variant = parse_arg(arg, config="deepseek_v3.py", quick=False)
     c = base_config()
     # The report's FP8 recipe (E4M3, 1x128 activation / 128x128 weight scales; dsv3_jax/fp8.py)
     # on BF16 compute (embedding, head, router, norms and attention core stay BF16/FP32).
@@ -27,7 +28,7 @@ def get_config(arg=None):
     c.balance.gamma = 0.001
     c.balance.alpha = 1e-4
     c.mtp.lambda_start, c.mtp.lambda_end = 0.3, 0.1
-    if arg == "quick":
+    if variant.quick:
         c.model = model_block("tiny", dtype="bfloat16", remat="selective", fp8=True)
         c.data.micro_batch = 0
         c.mesh.update(dict(data=-1, expert=1, pipeline=1))

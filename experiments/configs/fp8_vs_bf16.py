@@ -10,19 +10,19 @@ by about as much as runs that differ only in rounding or init do, which the scri
 with `--noise` (BF16 from another init, FP32 compute from the same init). Variants (comma
 separated): `bf16` (default) or `fp8`, and `quick` (a 12-step smoke run).
 """
-from experiments.configs.common import base_config, model_block
+from dsv3_jax.config import ConfigError
+from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    unknown = variants - {"bf16", "fp8", "quick"}
-    if unknown or {"bf16", "fp8"} <= variants:
-        raise ValueError(f"fp8_vs_bf16.py: bad variant {arg!r} (known: bf16 | fp8, quick)")
+    variant = parse_arg(arg, config="fp8_vs_bf16.py", bf16=False, fp8=False, quick=False)
+    if variant.bf16 and variant.fp8:
+        raise ConfigError(f"fp8_vs_bf16.py: bf16 and fp8 exclude each other, got {arg!r}")
     c = base_config()
     c.model = model_block(
         "tiny",
         dtype="bfloat16",            # BF16 compute: the baseline the report compares against
-        fp8="fp8" in variants,       # the only difference between the two runs
+        fp8=variant.fp8,             # the only difference between the two runs
         gemm_impl="jnp",             # the jnp FP8 reference (the Pallas kernel is GPU work)
     )
     c.data.seq_len = 128             # tokens per row (CPU budget: ~1 s per step for FP8)
@@ -40,7 +40,7 @@ def get_config(arg=None):
     # norms up to 11) and runs that differ in rounding only split there by ~0.5%, which swamps a
     # 0.25% comparison; 1e-3 has no spike and ends lower (6.19 vs 6.33 at step 300).
     c.optim.peak_lr = 1e-3
-    if "quick" in variants:
+    if variant.quick:
         c.train.steps = 12
         c.optim.warmup_steps = 3
         c.data.eval_batches = 1

@@ -2,10 +2,11 @@
 
   python -m dsv3_jax.train --config experiments/configs/small.py --workdir runs/small
 """
-from experiments.configs.common import base_config, model_block
+from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 
 def get_config(arg=None):
+    variant = parse_arg(arg, config="small.py", quick=False)
     c = base_config()
     c.model = model_block("small")
     c.data.seq_len = 512
@@ -15,7 +16,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 500
     c.optim.peak_lr = 1.5e-3
     c.optim.warmup_steps = 200
-    if arg == "quick":
+    if variant.quick:
         c.train.steps = 10
         c.train.log_every = 2
         c.train.eval_every = 10

@@ -6,14 +6,15 @@
 Expect (2 CPU cores): ~8 minutes, final validation loss well below the corpus's unigram entropy.
 `:quick` is a 30-step smoke run.
 """
-from experiments.configs.common import base_config, model_block
+from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 
 def get_config(arg=None):
+    variant = parse_arg(arg, config="tiny.py", quick=False)
     c = base_config()
     # CPU speed knobs (no effect on the numbers): the 4 layers unrolled, 4 causal query blocks
     c.model = model_block("tiny", scan_unroll=4, attn_causal_blocks=4)
-    if arg == "quick":
+    if variant.quick:
         c.train.steps = 30
         c.train.log_every = 5
         c.train.eval_every = 15
@@ -21,8 +22,6 @@ def get_config(arg=None):
         c.data.eval_batches = 2
         c.optim.warmup_steps = 5
         c.train.sample_tokens = 8
-    elif arg not in (None, ""):
-        raise ValueError(f"tiny.py: unknown variant {arg!r} (known: quick)")
     return c
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax import sharding, train
+from dsv3_jax import sharding, train, train_config, train_state
 from experiments.configs import tiny
 
 MESHES = [dict(data=8), dict(data=2, expert=4), dict(fsdp=2, expert=4),
@@ -57,19 +57,19 @@ def leaf(tree, path):
 
 def run(mesh_sizes, skew=False):
     c = config()
-    cfg = train.validate(c)
+    cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
 
     def init():
-        state = train.init_state(cfg, fns.optimizer, 0, ema=False)
+        state = train_state.init_state(cfg, fns.optimizer, 0, ema=False)
         if skew:   # every token picks experts 0-3, all on expert shard 0: each device sends all
             # its slots to one shard, 2x the capacity (factor 2, 4 shards): the fallback runs
             b = state["router_bias"]["moe_layers"]["block"]["moe"]["bias"]
             state["router_bias"]["moe_layers"]["block"]["moe"]["bias"] = b.at[:, :4].set(5.0)
         return state
 
-    grad_fn = lambda s, b: jax.grad(train.compute_loss, has_aux=True)(
-        s["params"], s["router_bias"], jax.tree.map(lambda x: x[0], b), fns, s["step"])[0]
+    grad_fn = lambda s, b: jax.grad(fns.objective.loss, has_aux=True)(
+        s["params"], s["router_bias"], jax.tree.map(lambda x: x[0], b), s["step"])[0]
     data = batches(3)
     if mesh_sizes is None:
         state = jax.jit(init)()
@@ -82,7 +82,7 @@ def run(mesh_sizes, skew=False):
         sharding.validate_mesh(shape, cfg, 8)
         mesh = sharding.make_mesh(shape)
         abstract = jax.eval_shape(init)
-        specs = train.state_specs(abstract, cfg, fns.optimizer, shape)
+        specs = train_state.state_specs(abstract, cfg, fns.optimizer, shape)
         shard = sharding.named(mesh, specs)
         micro = jax.sharding.NamedSharding(mesh, sharding.batch_spec(3, lead=1))
         data = [jax.device_put(b, micro) for b in data]
