@@ -189,19 +189,17 @@ def _init_from(s: Setup, abstract: dict, state_sharding: dict) -> dict:
     from dsv3_jax.generate import load_checkpoint
     path = os.path.expanduser(s.c.train.init_from)
     _, variables, _ = load_checkpoint(path)
-    take_bias = s.c.train.init_router_bias
     wanted = {"params": abstract["params"], "router_bias": abstract["router_bias"]}
-    found = {"params": variables["params"],
-             "router_bias": variables.get("router_bias", {}) if take_bias else wanted["router_bias"]}
+    found = {"params": variables["params"], "router_bias": variables.get("router_bias", {})}
+    if not s.c.train.init_router_bias:   # the routers start unbiased, as at a random init
+        found["router_bias"] = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                            wanted["router_bias"])
     problems = ckpt_lib.describe_mismatch(found, wanted)
     if problems:
         raise ckpt_lib.CheckpointMismatchError(
             f"train.init_from={path} does not fit config.model ({len(problems)} problems):\n  "
             + "\n  ".join(problems[:50]))
     found = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), found, wanted)
-    if not take_bias:
-        found["router_bias"] = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                            wanted["router_bias"])
     ema = "ema" in abstract
     rng = jax.random.fold_in(jax.random.key(s.c.train.seed), 1)
     return jax.jit(lambda v: ts.state_from_variables(v, s.fns.optimizer, rng, ema),
@@ -429,9 +427,9 @@ def parse_flags(argv: list[str]):
                  and ("=" in a or i + 1 < len(argv))), default_config_path())
     _check_override_keys(train_config.load(path), argv)
     f = flags.FlagValues()
-    try:   # config_flags reads the overrides from argv already while defining the flag
+    try:   # config_flags finds the overrides in argv while defining the flag
         config_flags.DEFINE_config_file("config", default_config_path(), "experiment config file",
-                                        flag_values=f, lock_config=True)
+                                        flag_values=f, lock_config=True, sys_argv=argv)
         flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl and TensorBoard "
                             "logs", flag_values=f)
         flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port "
