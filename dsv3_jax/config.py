@@ -9,9 +9,10 @@ from __future__ import annotations
 from dsv3_jax.errors import UserError
 
 import dataclasses
+import difflib
 import json
 import math
-from typing import Any
+from typing import Any, Mapping
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT = ("none", "full", "selective")
@@ -115,6 +116,23 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], strict: bool = True) -> "ModelConfig":
+        """The one dict -> ModelConfig constructor (the inverse of to_dict).
+
+        strict: a key that is no field raises ConfigError naming every unknown key (with the
+        closest field name as a suggestion); strict=False ignores such keys.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown and strict:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown ModelConfig keys: {', '.join(hints)}")
+        return cls(**{k: v for k, v in d.items() if k not in unknown})
 
     # ---- validation ----
     def validate(self) -> None:
@@ -238,7 +256,7 @@ def deepseek_v3_671b(**kw) -> ModelConfig:
     base = dict(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def deepseek_v2_lite(**kw) -> ModelConfig:
@@ -254,7 +272,7 @@ def deepseek_v2_lite(**kw) -> ModelConfig:
                                                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                                         "mscale_all_dim": 0.707})
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def small(**kw) -> ModelConfig:
@@ -266,7 +284,7 @@ def small(**kw) -> ModelConfig:
                             kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                             max_position_embeddings=4096, initializer_range=0.02)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -278,7 +296,7 @@ def tiny(**kw) -> ModelConfig:
                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                             max_position_embeddings=2048, initializer_range=0.02)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 PRESETS = {"tiny": tiny, "small": small, "deepseek_v2_lite": deepseek_v2_lite,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import checkpoint as ckpt_lib
+from dsv3_jax.ckpt import trainer as ckpt_lib
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import model, optim, sharding
 from dsv3_jax.config import ConfigError, ModelConfig

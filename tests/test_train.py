@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import train
-from dsv3_jax.checkpoint import CheckpointMismatchError
+from dsv3_jax.ckpt import CheckpointMismatchError
 from experiments.configs import tiny
 
 MICRO = ["--config.model.num_hidden_layers=2", "--config.model.hidden_size=64",
