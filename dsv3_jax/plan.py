@@ -18,7 +18,7 @@ import math
 import jax
 import numpy as np
 
-from dsv3_jax import sharding, train
+from dsv3_jax import errors, sharding, train
 from dsv3_jax.config import ModelConfig
 
 GB = 1024 ** 3
@@ -98,6 +98,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     }
 
 
+@errors.cli
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="experiment config file (get_config)")
@@ -115,7 +116,7 @@ def main(argv=None):
     for part in filter(None, args.mesh.split(",")):
         key, _, value = part.partition("=")
         if key not in sharding.AXES or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--mesh: bad entry {part!r}; axes are {sharding.AXES}")
+            raise errors.UserError(f"--mesh: bad entry {part!r}; axes are {sharding.AXES}")
         sizes[key] = int(value)
     if args.mesh:
         sizes = {a: sizes.get(a, 1) if a in dict(p.split("=") for p in args.mesh.split(",")) else 1
