@@ -10,23 +10,7 @@ import pytest
 
 from dsv3_jax import ckpt, config, generate, kv_cache, model
 from dsv3_jax.config import ConfigError, ModelConfig
-
-
-def small_cfg(**kw):
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_group=2,
-                topk_group=1, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2,
-                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                v_head_dim=8, num_nextn_predict_layers=1, max_position_embeddings=256)
-    base.update(kw)
-    return config.tiny(**base)
-
-
-def random_variables(cfg, seed=0):
-    """Random float32 values in the model's layout (router biases too), without compiling init."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype),
-                        dict(model.abstract_variables(cfg)))
+from test_convert import random_variables, small_cfg
 
 
 def assert_bitwise_equal(a, b):

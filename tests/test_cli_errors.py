@@ -6,12 +6,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from dsv3_jax import ckpt, config, model
+from dsv3_jax import ckpt
+from test_convert import random_variables, small_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,20 +36,8 @@ def generate(checkpoint, *extra, traceback=False):
                "--max_new_tokens", "2", *extra, traceback=traceback)
 
 
-def tiny_cfg(**kw):
-    base = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, n_group=2,
-                topk_group=1, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2,
-                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                v_head_dim=8, num_nextn_predict_layers=0)
-    base.update(kw)
-    return config.tiny(**base)
-
-
-def random_variables(cfg):
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype),
-                        dict(model.abstract_variables(cfg)))
+def tiny_cfg():
+    return small_cfg(num_hidden_layers=2, num_nextn_predict_layers=0)
 
 
 @pytest.fixture(scope="module")
