@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from dsv3_jax.errors import UserError
 
@@ -254,7 +254,7 @@ def deepseek_v3_671b(**kw) -> ModelConfig:
     base = dict(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def deepseek_v2_lite(**kw) -> ModelConfig:
@@ -270,7 +270,7 @@ def deepseek_v2_lite(**kw) -> ModelConfig:
                                                         "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                                         "mscale_all_dim": 0.707})
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def small(**kw) -> ModelConfig:
@@ -282,7 +282,7 @@ def small(**kw) -> ModelConfig:
                             kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                             max_position_embeddings=4096, initializer_range=0.02)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -294,7 +294,7 @@ def tiny(**kw) -> ModelConfig:
                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                             max_position_embeddings=2048, initializer_range=0.02)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict(base)
 
 
 PRESETS = {"tiny": tiny, "small": small, "deepseek_v2_lite": deepseek_v2_lite,

@@ -6,7 +6,8 @@ MTP speculative decoding (spec §2 "inference cache", §4, detailed spec §7).
   python -m dsv3_jax.generate --checkpoint HF_DIR --prompt "..." --temperature 0.7 --top_p 0.9
 
 --checkpoint takes a trainer workdir (or its checkpoints/ or a step dir; the packaged tokenizer), a
-Hugging Face / official safetensors dir (its tokenizer.json) or a convert.save_orbax dir.
+Hugging Face / official safetensors dir (its tokenizer.json) or a ckpt.save_orbax dir
+(dsv3_jax.ckpt.load_variables reads them all).
 
 Library API:
   gen = generate(cfg, variables, prompts, max_new_tokens, sampling=Sampling(...), seed=0,
@@ -37,8 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import glob
-import json
 import os
 import sys
 import time
@@ -48,8 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import kv_cache, model
+from dsv3_jax import ckpt, errors, kv_cache, model
+from dsv3_jax.ckpt import load as ckpt_load
+from dsv3_jax.ckpt import trainer as ckpt_trainer
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,57 +379,31 @@ def greedy_generate(cfg: ModelConfig, variables, prompt_ids: list[int], max_new_
 # Checkpoints and the command line
 # ----------------------------------------------------------------------------------------------
 
-def _orbax_step_dir(path: str) -> str:
-    """A trainer workdir, its checkpoints/ dir, or one step dir -> the latest step dir."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):
-        return path
-    steps = [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
-    if not steps:
-        raise FileNotFoundError(f"no orbax checkpoint under {path}: expected a trainer workdir, "
-                                "its checkpoints/ directory, or a step directory")
-    return os.path.join(path, max(steps, key=int))
-
-
-def load_trainer_checkpoint(path: str, use_ema: bool = False):
-    """(cfg, variables, meta) of a trainer checkpoint; only params and router_bias are kept."""
-    import orbax.checkpoint as ocp
-
-    step_dir = os.path.abspath(_orbax_step_dir(path))
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-        meta = json.load(f)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in meta["config"]["model"].items() if k in fields})
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-    if use_ema and "ema" not in state:
-        raise ValueError(f"{step_dir} holds no EMA parameters (train.ema_decay was 0)")
-    params = state["ema"] if use_ema else state["params"]
-    variables = jax.tree.map(jnp.asarray, {"params": params, "router_bias": state["router_bias"]})
-    return cfg, variables, meta
-
-
 def load_checkpoint(path: str, use_ema: bool = False):
-    """(cfg, variables, tokenizer path or None) from a Hugging Face / official-release safetensors
-    directory or a `convert.save_orbax` directory (both through dsv3_jax.convert), or from an
-    orbax trainer checkpoint (workdir, its checkpoints/ dir, or one step dir)."""
-    if glob.glob(os.path.join(path, "*.safetensors")):
-        from dsv3_jax import convert
-        cfg, variables = convert.load_hf(path)
+    """(cfg, variables as jax arrays, tokenizer.json path or None) from any checkpoint format
+    `dsv3_jax.ckpt.load_variables` reads: a trainer workdir / checkpoints dir / step dir (the
+    packaged tokenizer; a warning when the run trained with another), an orbax export or a
+    Hugging Face / official-release safetensors directory (its tokenizer.json, if any)."""
+    cfg, variables = ckpt.load_variables(path, use_ema)
+    variables = jax.tree.map(jnp.asarray, variables)
+    if ckpt.detect_format(path) != ckpt_load.TRAINER:
         tok = os.path.join(path, "tokenizer.json")
-        return cfg, jax.tree.map(jnp.asarray, variables), (tok if os.path.isfile(tok) else None)
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-            os.path.join(path, "variables")):
-        from dsv3_jax import convert
-        cfg, variables = convert.load_orbax(path)
-        return cfg, jax.tree.map(jnp.asarray, variables), None
-    cfg, variables, meta = load_trainer_checkpoint(path, use_ema)
+        return cfg, variables, (tok if os.path.isfile(tok) else None)
     from dsv3_jax import tokenizer as tok_lib
-    want = meta.get("data_info", {}).get("tokenizer_sha256")
+    want = ckpt_trainer.read_meta(path).get("data_info", {}).get("tokenizer_sha256")
     if want and want != tok_lib.tokenizer_hash(tok_lib.load_tokenizer()):
         print("warning: the packaged tokenizer differs from the one this run trained with; "
               "pass --tokenizer", file=sys.stderr)
     return cfg, variables, None
+
+
+def check_tokenizer(tokenizer, cfg: ModelConfig, where: str) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary cannot drive it: a UserError."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise UserError(f"the tokenizer {where} has {n} tokens but the checkpoint's vocabulary "
+                        f"has {cfg.vocab_size}: pass the tokenizer the model was trained with "
+                        "(--tokenizer)")
 
 
 class _TextStream:
@@ -447,7 +423,8 @@ class _TextStream:
             self.printed = text
 
 
-def main(argv=None):
+@errors.cli
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
@@ -468,10 +445,15 @@ def main(argv=None):
     from dsv3_jax import tokenizer as tok_lib
     cfg, variables, tok_path = load_checkpoint(args.checkpoint, args.ema)
     if args.tokenizer or tok_path:
-        tokenizer = Tokenizer.from_file(args.tokenizer or tok_path)
+        where = args.tokenizer or tok_path
+        if not os.path.isfile(where):
+            raise UserError(f"tokenizer {where} does not exist")
+        tokenizer = Tokenizer.from_file(where)
         eos_id = cfg.eos_token_id
     else:
+        where = "(the packaged one)"
         tokenizer, eos_id = tok_lib.load_tokenizer(), tok_lib.EOS_ID
+    check_tokenizer(tokenizer, cfg, where)
     prompts = [tokenizer.encode(p).ids or [eos_id] for p in args.prompt]
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     stream = None

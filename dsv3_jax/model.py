@@ -146,6 +146,13 @@ def _defaults(input_ids, positions, segment_ids):
     return positions, segment_ids
 
 
+def _arrays(variables: dict) -> dict:
+    """Variables as jax arrays: callers may pass host NumPy arrays (what ckpt.load_hf returns),
+    which the layers would otherwise index with traced values (the grouped GEMM's expert loop).
+    Under jit the leaves are tracers already and this is free."""
+    return jax.tree.map(jnp.asarray, variables)
+
+
 def init_boxed(cfg: ModelConfig, rng: jax.Array):
     """Variables with their logical-axis metadata (nn.LogicallyPartitioned boxes)."""
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -184,7 +191,7 @@ def forward(cfg: ModelConfig, variables: dict, input_ids: jax.Array, *,
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     positions, segment_ids = _defaults(input_ids, positions, segment_ids)
-    return Transformer(cfg).apply(variables, input_ids, positions, segment_ids, with_mtp,
+    return Transformer(cfg).apply(_arrays(variables), input_ids, positions, segment_ids, with_mtp,
                                   with_logits)
 
 
@@ -198,8 +205,9 @@ def decode(cfg: ModelConfig, variables: dict, input_ids: jax.Array, positions: j
     logits_index [B, N]: compute the head only there (a prefill needs the last token's logits,
     not T x vocab of them); out.logits is then [B, N, V]. out.hidden is always [B, T, D].
     """
-    logits, hidden, stacks = Transformer(cfg).apply(variables, input_ids, positions, cache.stacks,
-                                                    ctx, logits_index, method="decode")
+    logits, hidden, stacks = Transformer(cfg).apply(_arrays(variables), input_ids, positions,
+                                                    cache.stacks, ctx, logits_index,
+                                                    method="decode")
     return DecodeOutputs(logits, hidden), stacks
 
 
@@ -210,7 +218,7 @@ def decode_mtp(cfg: ModelConfig, variables: dict, k: int, h_prev: jax.Array, nex
     Returns (logits [B,T,V] (or [B,N,V] at logits_index) predicting the token k+2 places ahead,
     h^{k+1} [B,T,D], {"mtp_k": updated stack})."""
     name = f"mtp_{k}"
-    logits, h, stack = Transformer(cfg).apply(variables, k, h_prev, next_ids, positions,
+    logits, h, stack = Transformer(cfg).apply(_arrays(variables), k, h_prev, next_ids, positions,
                                               cache.stacks[name], ctx, logits_index,
                                               method="decode_mtp")
     return logits, h, {name: stack}

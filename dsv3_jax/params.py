@@ -25,6 +25,7 @@ import sys
 
 import jax
 
+from dsv3_jax import errors
 from dsv3_jax.config import ModelConfig, PRESETS, preset
 
 
@@ -98,6 +99,7 @@ def _fmt(n: int) -> str:
     return f"{n:>19,}  ({n / 1e9:8.3f} B)"
 
 
+@errors.cli
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsv3_jax.params",
                                 description="Parameter counts of a preset (no memory allocated).")

@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import checkpoint as ckpt_lib
+from dsv3_jax import ckpt as ckpt_lib
 from dsv3_jax import errors, model, optim, sharding
 from dsv3_jax import train_state as ts
+from dsv3_jax.ckpt import trainer as ckpt_trainer
+from dsv3_jax.ckpt.errors import describe_mismatch, problem_list
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.objectives import base as objectives
 from dsv3_jax.objectives.pretrain import max_violation
@@ -186,19 +188,17 @@ def load_data(s: Setup) -> Data:
 
 def _init_from(s: Setup, abstract: dict, state_sharding: dict) -> dict:
     """A step-0 state whose weights come from c.train.init_from (any checkpoint format)."""
-    from dsv3_jax.generate import load_checkpoint
     path = os.path.expanduser(s.c.train.init_from)
-    _, variables, _ = load_checkpoint(path)
+    _, variables = ckpt_lib.load_variables(path)
     wanted = {"params": abstract["params"], "router_bias": abstract["router_bias"]}
     found = {"params": variables["params"], "router_bias": variables.get("router_bias", {})}
     if not s.c.train.init_router_bias:   # the routers start unbiased, as at a random init
         found["router_bias"] = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                                             wanted["router_bias"])
-    problems = ckpt_lib.describe_mismatch(found, wanted)
+    problems = describe_mismatch(found, wanted)
     if problems:
         raise ckpt_lib.CheckpointMismatchError(
-            f"train.init_from={path} does not fit config.model ({len(problems)} problems):\n  "
-            + "\n  ".join(problems[:50]))
+            f"train.init_from={path} does not fit config.model " + problem_list(problems))
     found = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), found, wanted)
     ema = "ema" in abstract
     rng = jax.random.fold_in(jax.random.key(s.c.train.seed), 1)
@@ -217,8 +217,8 @@ def restore_or_init(s: Setup, data: Data):
                                                            s.mesh_shape))
     abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             abstract, state_sharding)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(s.workdir, "checkpoints"), c.train.keep_checkpoints,
-                                 c.train.async_checkpoint)
+    ckpt = ckpt_trainer.Checkpointer(os.path.join(s.workdir, ckpt_trainer.CHECKPOINTS_DIR),
+                                     c.train.keep_checkpoints, c.train.async_checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, abstract)

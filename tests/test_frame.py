@@ -131,11 +131,11 @@ def _write(kind: str, c, variables, path: str) -> str:
     elif kind == "safetensors":
         convert.save_hf(cfg, variables, path)
     else:   # a trainer workdir with one checkpoint
-        from dsv3_jax import checkpoint
+        from dsv3_jax.ckpt import trainer
         fns = train.make_step_fns(c, cfg)
         state = train_state.state_from_variables(variables, fns.optimizer, jax.random.key(0),
                                                  ema=False)
-        ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+        ckpt = trainer.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
         ckpt.save(7, state, {"step": 7}, {"config": c.to_dict(), "step": 7})
         ckpt.close()
     return path

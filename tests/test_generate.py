@@ -284,13 +284,13 @@ def run_cli(capsys, checkpoint, *extra):
 
 
 def test_cli_streams_tokens_from_an_orbax_checkpoint(counting, tmp_path, capsys):
-    """A checkpoint in the trainer's layout (checkpoint.Checkpointer: items state/data/meta,
+    """A checkpoint in the trainer's layout (ckpt.Checkpointer: items state/data/meta,
     meta["config"]["model"]); greedy, then speculative sampling."""
-    from dsv3_jax import checkpoint
+    from dsv3_jax.ckpt import Checkpointer
     cfg, v = counting
     cfg = cfg.replace(vocab_size=8192)                 # the packaged tokenizer's vocabulary
     v = model.init(cfg, jax.random.key(0))
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     ckpt.save(7, {"step": jnp.asarray(7), **v}, {"step": 7},
               {"config": {"model": dataclasses.asdict(cfg)}, "step": 7})
     ckpt.close()

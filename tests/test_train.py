@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax import train, train_config, train_state
+from dsv3_jax.ckpt import CheckpointMismatchError
 from dsv3_jax.config import ConfigError
-from dsv3_jax.checkpoint import CheckpointMismatchError
 from experiments.configs import tiny
 
 MICRO = ["--config.model.num_hidden_layers=2", "--config.model.hidden_size=64",
