@@ -206,6 +206,26 @@ def run_dense(args, key):
         print_row(name, (m, k, n), tf)
 
 
+def bench_grouped(key, name, e, rows, k, n, tile_m, interpret, iters):
+    """(M routed rows, TFLOP/s of: the grouped kernel, the experts' Wgrad kernel, one dense bf16
+    jnp.dot over all rows, the jnp grouped reference)."""
+    x, w, te, ops = moe_case(key, e, rows, k, n, tile_m)
+    m = x.shape[0]
+    grouped = lambda *o: fg.fp8_grouped_gemm(*o, tile_m=tile_m, interpret=interpret)
+    dy = jax.random.normal(jax.random.fold_in(key, 1), (m, n), jnp.bfloat16)
+    x_c, dy_c, ce = fp8.wgrad_chunks(x, dy, te, tile_m=tile_m, num_experts=e)
+    wops = fp8.wgrad_operands(x_c, dy_c)
+    wgrad = lambda *o: fg.fp8_group_wgrad(*o, num_experts=e, interpret=interpret)
+    t = dict(
+        fp8=guarded(f"grouped {name}", time_ms, grouped, *ops, te, iters=iters),
+        wgrad=guarded(f"group wgrad {name}", time_ms, wgrad, *wops, ce, iters=iters),
+        bf16=guarded(f"grouped {name} bf16", time_ms, jnp.dot, x, w[0], iters=iters),
+        ref=guarded(f"grouped {name} ref", time_ms,
+                    lambda *o: fg.fp8_grouped_gemm_reference(*o, te, tile_m=tile_m),
+                    *ops, iters=iters))
+    return m, {c: tflops(m, k, n, v) for c, v in t.items()}
+
+
 def run_grouped(args, key):
     """A MoE layer's expert GEMMs: E experts, balanced routing, tile_m = 128."""
     e, rows, tile_m = (4, 100, 16) if args.small else (64, 256, 128)
@@ -216,21 +236,7 @@ def run_grouped(args, key):
             k, n = 256, 200
         if time.time() - START > args.budget:
             break
-        x, w, te, ops = moe_case(key, e, rows, k, n, tile_m)
-        m = x.shape[0]
-        grouped = lambda *o: fg.fp8_grouped_gemm(*o, tile_m=tile_m, interpret=args.interpret)
-        dy = jax.random.normal(jax.random.fold_in(key, 1), (m, n), jnp.bfloat16)
-        x_c, dy_c, ce = fp8.wgrad_chunks(x, dy, te, tile_m=tile_m, num_experts=e)
-        wops = fp8.wgrad_operands(x_c, dy_c)
-        wgrad = lambda *o: fg.fp8_group_wgrad(*o, num_experts=e, interpret=args.interpret)
-        t = dict(
-            fp8=guarded(f"grouped {name}", time_ms, grouped, *ops, te, iters=args.iters),
-            wgrad=guarded(f"group wgrad {name}", time_ms, wgrad, *wops, ce, iters=args.iters),
-            bf16=guarded(f"grouped {name} bf16", time_ms, jnp.dot, x, w[0], iters=args.iters),
-            ref=guarded(f"grouped {name} ref", time_ms,
-                        lambda *o: fg.fp8_grouped_gemm_reference(*o, te, tile_m=tile_m),
-                        *ops, iters=args.iters))
-        tf = {c: tflops(m, k, n, v) for c, v in t.items()}
+        m, tf = bench_grouped(key, name, e, rows, k, n, tile_m, args.interpret, args.iters)
         cells = "  ".join(f"{c} {v:7.1f}" if v else f"{c}     ERR" for c, v in tf.items())
         ratio = f"{tf['fp8'] / tf['bf16']:.2f}x bf16" if tf["fp8"] and tf["bf16"] else ""
         print(f"  {name:8s} M={m} K={k} N={n}: {cells}   fp8 = {ratio}", flush=True)

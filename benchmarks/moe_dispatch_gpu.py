@@ -9,7 +9,7 @@ For every shape it builds a random routing with the MoE layer's plan_dispatch, c
 kernels (kernels_pallas/moe_dispatch.py) against the jnp references, forward and VJP, and times
   kernel   the Pallas kernels (fwd; fwd+bwd = forward + the custom-VJP kernels)
   ref      the plain-jnp *_reference (its backward is autodiff: a scatter-add)
-  layer    dsv3_jax.layers.moe.permute / unpermute_combine (jnp gathers with a gather backward,
+  layer    md.permute_jnp / unpermute_combine_jnp (jnp gathers with a gather backward,
            what the layer runs today)
   copy     -x over a buffer the size of the expert-sorted one (an HBM read+write roofline).
 GB/s counts useful bytes: every routed row read once, every output row written once (padding
@@ -97,19 +97,16 @@ def build(name, shape, key, blocks, interpret):
         src=plan.src_slot_M, dest=plan.dest_row_NP)
     counts = np.bincount(np.asarray(experts).ravel(), minlength=e)
 
-    def layer_plan(src, dest):
-        return moe.Dispatch(src, dest, plan.tile_expert, plan.used_tiles, plan.tile_m)
-
     kw = dict(interpret=interpret, blocks=blocks)
     permute = {
         "kernel": lambda x, src, dest: md.permute(x, src, p, dest_row_NP=dest, **kw),
         "ref": lambda x, src, dest: md.permute_reference(x, src, p),
-        "layer": lambda x, src, dest: moe.permute(x, layer_plan(src, dest)),
+        "layer": lambda x, src, dest: md.permute_jnp(x, src, p, dest_row_NP=dest),
     }
     combine = {
         "kernel": lambda y, g, src, dest: md.unpermute_combine(y, dest, g, src_slot_M=src, **kw),
         "ref": lambda y, g, src, dest: md.unpermute_combine_reference(y, dest, g),
-        "layer": lambda y, g, src, dest: moe.unpermute_combine(y, layer_plan(src, dest), g),
+        "layer": lambda y, g, src, dest: md.unpermute_combine_jnp(y, dest, g, src_slot_M=src),
     }
     b, s = dtype.itemsize, n * p                     # s routed slots = rows actually read
     bytes_ = {

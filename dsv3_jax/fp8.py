@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import fp8_gemm
-from kernels_pallas.grouped_gemm import sum_to_vma
+from kernels_pallas import interpret_default
+from kernels_pallas.grouped_gemm import check_grouped_layout, sum_to_vma
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -194,7 +195,7 @@ def _options(implementation, pow2_scale, interpret, out_dtype) -> _Options:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown FP8 implementation {implementation!r}; expected {IMPLEMENTATIONS}")
     if interpret is None:        # the Mosaic GPU kernel runs natively only on a GPU
-        interpret = jax.default_backend() != "gpu"
+        interpret = interpret_default()
     return _Options(implementation, bool(pow2_scale), bool(interpret),
                     None if out_dtype is None else jnp.dtype(out_dtype))
 
@@ -264,10 +265,8 @@ def fp8_grouped_dot(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *, t
     rhs [E, K, N]; tile_expert [M // tile_m] int32 (non-decreasing). Tiles at and after
     `used_tiles` (if given) contribute nothing: their output rows are 0 and they add no gradient.
     """
-    m, k = lhs.shape
-    if rhs.ndim != 3 or rhs.shape[1] != k or m % tile_m or tile_expert.shape != (m // tile_m,):
-        raise ValueError(f"fp8_grouped_dot: lhs {lhs.shape}, rhs {rhs.shape}, tile_expert "
-                         f"{tile_expert.shape}, tile_m={tile_m} do not fit the grouped layout")
+    check_grouped_layout(lhs, rhs, tile_expert, tile_m, name="fp8_grouped_dot")
+    m = lhs.shape[0]
     opt = _options(implementation, pow2_scale, interpret, out_dtype)
     used = jnp.asarray(m // tile_m if used_tiles is None else used_tiles, jnp.int32)
     return _fp8_grouped(lhs, rhs, tile_expert.astype(jnp.int32), used, tile_m, opt)

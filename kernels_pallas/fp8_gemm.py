@@ -50,10 +50,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels_pallas.grouped_gemm import zeros_varying_like
+from kernels_pallas.grouped_gemm import check_grouped_layout, zeros_varying_like
 
 CHUNK_K = 128          # scale granularity along K = the promotion interval N_C = one TMA box
 WG_ROWS = 64           # rows of one warpgroup's wgmma
+MIN_TILE_M = 8         # fewest rows of a grouped tile (the epilogue stores whole 8-row groups)
 SMEM_BYTES = 227 * 1024
 F32 = jnp.float32
 
@@ -98,8 +99,9 @@ CANDIDATES = tuple(Fp8GemmConfig(block_n=bn, wg_split=s, max_concurrent_steps=st
 
 
 def default_config(n: int, *, tile_m: int | None = None, interpret: bool = False) -> Fp8GemmConfig:
-    """Fewest padded columns of N; compute warpgroups along N when a grouped tile has under 128
-    rows (along M the second one would compute rows of the next tile and drop them).
+    """Fewest padded columns of N (128 wide on a tie); compute warpgroups along N when a grouped
+    tile has under 128 rows (along M the second one would compute rows of the next tile and
+    drop them).
 
     Interpret mode uses "single": jax 0.10's GPU interpreter runs a block's three warpgroup
     threads as executions on one CPU device, which PjRt may serialize, so a warp-specialized
@@ -110,8 +112,11 @@ def default_config(n: int, *, tile_m: int | None = None, interpret: bool = False
         split = "single"
     else:
         split = "n" if tile_m is not None and tile_m < 2 * WG_ROWS else "m"
+    # 128 on a tie: a 64x192 f32 carry plus a fresh 64x192 wgmma accumulator take 192 of the
+    # 232 registers setmaxnreg gives a compute warpgroup, so 192 risks spills; keep it for N it
+    # pads less (576 = 3 x 192).
     widths = (128,) if split == "n" else (128, 192)
-    block_n = min(widths, key=lambda bn: (_round_up(n, bn * (1 + (split == "n"))), -bn))
+    block_n = min(widths, key=lambda bn: (_round_up(n, bn * (1 + (split == "n"))), bn))
     return Fp8GemmConfig(block_n=block_n, wg_split=split)
 
 
@@ -214,11 +219,7 @@ def fp8_group_wgrad_reference(lhs_t: jax.Array, lhs_t_scale: jax.Array, rhs_t: j
 
 def _check_grouped(lhs, rhs, tile_expert, tile_m):
     _check_k(lhs, rhs)
-    if rhs.ndim != 3:
-        raise ValueError(f"rhs must be [E, N, K], got {rhs.shape}")
-    if lhs.shape[0] % tile_m or tile_expert.shape != (lhs.shape[0] // tile_m,):
-        raise ValueError(f"lhs rows {lhs.shape[0]} / tile_expert {tile_expert.shape} do not "
-                         f"match tile_m={tile_m}")
+    check_grouped_layout(lhs, rhs, tile_expert, tile_m, rhs_k_axis=2, name="fp8_grouped_gemm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,17 +439,20 @@ def fp8_grouped_gemm(lhs: jax.Array, lhs_scale: jax.Array, rhs: jax.Array,
 
     A CTA row block must see one expert: tile_m is a multiple of the CTA rows (a tile splits into
     blocks) or divides 64 (a tile is one block, which reads past the tile and keeps its tile_m
-    rows: tiles under 64 rows waste wgmma work, so prefer tile_m >= 64 on the GPU).
+    rows: tiles under 64 rows waste wgmma work, so prefer tile_m >= 64 on the GPU). Tiles of
+    under MIN_TILE_M = 8 rows do not lower: the epilogue's SMEM slice and TMA store of the
+    tile's rows need whole 8-row groups (Mosaic GPU layout inference fails).
     """
     _check_grouped(lhs, rhs, tile_expert, tile_m)
     cfg = config or default_config(rhs.shape[1], tile_m=tile_m, interpret=interpret)
     if tile_m % cfg.cta_m == 0:
         per_tile = tile_m // cfg.cta_m
         block_expert, stride, rows_out = jnp.repeat(tile_expert, per_tile), cfg.cta_m, cfg.cta_m
-    elif WG_ROWS % tile_m == 0:
+    elif WG_ROWS % tile_m == 0 and tile_m >= MIN_TILE_M:
         block_expert, stride, rows_out = tile_expert, tile_m, tile_m
     else:
-        raise ValueError(f"tile_m={tile_m} must be a multiple of {cfg.cta_m} or divide {WG_ROWS}")
+        raise ValueError(f"tile_m={tile_m} must be a multiple of {cfg.cta_m} or divide {WG_ROWS} "
+                         f"and be at least {MIN_TILE_M}")
     return _run_tiles(lhs, lhs_scale, rhs, rhs_scale, block_expert, row_stride=stride,
                       rows_out=rows_out, out_rows=lhs.shape[0], out_dtype=out_dtype, cfg=cfg,
                       interpret=interpret)

@@ -34,21 +34,26 @@ import jax
 import jax.numpy as jnp
 
 
-def _check(lhs, rhs, tile_expert, tile_m):
+def check_grouped_layout(lhs, rhs, tile_expert, tile_m, *, rhs_k_axis=1, name="grouped GEMM"):
+    """The layout's shape rule, shared by every grouped GEMM (jnp, the FP8 dot and its kernels):
+    lhs [M, K] with M a multiple of tile_m, tile_expert [M // tile_m], rhs 3-D with K on
+    `rhs_k_axis`: [E, K, N] (1, the weights as stored) or [E, N, K] (2, the FP8 kernels' NT)."""
     m, k = lhs.shape
     if m % tile_m:
-        raise ValueError(f"lhs rows ({m}) must be a multiple of tile_m ({tile_m})")
+        raise ValueError(f"{name}: lhs rows ({m}) must be a multiple of tile_m ({tile_m})")
     if tile_expert.shape != (m // tile_m,):
-        raise ValueError(f"tile_expert must have shape ({m // tile_m},), got {tile_expert.shape}")
-    if rhs.ndim != 3 or rhs.shape[1] != k:
-        raise ValueError(f"rhs must be [E, {k}, N], got {rhs.shape}")
+        raise ValueError(f"{name}: tile_expert must have shape ({m // tile_m},), got "
+                         f"{tile_expert.shape}")
+    if rhs.ndim != 3 or rhs.shape[rhs_k_axis] != k:
+        want = f"[E, {k}, N]" if rhs_k_axis == 1 else f"[E, N, {k}]"
+        raise ValueError(f"{name}: rhs must be {want}, got {rhs.shape}")
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *,
                              tile_m: int, used_tiles: jax.Array | None = None,
                              precision=None) -> jax.Array:
     """Plain-jnp grouped matmul: gather each tile's expert weight, one batched matmul."""
-    _check(lhs, rhs, tile_expert, tile_m)
+    check_grouped_layout(lhs, rhs, tile_expert, tile_m)
     m, k = lhs.shape
     num_tiles = m // tile_m
     out = jnp.einsum("tmk,tkn->tmn", lhs.reshape(num_tiles, tile_m, k),
@@ -225,7 +230,7 @@ def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax
                                         used_tiles=used_tiles)
     if implementation != "loop":
         raise ValueError(f"unknown grouped_swiglu implementation {implementation!r}")
-    _check(x, w_gate, tile_expert, tile_m)
+    check_grouped_layout(x, w_gate, tile_expert, tile_m, name="grouped_swiglu")
     if w_up.shape != w_gate.shape or w_down.shape != (w_gate.shape[0], w_gate.shape[2],
                                                       x.shape[1]):
         raise ValueError(f"grouped_swiglu: gate {w_gate.shape}, up {w_up.shape}, down "

@@ -1,5 +1,10 @@
-"""MoE local dispatch as Pallas kernels: permute (tokens -> expert-sorted buffer) and
-unpermute + gate-weighted combine (buffer -> tokens), each beside its plain-jnp reference.
+"""MoE local dispatch: permute (tokens -> expert-sorted buffer) and unpermute + gate-weighted
+combine (buffer -> tokens), three implementations of each with one signature:
+  permute / unpermute_combine                    the Pallas kernels (custom VJPs run kernels)
+  permute_jnp / unpermute_combine_jnp            the production jnp path the MoE layer runs off
+                                                 the Pallas path: XLA gathers whose custom VJPs
+                                                 are gathers too (no scatter-add), shard_map-aware
+  permute_reference / unpermute_combine_reference  plain jnp with autodiff: the oracle
 
 Layout (the one `grouped_gemm.py` documents and `dsv3_jax.layers.moe.plan_dispatch` builds):
   x_ND        [N, D]   token rows; every token has P routing slots, slot s = n*P + j.
@@ -42,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from kernels_pallas.grouped_gemm import sum_to_vma
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,12 +173,22 @@ def _grid(rows: int, d: int, b: DispatchBlocks):
     return (pl.cdiv(d, b.block_d), pl.cdiv(rows, b.block_rows))
 
 
+def _check_offsets(name: str, *shapes):
+    """The kernels address rows as int32 row * D + column: refuse arrays where that wraps
+    (M * D >= 2^31, e.g. ~37K tokens x top-8 at D = 7168) instead of reading wrong rows."""
+    for rows, d in shapes:
+        if rows * d >= 2 ** 31:
+            raise ValueError(f"{name}: a [{rows}, {d}] operand has 2^31 or more elements; the "
+                             f"kernel's int32 offsets would wrap (split the tokens)")
+
+
 def _permute_call(x_ND, src_M, p, scale_S, out_dtype, interpret, blocks):
     n, d = x_ND.shape
     m = src_M.shape[0]
     b = _blocks_for(d, blocks)
     if m == 0 or d == 0:
         return jnp.zeros((m, d), out_dtype)
+    _check_offsets("moe_permute", (n, d), (m, d))
     scaled = scale_S is not None
     kernel = functools.partial(_permute_kernel, n=n, p=p, m=m, d=d, br=b.block_rows,
                                bd=b.block_d, scaled=scaled)
@@ -188,6 +205,7 @@ def _combine_call(y_MD, dest_NP, gates_NP, out_dtype, interpret, blocks):
     b = _blocks_for(d, blocks)
     if n == 0 or d == 0:
         return jnp.zeros((n, d), out_dtype)
+    _check_offsets("moe_combine", (n, d), (m, d))
     weighted = gates_NP is not None
     kernel = functools.partial(_combine_kernel, n=n, p=p, m=m, d=d, br=b.block_rows,
                                bd=b.block_d, weighted=weighted)
@@ -205,6 +223,7 @@ def _gate_grad_call(y_MD, dest_NP, d_ND, interpret, blocks):
     b = _blocks_for(d, blocks)
     if n == 0 or d == 0:
         return jnp.zeros((n, p), jnp.float32)
+    _check_offsets("moe_gate_grad", (n, d), (m, d))
     grid = _grid(n, d, b)
     kernel = functools.partial(_gate_grad_kernel, n=n, p=p, m=m, d=d, br=b.block_rows,
                                bd=b.block_d)
@@ -333,3 +352,82 @@ def _combine_bwd(interpret, blocks, res, d_ND):
 
 
 _combine_vjp.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The production jnp path (the MoE layer without Pallas): gathers both ways
+# ----------------------------------------------------------------------------------------------
+# Both maps are gathers, and each one's transpose is a gather through the other map, so neither
+# direction needs a scatter-add (slow on CPU, atomics on GPU). Unlike the kernels, both maps
+# must be given (the layer's plan has them). Cotangents are summed over the shard_map axes
+# along which their primal is invariant (expert parallelism).
+
+def _gather_rows(x, idx):
+    """x[idx] with out-of-range idx (the padding sentinel) giving zero rows."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def permute_jnp(x_ND: jax.Array, src_slot_M: jax.Array, num_slots_per_token: int, *,
+                dest_row_NP: jax.Array, interpret: bool = False,
+                blocks: DispatchBlocks | None = None) -> jax.Array:
+    """Token rows -> expert-sorted buffer [M, D] (padding rows are zero), an XLA gather whose
+    backward gathers each token's P buffer rows through dest_row_NP.
+    (`interpret`, `blocks` only mirror the kernel's signature.)"""
+    del interpret, blocks
+    if dest_row_NP.shape[1] != num_slots_per_token:
+        raise ValueError(f"dest_row_NP {dest_row_NP.shape} does not have "
+                         f"{num_slots_per_token} slots per token")
+    return _permute_jnp(x_ND, src_slot_M, dest_row_NP)
+
+
+@jax.custom_vjp
+def _permute_jnp(x_ND, src_M, dest_NP):
+    p = dest_NP.shape[1]
+    return _gather_rows(x_ND, jnp.where(src_M < x_ND.shape[0] * p, src_M // p, x_ND.shape[0]))
+
+
+def _permute_jnp_fwd(x_ND, src_M, dest_NP):
+    return _permute_jnp(x_ND, src_M, dest_NP), (dest_NP, x_ND)
+
+
+def _permute_jnp_bwd(res, d_MD):
+    dest_NP, x_ND = res
+    # each token's gradient is the sum of its P buffer rows
+    return sum_to_vma(_gather_rows(d_MD, dest_NP).sum(1), x_ND), None, None
+
+
+_permute_jnp.defvjp(_permute_jnp_fwd, _permute_jnp_bwd)
+
+
+def unpermute_combine_jnp(y_MD: jax.Array, dest_row_NP: jax.Array, gates_NP: jax.Array, *,
+                          src_slot_M: jax.Array, interpret: bool = False,
+                          blocks: DispatchBlocks | None = None) -> jax.Array:
+    """Buffer rows back to tokens, weighted by the gates and summed over the top-k slots (in the
+    gates' dtype), with a gather backward through src_slot_M.
+    (`interpret`, `blocks` only mirror the kernel's signature.)"""
+    del interpret, blocks
+    return _combine_jnp(y_MD, dest_row_NP, gates_NP, src_slot_M)
+
+
+@jax.custom_vjp
+def _combine_jnp(y_MD, dest_NP, gates_NP, src_M):
+    y_NPD = _gather_rows(y_MD, dest_NP)
+    return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
+
+
+def _combine_jnp_fwd(y_MD, dest_NP, gates_NP, src_M):
+    return _combine_jnp(y_MD, dest_NP, gates_NP, src_M), (y_MD, dest_NP, gates_NP, src_M)
+
+
+def _combine_jnp_bwd(res, d_ND):
+    y_MD, dest_NP, gates_NP, src_M = res
+    n, p = gates_NP.shape
+    d_gates = jnp.einsum("NPD,ND->NP", _gather_rows(y_MD, dest_NP).astype(d_ND.dtype), d_ND)
+    # buffer row r came from slot src[r] = token*P + j: its gradient is g[token, j] * d[token]
+    scaled = (d_ND[:, None, :] * gates_NP[:, :, None]).reshape(n * p, -1)
+    d_y = _gather_rows(scaled, src_M).astype(y_MD.dtype)
+    return (sum_to_vma(d_y, y_MD), None, sum_to_vma(d_gates.astype(gates_NP.dtype), gates_NP),
+            None)
+
+
+_combine_jnp.defvjp(_combine_jnp_fwd, _combine_jnp_bwd)

@@ -247,13 +247,13 @@ class TestPermuteInterpret(PermuteTest):
     @pytest.mark.parametrize("shape,kind,dtype", CASES[1:4])
     def test_kernel_equals_reference_and_moe_layer(self, shape, kind, dtype, rng):
         """Forward and VJP against the reference (its VJP by plain autodiff, a scatter-add)
-        and against dsv3_jax.layers.moe.permute (the custom-VJP gather the layer uses)."""
+        and against md.permute_jnp (the custom-VJP gather the layer uses off the Pallas path)."""
         plan, x, _, _, blocks = make_case(rng, shape, kind, dtype)
         p = plan.dest_row_NP.shape[1]
         d_buf = jnp.asarray(rng.standard_normal((plan.src_slot_M.shape[0], x.shape[1])), dtype)
         got = _vjp_pair(lambda x: self.permute(x, plan, blocks, with_inverse=False), (x,), d_buf)
         for fn in (lambda x: md.permute_reference(x, plan.src_slot_M, p),
-                   lambda x: moe.permute(x, plan)):
+                   lambda x: md.permute_jnp(x, plan.src_slot_M, p, dest_row_NP=plan.dest_row_NP)):
             want = _vjp_pair(fn, (x,), d_buf)
             np.testing.assert_array_equal(_f64(got[0]), _f64(want[0]))
             # P-term sums: float32 in the kernel, possibly bf16 on the other side
@@ -275,7 +275,7 @@ class TestCombineInterpret(CombineTest):
         bounds = (combine_oracle(_abs(y), dest, gates),
                   *combine_grad_oracle(_abs(y), dest, gates, _abs(d_out)))
         for fn in (lambda y, g: md.unpermute_combine_reference(y, dest, g),
-                   lambda y, g: moe.unpermute_combine(y, plan, g)):
+                   lambda y, g: md.unpermute_combine_jnp(y, dest, g, src_slot_M=plan.src_slot_M)):
             want = _vjp_pair(fn, (y, gates), d_out)
             for a, b, bound, terms in zip(got, want, bounds, (dest.shape[1], 1, d)):
                 # both sides round: allow twice the one-sided tolerance

@@ -138,8 +138,9 @@ class MLA(nn.Module):
         k_nope, v = self.expand_latent(c_kv)
         index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
         mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
-        o = attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask, softmax_scale(cfg),
-                                 cfg.attn_causal_blocks)
+        with jax.named_scope("attention"):
+            o = attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask, softmax_scale(cfg),
+                                     cfg.attn_causal_blocks)
         return self.o_proj(o.astype(dtype_of(cfg.dtype)))
 
     def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):
@@ -156,10 +157,13 @@ class MLA(nn.Module):
         c_kv_BSC, k_rope_BSR = kv.c_kv.astype(q_nope.dtype), kv.k_rope.astype(q_nope.dtype)
         if ctx.attn_impl == "naive":
             k_nope, v = self.expand_latent(c_kv_BSC)
-            o = attend(q_nope, q_rope, k_nope, k_rope_BSR, v, ctx.mask_B1TS, softmax_scale(cfg))
+            with jax.named_scope("attention"):
+                o = attend(q_nope, q_rope, k_nope, k_rope_BSR, v, ctx.mask_B1TS,
+                           softmax_scale(cfg))
         else:
             w_ukv_CHX = nn.meta.unbox(self.kv_b.variables["params"]["kernel"])   # X = K + V
             k = cfg.qk_nope_head_dim
-            o = attend_absorbed(q_nope, q_rope, c_kv_BSC, k_rope_BSR, w_ukv_CHX[..., :k],
-                                w_ukv_CHX[..., k:], ctx.mask_B1TS, softmax_scale(cfg))
+            with jax.named_scope("attention_absorbed"):
+                o = attend_absorbed(q_nope, q_rope, c_kv_BSC, k_rope_BSR, w_ukv_CHX[..., :k],
+                                    w_ukv_CHX[..., k:], ctx.mask_B1TS, softmax_scale(cfg))
         return self.o_proj(o.astype(dtype_of(cfg.dtype))), kv

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import SwiGLU, acc_dtype, dtype_of, normal_init
-from kernels_pallas.grouped_gemm import grouped_swiglu, sum_to_vma
+from kernels_pallas import interpret_default, moe_dispatch
+from kernels_pallas.grouped_gemm import grouped_swiglu
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
 
@@ -121,60 +122,20 @@ def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int,
     return Dispatch(src, dest.reshape(n, p), tile_expert, used, tile_m)
 
 
-# Both maps are gathers, and each one's transpose is a gather through the other map, so neither
-# direction needs a scatter-add (slow on CPU, atomics on GPU). The Pallas kernels in
-# kernels_pallas/moe_dispatch.py implement the same two functions.
-
-def _gather_rows(x, idx):
-    """x[idx] with out-of-range idx (the padding sentinel) giving zero rows."""
-    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def permute(x_ND: jax.Array, plan: Dispatch) -> jax.Array:
-    """Token rows -> expert-sorted buffer [M, D] (padding rows are zero)."""
+def dispatch_fns(plan: Dispatch, gates_NP: jax.Array, pallas: bool):
+    """(permute x_ND -> x_MD, combine y_MD -> out_ND) through the plan: the Pallas kernels
+    (interpreted off-GPU) or the jnp gathers, both from kernels_pallas/moe_dispatch.py."""
     p = plan.dest_row_NP.shape[1]
-    return _gather_rows(x_ND, jnp.where(plan.src_slot_M < x_ND.shape[0] * p,
-                                        plan.src_slot_M // p, x_ND.shape[0]))
-
-
-def _permute_fwd(x_ND, plan):
-    return permute(x_ND, plan), (plan, x_ND)
-
-
-def _permute_bwd(res, d_MD):
-    plan, x_ND = res
-    # each token's gradient is the sum of its P buffer rows
-    return sum_to_vma(_gather_rows(d_MD, plan.dest_row_NP).sum(1), x_ND), None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-@jax.custom_vjp
-def unpermute_combine(y_MD: jax.Array, plan: Dispatch, gates_NP: jax.Array) -> jax.Array:
-    """Buffer rows back to tokens, weighted by the gates and summed over the top-k slots."""
-    y_NPD = _gather_rows(y_MD, plan.dest_row_NP)
-    return jnp.einsum("NPD,NP->ND", y_NPD.astype(gates_NP.dtype), gates_NP)
-
-
-def _unpermute_fwd(y_MD, plan, gates_NP):
-    return unpermute_combine(y_MD, plan, gates_NP), (y_MD, plan, gates_NP)
-
-
-def _unpermute_bwd(res, d_ND):
-    y_MD, plan, gates_NP = res
-    n, p = gates_NP.shape
-    d_gates = jnp.einsum("NPD,ND->NP", _gather_rows(y_MD, plan.dest_row_NP).astype(d_ND.dtype),
-                         d_ND)
-    # buffer row r came from slot src[r] = token*P + j: its gradient is g[token, j] * d[token]
-    scaled = (d_ND[:, None, :] * gates_NP[:, :, None]).reshape(n * p, -1)
-    d_y = _gather_rows(scaled, plan.src_slot_M).astype(y_MD.dtype)
-    return (sum_to_vma(d_y, y_MD), None,
-            sum_to_vma(d_gates.astype(gates_NP.dtype), gates_NP))
-
-
-unpermute_combine.defvjp(_unpermute_fwd, _unpermute_bwd)
+    if pallas:
+        interpret = interpret_default()
+        permute, combine = moe_dispatch.permute, moe_dispatch.unpermute_combine
+    else:
+        interpret = False
+        permute, combine = moe_dispatch.permute_jnp, moe_dispatch.unpermute_combine_jnp
+    return (lambda x: permute(x, plan.src_slot_M, p, dest_row_NP=plan.dest_row_NP,
+                              interpret=interpret),
+            lambda y: combine(y, plan.dest_row_NP, gates_NP, src_slot_M=plan.src_slot_M,
+                              interpret=interpret))
 
 
 def _fp8_gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
@@ -214,24 +175,21 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
                    num_experts: int, trash_group: bool = False):
     """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
     n, p = experts_NP.shape
-    plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
-                         trash_group)
-    if cfg.gemm_impl == "pallas":   # the Pallas dispatch kernels (interpreted on CPU)
-        from kernels_pallas import moe_dispatch
-        interpret = jax.default_backend() == "cpu"
-        x_MD = moe_dispatch.permute(x_ND, plan.src_slot_M, p, dest_row_NP=plan.dest_row_NP,
-                                    interpret=interpret)
-        combine = lambda y: moe_dispatch.unpermute_combine(
-            y, plan.dest_row_NP, gates_NP, src_slot_M=plan.src_slot_M, interpret=interpret)
-    else:
-        x_MD = permute(x_ND, plan)
-        combine = lambda y: unpermute_combine(y, plan, gates_NP)
-    if cfg.fp8:   # three GEMMs: each weight keeps its own 128x128 quantization blocks
-        h = nn.silu(_fp8_gmm(x_MD, w_gate, plan, cfg)) * _fp8_gmm(x_MD, w_up, plan, cfg)
-        return combine(_fp8_gmm(h, w_down, plan, cfg))
-    # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
-    return combine(grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
-                                  tile_m=plan.tile_m, used_tiles=plan.used_tiles))
+    with jax.named_scope("dispatch_plan"):
+        plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
+                             trash_group)
+    permute, combine = dispatch_fns(plan, gates_NP, cfg.gemm_impl == "pallas")
+    with jax.named_scope("dispatch"):
+        x_MD = permute(x_ND)
+    with jax.named_scope("experts"):
+        if cfg.fp8:   # three GEMMs: each weight keeps its own 128x128 quantization blocks
+            h = nn.silu(_fp8_gmm(x_MD, w_gate, plan, cfg)) * _fp8_gmm(x_MD, w_up, plan, cfg)
+            y_MD = _fp8_gmm(h, w_down, plan, cfg)
+        else:         # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
+            y_MD = grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
+                                  tile_m=plan.tile_m, used_tiles=plan.used_tiles)
+    with jax.named_scope("combine"):
+        return combine(y_MD)
 
 
 def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
@@ -283,14 +241,22 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
         slots = ex.size
 
         def exchange(capacity):
-            plan, local_e, _ = plan_all_to_all(ex, ep, e_local, capacity)
-            a2a = lambda t: jax.lax.all_to_all(t, "expert", 0, 0, tiled=True)
-            send = permute(x, plan)
+            with jax.named_scope("dispatch_plan"):
+                plan, local_e, _ = plan_all_to_all(ex, ep, e_local, capacity)
+            permute, combine = dispatch_fns(plan, g, pallas=False)
+
+            def a2a(t):
+                with jax.named_scope("expert_exchange"):
+                    return jax.lax.all_to_all(t, "expert", 0, 0, tiled=True)
+            with jax.named_scope("dispatch"):
+                send = permute(x)
             recv = a2a(send)
             recv_e = a2a(local_e)
             y = sorted_experts(recv, recv_e[:, None], jnp.ones((recv.shape[0], 1), g.dtype),
                                wg, wu, wd, cfg, num_experts=e_local, trash_group=True)
-            return unpermute_combine(a2a(y.astype(x.dtype)), plan, g)
+            back = a2a(y.astype(x.dtype))
+            with jax.named_scope("combine"):
+                return combine(back)
 
         cf = cfg.moe_ep_capacity_factor
         small = min(slots, -(-int(cf * slots / ep + 0.999999) // 8) * 8) if cf > 0 else slots
@@ -374,8 +340,10 @@ class MoE(nn.Module):
         acc = acc_dtype(cfg)
         bias = self.variable(ROUTER_BIAS, "bias", jnp.zeros, (cfg.n_routed_experts,), acc)
         # Gating stays in float32 (report §3.3.2), at full matmul precision.
-        logits = jnp.dot(x_ND.astype(acc), w_router.astype(acc), precision=jax.lax.Precision.HIGHEST)
-        routing = route(jax.nn.sigmoid(logits), bias.value.astype(acc), cfg)
+        with jax.named_scope("routing"):
+            logits = jnp.dot(x_ND.astype(acc), w_router.astype(acc),
+                             precision=jax.lax.Precision.HIGHEST)
+            routing = route(jax.nn.sigmoid(logits), bias.value.astype(acc), cfg)
         routed = RoutedExperts(cfg, name="experts")(x_ND, routing)
         out = routed.astype(x_BTD.dtype).reshape(b, t, d)
         if cfg.n_shared_experts:
