@@ -209,17 +209,18 @@ def test_unknown_objective_is_a_config_error():
 
 # ---- structure --------------------------------------------------------------------------------------
 
-def _imports(path: pathlib.Path) -> set[str]:
-    """dsv3_jax modules imported at module level (function-level imports are lazy by design)."""
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """dsv3_jax modules imported at module level (function-level imports are lazy by design).
+    `from pkg import sub` counts as importing pkg.sub, not pkg's __init__."""
     tree = ast.parse(path.read_text())
     out = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
-    return {m for m in out if m.startswith("dsv3_jax")}
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+            out |= subs if len(subs) == len(node.names) else subs | {node.module}
+    return {m for m in out if m in modules}
 
 
 def _module_graph() -> dict[str, set[str]]:
@@ -229,7 +230,7 @@ def _module_graph() -> dict[str, set[str]]:
         rel = p.relative_to(ROOT).with_suffix("")
         parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
         names[".".join(parts)] = p
-    return {m: {i for i in _imports(p) if i in names and i != m} for m, p in names.items()}
+    return {m: {i for i in _imports(p, set(names)) if i != m} for m, p in names.items()}
 
 
 def test_the_package_has_no_import_cycle():
