@@ -10,10 +10,9 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0,<2",
     "einops>=0.8,<0.9",
     "clu>=0.0.12",
-    "safetensors>=0.5",
     "numpy>=1.26",
     "tensorflow-datasets>=4.9.8,<5",
-    "array_record>=0.7",
+    "array_record>=0.7",        # the TFDS corpus's file format (read without TensorFlow)
     "tokenizers>=0.21,<1",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
@@ -23,6 +22,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-xdist>=3.5",
+    "safetensors>=0.5",         # the tests cross-check our safetensors reader/writer with it
     # The CPU torch that lies on disk (no download); the parity oracle runs on it.
     "torch==2.13.0",
     "transformers>=5.0,<6",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -42,14 +43,14 @@ def head_ce(h_BTD, w_DV, targets_BT, mask_BT, *, chunk: int = 64, dtype=jnp.floa
         h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
         mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-    return _head_ce(h_BTD, w_DV, targets_BT, mask_BT.astype(jnp.float32), chunk,
-                    jnp.dtype(dtype))
+    with jax.named_scope("head_ce"):
+        return _head_ce(h_BTD, w_DV, targets_BT, mask_BT.astype(jnp.float32), chunk,
+                        jnp.dtype(dtype))
 
 
 def _split(x, chunk):
     """[B, T, ...] -> [T/chunk, B, chunk, ...] (the scan axis first, B kept)."""
-    b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+    return einops.rearrange(x, "b (n c) ... -> n b c ...", c=chunk)
 
 
 def _nll(logits_BCV, t_BC):
@@ -92,7 +93,7 @@ def _head_ce_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, dtype):
     xs = (_split(h_BTD, chunk), _split(targets_BT, chunk), _split(mask_BT, chunk))
     init = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, jnp.float32))
     (total, dw_DV), dh = jax.lax.scan(body, init, xs)
-    dh_BTD = jnp.moveaxis(dh, 0, 1).reshape(h_BTD.shape)
+    dh_BTD = einops.rearrange(dh, "n b c d -> b (n c) d")
     return total / den, (dh_BTD, dw_DV.astype(w_DV.dtype), targets_BT, mask_BT)
 
 

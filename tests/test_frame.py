@@ -283,3 +283,17 @@ def test_modules_stay_small():
     sizes = {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines())
              for d in ("dsv3_jax", "kernels_pallas") for p in (ROOT / d).rglob("*.py")}
     assert not {p: n for p, n in sizes.items() if n > 520}, sizes
+
+
+def test_resuming_with_another_data_order_is_a_user_error(capsys, tmp_path):
+    """The checkpoint's data position belongs to its data.seed: resuming with another seed
+    would silently train on another stream."""
+    from test_train import MICRO
+    base = ["train", "--config", QUICK, f"--workdir={tmp_path}", *MICRO,
+            "--config.train.steps=2", "--config.train.eval_every=100"]
+    assert train.main(base) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(base + ["--config.train.steps=4", "--config.data.seed=1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "data.seed=1" in err and "Traceback" not in err, err
