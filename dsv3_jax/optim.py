@@ -1,10 +1,12 @@
-"""Optimizer and the paper's schedules (spec §7), all expressed in fractions of the run.
+"""Optimizer and the paper's schedules (report §4.2), as functions of the step.
 
-LR (report §4.2): linear warm-up, constant, cosine decay to 10% of peak, then two constant tails
-(2.2e-5 = 10% of 2.2e-4, and 7.3e-6 = 3.3%). With 14.8T tokens: constant until 10T (0.676),
-cosine until 14.3T (0.966), first tail until 14.633T (0.989), second tail to the end.
-MTP weight lambda: 0.3 until 10T tokens (0.676), then 0.1. Bias speed gamma: 0.001 until 14.3T
-(0.966), then 0.
+The report states its boundaries in tokens; `train_state.BatchSchedule.step_at` turns a token
+count into the first step that starts at or past it (batch-size ramp included), and these
+functions take the resulting steps.
+
+LR: linear warm-up (2K steps), constant 2.2e-4 until 10T tokens, cosine decay to 2.2e-5 until
+14.3T, 2.2e-5 for 333B tokens, then 7.3e-6 (3.3% of peak) for the last 167B. MTP weight lambda:
+0.3 until 10T tokens, then 0.1. Bias speed gamma: 0.001 until 14.3T, then 0.
 """
 from __future__ import annotations
 
@@ -13,22 +15,20 @@ import jax.numpy as jnp
 import optax
 
 
-def _frac_step(frac: float, total_steps: int) -> int:
-    return int(round(frac * total_steps))
-
-
-def lr_schedule(peak: float, total_steps: int, *, warmup_steps: int, constant_until: float,
-                decay_until: float, tail1_until: float, final_frac: float = 0.1,
-                tail1_frac: float = 0.1, tail2_frac: float = 0.033):
-    """The report's shape: warm-up -> constant -> cosine to final_frac -> two constant tails."""
-    if not 0 <= constant_until <= decay_until <= tail1_until <= 1:
-        raise ValueError("lr schedule needs 0 <= constant_until <= decay_until <= tail1_until <= 1, "
+def lr_schedule(peak: float, *, warmup_steps: int, constant_until: int, decay_until: int,
+                tail1_until: int, final_frac: float = 0.1, tail1_frac: float = 0.1,
+                tail2_frac: float = 0.033):
+    """The report's shape, boundaries in steps: warm-up -> constant -> cosine to final_frac ->
+    two constant tails. The cosine runs over steps, which is over tokens where the batch is
+    constant (after the ramp, as in the report)."""
+    if not 0 <= constant_until <= decay_until <= tail1_until:
+        raise ValueError("lr schedule needs 0 <= constant_until <= decay_until <= tail1_until, "
                          f"got {constant_until}, {decay_until}, {tail1_until}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    s_const = max(_frac_step(constant_until, total_steps), warmup_steps)
-    s_decay = max(_frac_step(decay_until, total_steps), s_const)
-    s_tail1 = max(_frac_step(tail1_until, total_steps), s_decay)
+    s_const = max(constant_until, warmup_steps)
+    s_decay = max(decay_until, s_const)
+    s_tail1 = max(tail1_until, s_decay)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -43,15 +43,14 @@ def lr_schedule(peak: float, total_steps: int, *, warmup_steps: int, constant_un
     return schedule
 
 
-def piecewise_constant(values: tuple[float, ...], boundaries: tuple[float, ...], total_steps: int):
-    """values[i] on [boundaries[i-1], boundaries[i]) in fractions of the run (len(values) = len(b)+1)."""
+def piecewise_constant(values: tuple[float, ...], boundaries: tuple[int, ...]):
+    """values[i] on steps [boundaries[i-1], boundaries[i]) (len(values) = len(boundaries) + 1)."""
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"need len(values) == len(boundaries) + 1, got {values}, {boundaries}")
-    steps = [_frac_step(b, total_steps) for b in boundaries]
 
     def schedule(step):
         out = jnp.asarray(values[0], jnp.float32)
-        for s, v in zip(steps, values[1:]):
+        for s, v in zip(boundaries, values[1:]):
             out = jnp.where(step >= s, v, out)
         return out
 

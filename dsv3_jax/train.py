@@ -50,9 +50,10 @@ class StepFns:
 
 def make_step_fns(c, cfg: ModelConfig, objective: objectives.Objective | None = None) -> StepFns:
     """The step's pieces from the config; the objective is c.train.objective unless given."""
-    optimizer, lr = ts.make_optimizer(c)
-    gamma = optim.piecewise_constant((c.balance.gamma, 0.0), (c.balance.gamma_until,),
-                                     c.train.steps)
+    schedule = ts.batch_schedule(c)
+    optimizer, lr = ts.make_optimizer(c, schedule)
+    gamma = optim.piecewise_constant((c.balance.gamma, 0.0),
+                                     (schedule.step_at(c.balance.gamma_until),))
     return StepFns(cfg=cfg, objective=objective or objectives.make(c, cfg), optimizer=optimizer,
                    lr=lr, gamma=gamma, ema_decay=c.train.ema_decay)
 
@@ -165,8 +166,7 @@ def load_data(s: Setup) -> Data:
     """The packed training stream, the validation batches and the tokenizer."""
     from dsv3_jax import data as data_lib
     c = s.c
-    schedule = ts.BatchSchedule(c.data.global_batch, c.data.micro_batch, c.data.batch_ramp,
-                                c.train.steps)
+    schedule = ts.batch_schedule(c)
     # The iterator yields micro-batches; step s takes micro-batches first_micro[s]... in order.
     train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
         c.data.seq_len, schedule.micro_batch, c.data.seed, process_index=jax.process_index(),

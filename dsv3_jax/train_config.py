@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         seq_len=256,              # tokens per packed row
         global_batch=8,           # rows per optimizer step, all processes together
         micro_batch=0,            # rows per forward/backward (gradient accumulation); 0 = global
-        batch_ramp="",            # e.g. "0:2,0.05:4,0.1:8": rows from that fraction of the run on
+        batch_ramp="",            # e.g. "0:2,1e6:4,2e6:8": rows per step once that many tokens
+                                  # have been consumed (report: 3072 -> 15360 over 469B tokens)
         seed=0,                   # shuffling of documents (per epoch)
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation
@@ -82,9 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         peak_lr=3e-3,             # report: 2.2e-4 at 671B scale
         warmup_steps=50,          # report: 2K steps
-        constant_until=0.676,     # fraction of the run (report: 10T of 14.8T tokens)
-        decay_until=0.966,        # cosine to 10% of peak until here (14.3T)
-        tail1_until=0.989,        # 10% of peak until here (333B tokens), then 3.3% (7.3e-6)
+        # Schedule boundaries are token counts; a value in [0, 1] is that fraction of the run's
+        # tokens (as here: the report's 10T / 14.3T / 14.633T of 14.8T).
+        constant_until=0.676,     # constant LR until (report: 10T tokens)
+        decay_until=0.966,        # cosine to 10% of peak until (14.3T)
+        tail1_until=0.989,        # 10% of peak until (14.633T: 333B tokens), then 3.3% (7.3e-6)
         b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.1,         # not applied to norm scales
         clip_norm=1.0,            # global gradient norm clipping
@@ -92,13 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.balance = ml_collections.ConfigDict(dict(
         gamma=0.001,              # aux-loss-free bias speed
-        gamma_until=0.966,        # then 0 (report: after 14.3T tokens)
+        gamma_until=0.966,        # then 0 (tokens or fraction; report: after 14.3T tokens)
         alpha=1e-4,               # sequence-wise balance loss weight
     ))
     c.mtp = ml_collections.ConfigDict(dict(
         lambda_start=0.3,         # MTP loss weight ...
         lambda_end=0.1,           # ... and after the switch
-        lambda_switch=0.676,      # fraction of the run (report: 10T of 14.8T)
+        lambda_switch=0.676,      # tokens or fraction (report: 10T of 14.8T)
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1,                  # pure data parallel (-1: all devices left over)
@@ -177,16 +180,25 @@ def validate(c) -> ModelConfig:
          f"train.init_from: {t.init_from!r} does not exist")
     need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
     need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
-    need(0 <= o.constant_until <= o.decay_until <= o.tail1_until <= 1,
-         "optim needs 0 <= constant_until <= decay_until <= tail1_until <= 1")
+    need(min(o.constant_until, o.decay_until, o.tail1_until) >= 0,
+         "optim.constant_until, decay_until and tail1_until are token counts (or fractions) >= 0")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
     need(o.weight_decay >= 0 and o.clip_norm > 0, "optim.weight_decay >= 0 and clip_norm > 0")
     need(o.moments_dtype in ("float32", "bfloat16"),
          f"optim.moments_dtype must be float32 or bfloat16, got {o.moments_dtype!r}")
     need(b.gamma >= 0 and b.alpha >= 0, "balance.gamma and balance.alpha must be >= 0")
-    need(0 <= b.gamma_until <= 1 and 0 <= m.lambda_switch <= 1,
-         "balance.gamma_until and mtp.lambda_switch are fractions of the run in [0, 1]")
+    need(b.gamma_until >= 0 and m.lambda_switch >= 0,
+         "balance.gamma_until and mtp.lambda_switch are token counts (or fractions) >= 0")
     need(m.lambda_start >= 0 and m.lambda_end >= 0, "mtp lambdas must be >= 0")
+    if not errors:   # the boundaries in tokens, resolved against the run's batch schedule
+        from dsv3_jax import train_state
+        try:
+            sched = train_state.batch_schedule(c)
+            at = [sched.step_at(v) for v in (o.constant_until, o.decay_until, o.tail1_until)]
+            need(at == sorted(at), "optim needs constant_until <= decay_until <= tail1_until "
+                 f"(in tokens; steps {at})")
+        except ConfigError as e:
+            errors.append(str(e))
     try:
         cfg = model_config(c)
     except (ConfigError, TypeError) as e:

@@ -14,12 +14,20 @@ from dsv3_jax import model, optim, params as params_lib, sharding
 from dsv3_jax.config import ConfigError, ModelConfig
 
 
-def make_optimizer(c):
-    """(optimizer, lr schedule) of config sections optim and train.steps."""
+def batch_schedule(c) -> "BatchSchedule":
+    """The run's batch per step (config data.* and train.steps)."""
+    return BatchSchedule(c.data.global_batch, c.data.micro_batch, c.data.batch_ramp,
+                         c.train.steps, c.data.seq_len)
+
+
+def make_optimizer(c, schedule: "BatchSchedule | None" = None):
+    """(optimizer, lr schedule) of config sections optim and train.steps; the LR boundaries are
+    token counts (or fractions of the run's tokens) turned into steps by the batch schedule."""
     o = c.optim
-    lr = optim.lr_schedule(o.peak_lr, c.train.steps, warmup_steps=o.warmup_steps,
-                           constant_until=o.constant_until, decay_until=o.decay_until,
-                           tail1_until=o.tail1_until)
+    at = (schedule or batch_schedule(c)).step_at
+    lr = optim.lr_schedule(o.peak_lr, warmup_steps=o.warmup_steps,
+                           constant_until=at(o.constant_until), decay_until=at(o.decay_until),
+                           tail1_until=at(o.tail1_until))
     optimizer = optim.make_optimizer(lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                      weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                      moments_dtype=o.moments_dtype)
@@ -66,33 +74,56 @@ def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape,
 
 
 class BatchSchedule:
-    """Global batch per step (an optional ramp in stages, report §4.2) as a number of
-    micro-batches of `micro_batch` rows; each stage compiles the step once.
+    """Global batch per step as a number of micro-batches of `micro_batch` rows, with an optional
+    ramp in stages (report §4.2: 3072 -> 15360 sequences over the first 469B tokens); each stage
+    compiles the step once. Also the run's clock in tokens: `tokens_before[s]` is the number of
+    tokens consumed before step s, and `step_at(t)` the first step that starts at or past t.
 
-    ramp: "" (constant) or "frac:rows,frac:rows,..." e.g. "0:2,0.05:4,0.1:8" (rows from that
-    fraction of the run on; the last stage should equal data.global_batch).
+    ramp: "" (constant) or "tokens:rows,tokens:rows,..." e.g. "0:2,4096:4,8192:8" (rows per step
+    once that many tokens have been consumed; the last stage should equal data.global_batch).
     """
 
-    def __init__(self, global_batch: int, micro_batch: int, ramp: str, steps: int):
+    def __init__(self, global_batch: int, micro_batch: int, ramp: str, steps: int,
+                 seq_len: int = 1):
         micro_batch = micro_batch or global_batch
         stages = [(0.0, global_batch)]
         if ramp:
             try:
-                stages = [(float(f), int(b)) for f, b in (p.split(":") for p in ramp.split(","))]
+                stages = [(float(t), int(b)) for t, b in (p.split(":") for p in ramp.split(","))]
             except ValueError:
-                raise ConfigError(f"data.batch_ramp must look like '0:2,0.1:4,0.2:8', got {ramp!r}")
+                raise ConfigError("data.batch_ramp must look like 'tokens:rows,...' e.g. "
+                                  f"'0:3072,58.6e9:4608', got {ramp!r}") from None
         errors = [f"batch {b} is not a positive multiple of data.micro_batch={micro_batch}"
                   for _, b in stages if b <= 0 or b % micro_batch]
-        if [f for f, _ in stages] != sorted(f for f, _ in stages) or stages[0][0] != 0:
-            errors.append(f"data.batch_ramp fractions must start at 0 and increase: {ramp!r}")
+        if [t for t, _ in stages] != sorted(t for t, _ in stages) or stages[0][0] != 0:
+            errors.append(f"data.batch_ramp token counts must start at 0 and increase: {ramp!r}")
         if errors:
             raise ConfigError("bad batch schedule: " + "; ".join(errors))
-        self.micro_batch = micro_batch
+        self.micro_batch, self.seq_len = micro_batch, seq_len
         per_step = np.zeros(steps, np.int64)
-        for frac, rows in stages:
-            per_step[int(round(frac * steps)):] = rows // micro_batch
+        tokens = np.zeros(steps + 1, np.int64)
+        starts = np.array([t for t, _ in stages])
+        rows = np.array([b for _, b in stages], np.int64)
+        for s in range(steps):   # the stage is chosen by the tokens consumed so far
+            stage = np.searchsorted(starts, tokens[s], side="right") - 1
+            per_step[s] = rows[stage] // micro_batch
+            tokens[s + 1] = tokens[s] + rows[stage] * seq_len
         self.micro_per_step = per_step
         self.first_micro = np.concatenate([[0], np.cumsum(per_step)])   # micro index of each step
+        self.tokens_before = tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.tokens_before[-1])
+
+    def step_at(self, tokens: float) -> int:
+        """First step that starts with at least `tokens` consumed; a value in [0, 1] is a
+        fraction of the run's tokens."""
+        if tokens < 0:
+            raise ConfigError(f"a schedule boundary must be >= 0 tokens, got {tokens}")
+        if tokens <= 1:
+            tokens = tokens * self.total_tokens
+        return int(np.searchsorted(self.tokens_before, tokens, side="left"))
 
     def rows(self, step: int) -> int:
         return int(self.micro_per_step[step]) * self.micro_batch

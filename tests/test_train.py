@@ -169,9 +169,12 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_batch_ramp_stages():
-    sched = train_state.BatchSchedule(8, 2, "0:2,0.5:4,0.75:8", 8)
-    assert [sched.rows(s) for s in range(8)] == [2, 2, 2, 2, 4, 4, 8, 8]
-    assert list(sched.first_micro) == [0, 1, 2, 3, 4, 6, 8, 12, 16]
+    # 10 tokens per row: stages start once 80 and 120 tokens have been consumed
+    sched = train_state.BatchSchedule(8, 2, "0:2,80:4,120:8", 8, seq_len=10)
+    assert [sched.rows(s) for s in range(8)] == [2, 2, 2, 2, 4, 8, 8, 8]
+    assert list(sched.first_micro) == [0, 1, 2, 3, 4, 6, 10, 14, 18]
+    assert list(sched.tokens_before) == [0, 20, 40, 60, 80, 120, 200, 280, 360]
+    assert [sched.step_at(t) for t in (0, 1e-9, 60, 61, 200, 0.5)] == [0, 1, 3, 4, 6, 6]
     with pytest.raises(ConfigError, match="multiple"):
         train_state.BatchSchedule(8, 3, "0:3,0.5:8", 8)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax import loss as loss_lib
-from dsv3_jax import model, optim
+from dsv3_jax import model, optim, train_state
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import dtype_of
 from dsv3_jax.layers.mtp import mtp_targets
@@ -82,7 +82,7 @@ def eval_step(params, router_bias, batch: dict, cfg: ModelConfig):
 
 def make(c, cfg: ModelConfig) -> Pretrain:
     m = c.mtp
+    switch = train_state.batch_schedule(c).step_at(m.lambda_switch)   # tokens -> step
     return Pretrain(cfg=cfg,
-                    mtp_weight=optim.piecewise_constant((m.lambda_start, m.lambda_end),
-                                                        (m.lambda_switch,), c.train.steps),
+                    mtp_weight=optim.piecewise_constant((m.lambda_start, m.lambda_end), (switch,)),
                     alpha=c.balance.alpha, ce_chunk=int(c.train.ce_chunk))
