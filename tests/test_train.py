@@ -1,5 +1,6 @@
 """The training job: loss goes down, one compile, exact resume after kill -9, SIGTERM saves,
 NaN halts, mismatched checkpoints give one clear error, metrics.jsonl has its keys."""
+import dataclasses
 import json
 import os
 import signal
@@ -175,27 +176,77 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tmp_path):
     assert saved and saved[-1] == max(losses(tmp_path)) and saved[-1] < 100000
 
 
+@dataclasses.dataclass(frozen=True)
+class NaNFrom:
+    """The pre-training objective, whose loss turns NaN from step `at` on."""
+    inner: object
+    at: int
+
+    def loss(self, params, router_bias, batch, step):
+        loss, aux = self.inner.loss(params, router_bias, batch, step)
+        return jnp.where(step >= self.at, jnp.nan, loss), aux
+
+    def eval(self, params, router_bias, batch):
+        return self.inner.eval(params, router_bias, batch)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    """NaN at step 3 (checkpoints every 2): the run stops naming step 3 and the checkpoint of
+    step 2, which exists, is the latest, and holds finite weights."""
+    from dsv3_jax import checkpoint as ckpt_lib
+    from dsv3_jax.objectives import pretrain
     c = micro_config(**{"train.steps": 12, "train.checkpoint_every": 2, "train.eval_every": 100})
-    c.optim.peak_lr = 1e12           # diverges within a few steps
-    c.optim.clip_norm = 1e30
-    c.optim.warmup_steps = 0
+    objective = NaNFrom(pretrain.make(c, train_config.validate(c)), at=3)
     with pytest.raises(FloatingPointError, match=r"NaN/Inf at step (\d+)") as err:
-        train.run(c, str(tmp_path))
-    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
-    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-    assert all(s <= bad for s in saved)
+        train.run(c, str(tmp_path), objective)
+    msg = err.value.args[0]
+    bad = int(msg.split("at step ")[1].split(";")[0])
+    named = int(msg.split("(step ")[1].split(")")[0])
+    assert bad == 3 and named == 2, msg
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved == [2], saved
+    assert str(tmp_path / "checkpoints") in msg
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    restored = ckpt.manager.restore(2)["state"]
+    ckpt.close()
+    assert int(restored["step"]) == 2 and int(restored["nonfinite_step"]) == -1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored["params"]))
 
 
-def test_checkpoint_from_another_config_is_a_clear_error(tmp_path):
-    train.run(micro_config(**{"train.steps": 2, "train.checkpoint_every": 2}), str(tmp_path))
-    other = micro_config(**{"train.steps": 4})
-    other.model.hidden_size = 96
-    other.model.n_routed_experts = 8
+def test_restore_checks_shapes_seeds_and_data_position(tmp_path):
+    """A checkpoint of step 2 (2 micro-batches per step) restores with the data iterator at
+    micro-batch 4; another model shape, train.seed or data.seed is one clear error naming it."""
+    from dsv3_jax import data as data_lib
+    c = micro_config(**{"train.steps": 2, "train.checkpoint_every": 2})
+    c.data.micro_batch = 2
+    train.run(c, str(tmp_path))
+    c.train.steps = 4
+    s = train.set_up(c, str(tmp_path))
+    data = train.load_data(s)
+    state, _, ckpt = train.restore_or_init(s, data)
+    ckpt.close()
+    assert int(state["step"]) == 2
+    assert data.train_iter.get_state() == {"step": 4, "seed": c.data.seed,
+                                           "seq_len": c.data.seq_len,
+                                           "global_batch": c.data.micro_batch}
+
+    def other_config(**overrides):
+        o = micro_config(**{"train.steps": 4})
+        o.data.micro_batch = 2
+        for k, v in overrides.items():
+            section, name = k.split(".")
+            o[section][name] = v
+        return o
+
     with pytest.raises(CheckpointMismatchError) as err:
-        train.run(other, str(tmp_path))
+        train.run(other_config(**{"model.hidden_size": 96, "model.n_routed_experts": 8}),
+                  str(tmp_path))
     msg = str(err.value)
     assert "shape mismatch" in msg and "embed" in msg and "router" in msg
+    with pytest.raises(ConfigError, match=r"train.seed=0.*train.seed=7"):
+        train.run(other_config(**{"train.seed": 7}), str(tmp_path))
+    with pytest.raises(data_lib.DataError, match=r"seed=0.*data.seed=5"):
+        train.run(other_config(**{"data.seed": 5}), str(tmp_path))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
