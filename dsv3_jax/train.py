@@ -221,7 +221,12 @@ def restore_or_init(s: Setup, data: Data):
                                      c.train.keep_checkpoints, c.train.async_checkpoint)
     latest = ckpt.latest_step()
     if latest is not None:
-        state, data_state, _ = ckpt.restore(latest, abstract)
+        state, data_state, meta = ckpt.restore(latest, abstract)
+        saved_seed = meta.get("config", {}).get("train", {}).get("seed", c.train.seed)
+        if saved_seed != c.train.seed:
+            raise ConfigError(f"the checkpoint in {ckpt.directory} was written with train.seed="
+                              f"{saved_seed}, this run has train.seed={c.train.seed}: use the "
+                              f"config that wrote it, or another --workdir")
         data.train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
         s.log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})")
     elif c.train.init_from:

@@ -1,4 +1,6 @@
 """MLA against a float64 NumPy multi-head attention built from the same weights (spec §2)."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,6 @@ import numpy as np
 import pytest
 
 from dsv3_jax import config
-from dsv3_jax.layers.common import rope_inv_freq
 from dsv3_jax.layers.mla import MLA
 
 
@@ -20,6 +21,31 @@ def rope_np(x, pos, freq, amp):
     return np.concatenate([z.real, z.imag], -1)
 
 
+def yarn_mscale(s, m):
+    return 0.1 * m * math.log(s) + 1.0 if s > 1 else 1.0
+
+
+def rope_freq_and_scale(cfg):
+    """Written from the formulas (not imported from the code under test): f_j = θ^(-2j/R);
+    under YaRN a linear ramp between the floor/ceil correction dims of beta_fast and beta_slow
+    blends f_j into f_j/s, cos/sin are scaled by mscale(s, mscale)/mscale(s, mscale_all_dim),
+    and the softmax scale 1/sqrt(K+R) by mscale(s, mscale_all_dim)^2."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freq = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    rs = cfg.rope_scaling
+    if rs is None:
+        return freq, 1.0, scale
+    s, l0 = float(rs["factor"]), rs["original_max_position_embeddings"]
+    corr = lambda rot: dim * math.log(l0 / (2 * math.pi * rot)) / (2 * math.log(base))
+    low = max(math.floor(corr(rs["beta_fast"])), 0)
+    high = min(math.ceil(corr(rs["beta_slow"])), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0, 1)
+    freq = freq * (1 - ramp) + freq / s * ramp
+    amp = yarn_mscale(s, rs["mscale"]) / yarn_mscale(s, rs["mscale_all_dim"])
+    return freq, amp, scale * yarn_mscale(s, rs["mscale_all_dim"]) ** 2
+
+
 def mla_reference(p, x, pos, seg, cfg):
     """Naive MHA: materialise q, k = [k_nope; shared k_rope], v per head; float64 throughout."""
     K, R, C, H = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.num_attention_heads
@@ -31,8 +57,7 @@ def mla_reference(p, x, pos, seg, cfg):
         q = np.einsum("btq,qhk->bthk", cq, p["q_b"]["kernel"])
     kv = x @ p["kv_a"]["kernel"]
     ckv = rms(kv[..., :C], p["kv_norm"]["scale"], eps)
-    freq, amp = rope_inv_freq(cfg)
-    freq = freq.astype(np.float64)
+    freq, amp, softmax_scale = rope_freq_and_scale(cfg)
     # broadcast the positions over heads for q
     q_rope = rope_np(q[..., K:], pos[:, :, None], freq, amp)
     k_rope = rope_np(kv[..., C:], pos, freq, amp)                          # one shared head
@@ -40,7 +65,7 @@ def mla_reference(p, x, pos, seg, cfg):
     k = np.concatenate([kvb[..., :K], np.broadcast_to(k_rope[:, :, None], kvb.shape[:3] + (R,))], -1)
     v = kvb[..., K:]
     qf = np.concatenate([q[..., :K], q_rope], -1)
-    s = np.einsum("bthd,bshd->bhts", qf, k) * config.softmax_scale(cfg)
+    s = np.einsum("bthd,bshd->bhts", qf, k) * softmax_scale
     t = x.shape[1]
     mask = (np.arange(t)[:, None] >= np.arange(t)[None]) & (seg[:, :, None] == seg[:, None, :])
     s = np.where(mask[:, None], s, -np.inf)

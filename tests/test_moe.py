@@ -128,23 +128,32 @@ def test_auto_gathers_only_few_slots_in_the_plain_jnp_path():
     assert moe.use_gather(cfg.replace(moe_impl="gather"), 4096)
 
 
-def test_router_stats_match_numpy(rng):
-    cfg = config.tiny()
-    b, t, e = 3, 20, cfg.n_routed_experts
-    s = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((b * t, e)), jnp.float32))
-    r = moe.route(s, jnp.zeros(e), cfg)
+@pytest.mark.parametrize("overrides", [{}, {"n_routed_experts": 32, "n_group": 8, "topk_group": 3,
+                                            "num_experts_per_tok": 6}])
+def test_router_stats_match_numpy(overrides, rng):
+    """Loads and the sequence-wise balance loss from a NumPy routing of s + b (random non-zero
+    bias, group-limited): f_i counts the routed set (biased choice), P_i the unbiased affinities
+    s_i / sum_j s_j; padding tokens and an all-padding row count for nothing."""
+    cfg = config.tiny(**overrides)
+    b, t, e, k = 3, 20, cfg.n_routed_experts, cfg.num_experts_per_tok
+    s = 1 / (1 + np.exp(-rng.standard_normal((b * t, e))))
+    bias = 0.3 * rng.standard_normal(e)          # large enough to change most routed sets
+    r = moe.route(jnp.asarray(s, jnp.float32), jnp.asarray(bias, jnp.float32), cfg)
     valid = rng.random((b, t)) > 0.3
     valid[2] = False                                   # an all-padding row is ignored
     stats = moe.router_stats(r, jnp.asarray(valid), cfg)
-    ex, sn = np.asarray(r.experts_NP).reshape(b, t, -1), np.asarray(s).reshape(b, t, e)
+    ex = np.stack(route_reference(s, bias, cfg)[0]).reshape(b, t, k)
+    assert (ex != np.stack(route_reference(s, 0 * bias, cfg)[0]).reshape(b, t, k)).any()
+    sn = s.reshape(b, t, e)
     counts = np.bincount(ex[valid].ravel(), minlength=e)
     np.testing.assert_array_equal(stats.counts, counts)
     losses = []
     for i in range(2):
         tt = valid[i].sum()
-        f = e / (cfg.num_experts_per_tok * tt) * np.bincount(ex[i][valid[i]].ravel(), minlength=e)
+        f = e / (k * tt) * np.bincount(ex[i][valid[i]].ravel(), minlength=e)
         p = (sn[i][valid[i]] / sn[i][valid[i]].sum(-1, keepdims=True)).mean(0)
         losses.append((f * p).sum())
+    # float32 sums of ~20 affinities: ~1e-6 relative
     np.testing.assert_allclose(stats.balance_loss, np.mean(losses), rtol=1e-5)
 
 
@@ -158,6 +167,34 @@ def test_bias_update_pushes_overloaded_expert_down():
     b = np.asarray(new["moe_layers"]["block"]["moe"]["bias"])
     assert (b[:, 3] == -0.001).all() and (b[:, 7] == 0.001).all()
     assert (np.asarray(new["mtp_0"]["block"]["moe"]["bias"])[3] == -0.001)
+
+
+def test_bias_update_matches_numpy_on_random_loads(rng):
+    """b_i += γ·sign(mean_j load_j - load_i) per layer (main and MTP), random loads and biases,
+    ties with the mean leave b_i alone."""
+    cfg = config.tiny(num_nextn_predict_layers=2)
+    variables = model.abstract_variables(cfg)
+    bias = jax.tree.map(lambda a: jnp.asarray(0.1 * rng.standard_normal(a.shape), a.dtype),
+                        variables["router_bias"])
+    e = cfg.n_routed_experts
+    counts = rng.integers(0, 50, (cfg.num_moe_layers, e))
+    counts[0, :] = 7                                    # all at the mean: no change
+    counts_mtp = rng.integers(0, 50, (2, e))
+    gamma = 0.0123
+    new = model.update_router_bias(bias, jnp.asarray(counts, jnp.int32),
+                                   jnp.asarray(counts_mtp, jnp.int32), gamma)
+
+    def want(b, c):
+        c = c.astype(np.float64)
+        return np.asarray(b, np.float64) + gamma * np.sign(c.mean(-1, keepdims=True) - c)
+
+    main = lambda tree: tree["moe_layers"]["block"]["moe"]["bias"]
+    np.testing.assert_allclose(main(new), want(main(bias), counts), rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(main(new)[0], main(bias)[0])
+    for d in range(2):
+        got = new[f"mtp_{d}"]["block"]["moe"]["bias"]
+        np.testing.assert_allclose(got, want(bias[f"mtp_{d}"]["block"]["moe"]["bias"],
+                                             counts_mtp[d]), rtol=0, atol=1e-7)
 
 
 def test_default_tile_m_bounds_padding():

@@ -43,18 +43,104 @@ def test_no_weight_decay_on_norms():
         assert decays == ("scale" not in name), name
 
 
-def test_bf16_moments_match_f32_adam_closely(rng):
-    p = {"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)}
-    g = {"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)}
-    sched = lambda s: 1e-2
-    opt32 = optim.make_optimizer(sched, weight_decay=0.0)
-    opt16 = optim.make_optimizer(sched, weight_decay=0.0, moments_dtype="bfloat16")
-    s32, s16 = opt32.init(p), opt16.init(p)
-    assert s16[1][0].mu["w"].dtype == jnp.bfloat16 and s16[1][0].nu["w"].dtype == jnp.bfloat16
-    for _ in range(3):
-        u32, s32 = opt32.update(g, s32, p)
-        u16, s16 = opt16.update(g, s16, p)
-    np.testing.assert_allclose(u16["w"], u32["w"], rtol=2e-2, atol=1e-4)
+def adamw_numpy(params, grads_per_step, lrs, b1, b2, eps, wd, clip):
+    """AdamW with global-norm clipping in float64, written from the formulas: g <- g·min(1,
+    clip/|g|); m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²; p -= lr_t (m̂/(√v̂ + eps) + wd·p)
+    with weight decay on matrices not named scale. Returns the updates, moments and the bound
+    on their BF16-stored error per step (see test_bf16_moments_...)."""
+    decays = {k: v.ndim > 1 and k != "scale" for k, v in params.items()}
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    em = {k: np.zeros_like(x) for k, x in p.items()}       # bounds on |m_bf16 - m|, |v_bf16 - v|
+    ev = {k: np.zeros_like(x) for k, x in p.items()}
+    u_bf16 = 2.0 ** -8                                       # BF16: 8 significant bits, nearest
+    out = []
+    for t, (g, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g.values()))
+        scale = min(1.0, clip / norm)
+        step, bound = {}, {}
+        for k in p:
+            gk = g[k].astype(np.float64) * scale
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            mh, vh = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
+            # the BF16 step computes this step's moments in float32 from the stored (rounded)
+            # previous ones, then rounds them for storage
+            dm, dv = b1 * em[k], b2 * ev[k]
+            dmh, dvh = dm / (1 - b1 ** t), dv / (1 - b2 ** t)
+            sv = np.sqrt(vh)
+            dsv = np.minimum(dvh / (2 * np.sqrt(np.maximum(vh - dvh, 0)) + 1e-300), np.sqrt(dvh))
+            bound[k] = lr * (dmh / (sv + eps) + np.abs(mh) * dsv / (sv + eps) ** 2)
+            em[k] = dm + u_bf16 * (np.abs(m[k]) + dm)
+            ev[k] = dv + u_bf16 * (np.abs(v[k]) + dv)
+            step[k] = -lr * (mh / (sv + eps) + (wd * p[k] if decays[k] else 0.0))
+            p[k] = p[k] + step[k]
+        out.append((step, bound, norm))
+    return out
+
+
+def _opt_problem(rng, steps=5):
+    """Params with a matrix, a 2-D stacked norm scale (never decayed) and a vector; fresh
+    gradients each step at scales from 0.1x to 30x the clip norm, so clipping engages on some
+    steps and not on others (Adam is not scale invariant across such steps)."""
+    params = {"w": rng.standard_normal((6, 5)).astype(np.float32),
+              "scale": (1 + 0.1 * rng.standard_normal((3, 5))).astype(np.float32),
+              "b": rng.standard_normal(7).astype(np.float32)}
+    scales = [30.0, 0.1, 3.0, 0.3, 10.0][:steps]
+    grads = [{k: (s * rng.standard_normal(v.shape) / 6).astype(np.float32)
+              for k, v in params.items()} for s in scales]
+    return params, grads
+
+
+def _run_optax(opt, params, grads):
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    state = opt.init(p)
+    update = jax.jit(opt.update)
+    out = []
+    for g in grads:
+        u, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
+        p = jax.tree.map(lambda a, b: a + b, p, u)
+        out.append(u)
+    return out, state
+
+
+HYPER = dict(b1=0.8, b2=0.9, eps=1e-6, weight_decay=0.3, clip_norm=1.0)
+
+
+def test_adamw_with_clipping_and_decay_matches_numpy(rng):
+    params, grads = _opt_problem(rng)
+    lr = lambda s: 1e-2 * (1.0 + s) / (1.0 + 0.5 * s)        # varies per step
+    got, _ = _run_optax(optim.make_optimizer(lr, **HYPER), params, grads)
+    want = adamw_numpy(params, grads, [lr(s) for s in range(len(grads))], HYPER["b1"],
+                       HYPER["b2"], HYPER["eps"], HYPER["weight_decay"], HYPER["clip_norm"])
+    norms = [n for _, _, n in want]
+    assert max(norms) > 3 * HYPER["clip_norm"] and min(norms) < HYPER["clip_norm"]
+    for t, (u, (w, _, _)) in enumerate(zip(got, want)):
+        for k in params:
+            # float32 arithmetic on O(1e-2) steps: 1e-5 relative
+            np.testing.assert_allclose(u[k], w[k], rtol=1e-5, atol=1e-9, err_msg=f"step {t} {k}")
+
+
+def test_bf16_moments_stay_within_their_rounding_bound(rng):
+    """BF16-stored moments against float64 AdamW: each stored moment is off by at most its
+    rounding (2^-8 relative) plus the decayed error carried from the last step; that bound,
+    carried into m̂/(√v̂+eps), bounds the update's error (with 1.5x slack for float32)."""
+    params, grads = _opt_problem(rng)
+    lr = lambda s: 1e-2
+    opt = optim.make_optimizer(lr, moments_dtype="bfloat16", **HYPER)
+    got, state = _run_optax(opt, params, grads)
+    assert state[1][0].mu["w"].dtype == jnp.bfloat16 and state[1][0].nu["w"].dtype == jnp.bfloat16
+    want = adamw_numpy(params, grads, [1e-2] * len(grads), HYPER["b1"], HYPER["b2"],
+                       HYPER["eps"], HYPER["weight_decay"], HYPER["clip_norm"])
+    worst = 0.0
+    for t, (u, (w, bound, _)) in enumerate(zip(got, want)):
+        for k in params:
+            err = np.abs(np.asarray(u[k], np.float64) - w[k])
+            lim = 1.5 * bound[k] + 1e-5 * np.abs(w[k]) + 1e-10
+            assert (err <= lim).all(), (t, k, (err - lim).max())
+            worst = max(worst, float((err / (np.abs(w[k]) + 1e-12)).max()))
+    assert worst > 1e-4       # the moments really are BF16 (float32 would be ~1e-7)
 
 
 def test_report_schedule_at_full_scale_with_the_batch_ramp():

@@ -92,18 +92,42 @@ def run(mesh_sizes, skew=False):
         step = jax.jit(lambda s, b: train.train_step(s, b, fns), in_shardings=(shard, micro),
                        out_shardings=(shard, jax.sharding.NamedSharding(mesh, P())))
         grads = jax.jit(grad_fn, in_shardings=(shard, micro))(state, data[0])
-    losses, norms = [], []
+    losses, norms, biases = [], [], [[np.asarray(x) for x in jax.tree.leaves(state["router_bias"])]]
     for b in data:
         state, m = step(state, b)
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
+        biases.append([np.asarray(x) for x in jax.tree.leaves(state["router_bias"])])
     out = {"losses": losses, "grad_norms": norms,
            "grad_leaves": [leaf(grads, p) for p in LEAVES],
-           "bias": [np.asarray(x) for x in jax.tree.leaves(state["router_bias"])],
+           "bias": biases[-1], "bias_steps": biases,
            "params": jax.tree.map(np.asarray, state["params"]), "specs": specs, "state": state}
     if ctx is not None:
         ctx.__exit__(None, None, None)
     return out
+
+
+def bias_rule_reference(c):
+    """The router biases after the first step from NumPy: each row of the first batch run alone
+    on one device (no mesh), its expert loads summed over all rows in NumPy (the global batch's
+    loads, whatever the mesh), then b += gamma * sign(mean load - load) per layer."""
+    cfg = train_config.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    state = train_state.init_state(cfg, fns.optimizer, 0, ema=False)
+    loads = jax.jit(lambda s, b: fns.objective.loss(s["params"], s["router_bias"], b, 0)[1])
+    batch = jax.tree.map(lambda x: x[0], batches(1)[0])
+    rows = batch["inputs"].shape[0]
+    main = mtp = 0
+    for r in range(rows):
+        aux = loads(state, jax.tree.map(lambda x: x[r:r + 1], batch))
+        main, mtp = main + np.asarray(aux["counts"], np.int64), mtp + np.asarray(aux["mtp_counts"], np.int64)
+    gamma = float(fns.gamma(0))
+    rule = lambda b, n: np.asarray(b, np.float64) + gamma * np.sign(n.mean(-1, keepdims=True) - n)
+    bias = jax.tree.map(np.asarray, state["router_bias"])
+    bias["moe_layers"]["block"]["moe"]["bias"] = rule(bias["moe_layers"]["block"]["moe"]["bias"], main)
+    for k in range(mtp.shape[0]):
+        bias[f"mtp_{k}"]["block"]["moe"]["bias"] = rule(bias[f"mtp_{k}"]["block"]["moe"]["bias"], mtp[k])
+    return jax.tree.leaves(bias), int(main.sum())
 
 
 def close(a, b, rtol=1e-5):
@@ -122,6 +146,11 @@ def main():
     skew = which == "skew"
     ref = run(None, skew)
     ok = True
+    if not FP8 and not skew:
+        want_bias, routed = bias_rule_reference(config())
+        rule_ok = all(close(g, w) for g, w in zip(ref["bias_steps"][1], want_bias))
+        print(json.dumps({"bias_rule_single_device": rule_ok, "routed_slots": routed}))
+        ok &= rule_ok
     for sizes in meshes:
         got = run(sizes, skew)
         checks = {
@@ -140,6 +169,8 @@ def main():
         checks["shardings"] = all(norm(a)[:8] == norm(b)[:8] for a, b in zip(live, want))
         expert_spec = got["specs"]["params"]["moe_layers"]["block"]["moe"]["experts"]["gate"]
         checks["expert_axis"] = (sizes.get("expert", 1) == 1) or expert_spec[1] == "expert"
+        if not FP8 and not skew:   # b += gamma sign(mean - load) from the global batch's loads
+            checks["bias_rule"] = all(close(g, w) for g, w in zip(got["bias_steps"][1], want_bias))
         checks = {k: bool(v) for k, v in checks.items()}
         ok &= all(checks.values())
         print(json.dumps({"mesh": sizes, "losses": got["losses"], **checks}), flush=True)

@@ -1,0 +1,214 @@
+"""Mutation check of the test suite: plant one-line bugs, one at a time, and see the tests fail.
+
+  python tests/mutations.py                  # every mutation; a table of killed / survived
+  python tests/mutations.py -k ema,balance   # the mutations whose name contains a word
+  python tests/mutations.py --baseline       # first check the selected tests pass unmutated
+
+Each mutation is (name, file, exact old text, new text, tests that should kill it). It is applied
+to a copy of the repository (dsv3_jax/, kernels_pallas/, tests/, experiments/, pytest.ini) in a
+temporary directory; the named tests run there (`-x -q -m "not slow"`, PYTHONPATH = the copy) and
+the mutation is killed when they fail. Exit status 1 when a mutation survives or its old text is
+not found exactly once (the list must follow the code). The list is in README.md, "Mutation
+testing". About 15 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPY = ["dsv3_jax", "kernels_pallas", "tests", "experiments", "pytest.ini"]
+
+T_OBJ = "tests/test_objective.py::test_total_loss_matches_float64_recomputation"
+T_MTP = "tests/test_objective.py::test_mtp_targets_match_the_stream"
+T_STATS = "tests/test_moe.py::test_router_stats_match_numpy"
+T_ROUTE = "tests/test_moe.py::test_group_limited_topk_matches_reference"
+T_GATES = "tests/test_moe.py::test_bias_changes_selection_not_gates"
+T_BIAS = "tests/test_moe.py::test_bias_update_matches_numpy_on_random_loads"
+T_MLA = "tests/test_mla.py::test_mla_matches_naive_multihead"
+T_MTP_MODEL = "tests/test_model.py::test_mtp_depth1_predicts_t_plus_2"
+T_LOSS = "tests/test_loss.py::test_head_ce_value_and_grads_match_float64"
+T_ADAMW = "tests/test_optim.py::test_adamw_with_clipping_and_decay_matches_numpy"
+T_BF16 = "tests/test_optim.py::test_bf16_moments_stay_within_their_rounding_bound"
+T_LR = "tests/test_optim.py::test_lr_schedule_shape_at_boundaries"
+T_REPORT_SCHEDULE = "tests/test_optim.py::test_report_schedule_at_full_scale_with_the_batch_ramp"
+T_INIT_FROM = "tests/test_frame.py::test_init_from_takes_weights_bit_for_bit_with_a_fresh_optimizer"
+T_PIECEWISE = "tests/test_optim.py::test_mtp_lambda_and_gamma_switch_at_their_steps"
+T_EMA = "tests/test_train.py::test_ema_follows_params_and_evaluates_as_built_by_hand"
+T_ACCUM = "tests/test_train.py::test_gradient_accumulation_equals_one_big_batch"
+T_NAN = "tests/test_train.py::test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint"
+T_RESTORE = "tests/test_train.py::test_restore_checks_shapes_seeds_and_data_position"
+T_MESH = "tests/multidevice/test_multidevice.py::test_bad_meshes_are_one_clear_error_each"
+
+# (name, file, old, new, tests)
+MUTATIONS = [
+    # MTP and the objective
+    ("mtp targets shifted by k, not k+1", "dsv3_jax/layers/mtp.py",
+     'return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc',
+     'return shift_left(batch["targets"], k - 1), shift_left(batch["loss_mask"], k - 1) * same_doc',
+     [T_MTP]),
+    ("mtp targets cross document boundaries", "dsv3_jax/layers/mtp.py",
+     "same_doc = shift_left(seg, k, fill=-1) == seg", "same_doc = seg == seg", [T_MTP]),
+    ("mtp module embeds token i+k-1", "dsv3_jax/model.py",
+     "self.embed_tokens(shift_left(input_ids, k))", "self.embed_tokens(shift_left(input_ids, k - 1))",
+     [T_MTP_MODEL]),
+    ("mtp loss summed, not averaged over depths (λ, not λ/D)", "dsv3_jax/objectives/pretrain.py",
+     "mtp_ce = sum(mtp_ces) / depth if depth", "mtp_ce = sum(mtp_ces) if depth", [T_OBJ]),
+    ("balance loss of the MTP modules dropped", "dsv3_jax/objectives/pretrain.py",
+     "balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()",
+     "balance = out.router.balance_loss.sum()", [T_OBJ]),
+    ("masked CE divides by all positions", "dsv3_jax/loss.py",
+     "return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)",
+     "return (nll * mask).sum() / mask.size", [T_LOSS]),
+    # routing and balance
+    ("balance P_i from the biased scores", "dsv3_jax/layers/moe.py",
+     "return Routing(experts.astype(jnp.int32), gates * cfg.routed_scaling_factor, scores_NE)",
+     "return Routing(experts.astype(jnp.int32), gates * cfg.routed_scaling_factor, "
+     "scores_NE + bias_E[None, :])", [T_STATS]),
+    ("balance f_i over all positions, padding included", "dsv3_jax/layers/moe.py",
+     "f = sel_BTE.sum(1) * (e / (k * per_seq_tokens[:, None]))", "f = sel_BTE.sum(1) * (e / (k * t))",
+     [T_STATS]),
+    ("group score from the top-1, not the top-2 experts", "dsv3_jax/layers/moe.py",
+     "group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)",
+     "group_score = jax.lax.top_k(grouped, 1)[0].sum(-1)", [T_ROUTE]),
+    ("gates from the biased scores", "dsv3_jax/layers/moe.py",
+     "gates = jnp.take_along_axis(scores_NE, experts, axis=-1)",
+     "gates = jnp.take_along_axis(choice, experts, axis=-1)", [T_GATES]),
+    ("bias update with the sign flipped", "dsv3_jax/model.py",
+     "return bias + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)",
+     "return bias - gamma * jnp.sign(load.mean(-1, keepdims=True) - load)", [T_BIAS]),
+    # MLA and RoPE
+    ("softmax scale with mscale once, not squared", "dsv3_jax/config.py",
+     "scale *= m * m", "scale *= m", [T_MLA]),
+    ("YaRN cos/sin amplitude dropped", "dsv3_jax/layers/common.py",
+     "return jnp.cos(angles) * amp, jnp.sin(angles) * amp", "return jnp.cos(angles), jnp.sin(angles)",
+     [T_MLA]),
+    ("attention mask strictly causal (no self)", "dsv3_jax/layers/mla.py",
+     "causal = q_index[:, :, None] >= kv_index[:, None, :]",
+     "causal = q_index[:, :, None] > kv_index[:, None, :]", [T_MLA]),
+    # optimizer and schedules
+    ("no gradient clipping", "dsv3_jax/optim.py",
+     "optax.clip_by_global_norm(clip_norm),", "optax.identity(),", [T_ADAMW]),
+    ("weight decay on norm scales", "dsv3_jax/optim.py",
+     'return p.ndim > 1 and name not in ("scale", "bias")', 'return p.ndim > 1 and name != "bias"',
+     [T_ADAMW]),
+    ("Adam b2 = b1", "dsv3_jax/optim.py",
+     "return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)",
+     "return optax.scale_by_adam(b1=b1, b2=b1, eps=eps)", [T_ADAMW]),
+    ("BF16 second moment decays with b1", "dsv3_jax/optim.py",
+     "nu = jax.tree.map(lambda v, g: (b2 * v.astype(jnp.float32) + (1 - b2) * g * g)",
+     "nu = jax.tree.map(lambda v, g: (b1 * v.astype(jnp.float32) + (1 - b1) * g * g)", [T_BF16]),
+    ("warm-up starts at 0 (off by one)", "dsv3_jax/optim.py",
+     "warm = peak * (step + 1) / max(warmup_steps, 1)", "warm = peak * step / max(warmup_steps, 1)",
+     [T_LR]),
+    ("piecewise schedules switch one step late", "dsv3_jax/optim.py",
+     "out = jnp.where(step >= s, v, out)", "out = jnp.where(step > s, v, out)", [T_PIECEWISE]),
+    # the train step
+    ("EMA decay inverted", "dsv3_jax/train.py",
+     "lambda e, p: fns.ema_decay * e + (1 - fns.ema_decay) * p",
+     "lambda e, p: (1 - fns.ema_decay) * e + fns.ema_decay * p", [T_EMA]),
+    ("EMA of the old params", "dsv3_jax/train.py",
+     'state["ema"], params)', 'state["ema"], state["params"])', [T_EMA]),
+    ("gradient accumulation zeroes the gradients", "dsv3_jax/train.py",
+     "jax.tree.map(lambda x: x / n_micro, grads)", "jax.tree.map(lambda x: x * 0, grads)", [T_ACCUM]),
+    # checkpoints and resume
+    ("checkpoints only at the end", "dsv3_jax/train.py",
+     "if done % c.train.checkpoint_every == 0 or last:\n            _check_finite",
+     "if last:\n            _check_finite", [T_NAN]),
+    ("restore ignores train.seed", "dsv3_jax/train.py",
+     "if saved_seed != c.train.seed:", "if False:", [T_RESTORE]),
+    ("restore rewinds the data position", "dsv3_jax/train.py",
+     "data.train_iter.set_state(data_state)", "data.train_iter.set_state(dict(data_state, step=0))",
+     [T_RESTORE]),
+    ("init_from ignores init_router_bias=False", "dsv3_jax/train.py",
+     "if not s.c.train.init_router_bias:", "if False:", [T_INIT_FROM]),
+    ("schedule boundaries one step late (token clock)", "dsv3_jax/train_state.py",
+     'return int(np.searchsorted(self.tokens_before, tokens, side="left"))',
+     'return int(np.searchsorted(self.tokens_before, tokens, side="right"))', [T_REPORT_SCHEDULE]),
+    # sharding
+    ("mesh check ignores the expert axis in the batch split", "dsv3_jax/sharding.py",
+     "if global_batch % batch_ways:", 'if global_batch % (batch_ways // shape["expert"]):', [T_MESH]),
+    ("two -1 mesh axes accepted", "dsv3_jax/sharding.py",
+     "if len(fill) > 1:", "if len(fill) > 2:", [T_MESH]),
+]
+
+
+def copy_repo(dest: str) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in COPY:
+        src = os.path.join(ROOT, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name), ignore=ignore)
+        elif os.path.exists(src):
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+def run_tests(where: str, tests: list[str], timeout: int) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=where, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", *tests]
+    try:
+        out = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True,
+                             timeout=timeout)
+        return out.returncode, out.stdout[-2000:] + out.stderr[-2000:]
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-k", default="", help="comma-separated words: run mutations whose name has one")
+    ap.add_argument("--baseline", action="store_true", help="first run the tests unmutated")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutation")
+    args = ap.parse_args(argv)
+    words = [w for w in args.k.split(",") if w]
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
+    rows, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="dsv3_mutations_") as tmp:
+        copy_repo(tmp)
+        if args.baseline:
+            tests = sorted({t for m in chosen for t in m[4]})
+            rc, out = run_tests(tmp, tests, args.timeout * 3)
+            print(f"baseline: {'pass' if rc == 0 else 'FAIL'}", flush=True)
+            if rc != 0:
+                print(out)
+                return 1
+        for name, path, old, new, tests in chosen:
+            file = os.path.join(tmp, path)
+            with open(file) as f:
+                original = f.read()
+            n = original.count(old)
+            if n != 1:
+                rows.append((name, f"OLD TEXT FOUND {n} TIMES", path))
+                bad += 1
+                print(f"{name}: old text found {n} times in {path}", flush=True)
+                continue
+            with open(file, "w") as f:
+                f.write(original.replace(old, new))
+            t0 = time.time()
+            try:
+                rc, out = run_tests(tmp, tests, args.timeout)
+            finally:
+                with open(file, "w") as f:
+                    f.write(original)
+            status = "killed" if rc not in (0, -1, 5) else {0: "SURVIVED", -1: "TIMEOUT",
+                                                              5: "NO TESTS RAN"}[rc]
+            bad += status != "killed"
+            rows.append((name, status, ", ".join(t.split("::")[-1] for t in tests)))
+            print(f"{status:9s} {time.time() - t0:5.0f}s  {name}", flush=True)
+            if status != "killed":
+                print(out)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'mutation':{width}s}  result    killed by")
+    for name, status, tests in rows:
+        print(f"{name:{width}s}  {status:8s}  {tests}")
+    print(f"\n{len(rows) - bad}/{len(rows)} killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
