@@ -82,7 +82,7 @@ class ModelConfig:
     # kernel) | auto (reference below 1024 tokens, then pallas on a GPU with tokamax, else
     # blockwise). Decoding keeps its own formulation (generate's attn_impl).
     train_attention: str = "auto"
-    attn_block_size: int = 512              # blockwise: query and key block (tokens)
+    attn_block_size: int = 256              # blockwise: query and key block (tokens)
     # auto: gather for few routed slots (decode), else sorted; sorted: dropless grouped GEMM;
     # gather: each slot's expert weights gathered (cost x slots); dense: every expert (reference)
     moe_impl: str = "auto"

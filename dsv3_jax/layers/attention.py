@@ -315,7 +315,7 @@ def tokamax_attention(q_BTHX, k_BSHX, v_BSHV, segment_ids_BT=None, kv_segment_id
 # ----------------------------------------------------------------------------------------------
 
 def self_attention(impl: str, q_BTHX, k_BSHX, v_BSHV, segment_ids_BT, *, scale: float,
-                   block: int = 512):
+                   block: int = 256):
     """Causal self-attention within documents by a non-reference implementation."""
     if impl == "blockwise":
         return flash_attention(q_BTHX, k_BSHX, v_BSHV, segment_ids_BT, scale=scale,
