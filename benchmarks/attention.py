@@ -114,8 +114,8 @@ def residual_bytes(seq_len, impl):
     _, cfg, fns, batch, _, train_state = step_setup(seq_len, impl)
     state = jax.eval_shape(lambda: train_state.init_state(cfg, fns.optimizer, 0, False))
     mb = jax.tree.map(lambda a: a[0], batch)
-    res = saved_residuals(lambda p: fns.objective.loss(p, state["router_bias"], mb,
-                                                       jnp.int32(0))[0], state["params"])
+    res = saved_residuals(lambda p, rb: fns.objective.loss(p, rb, mb, jnp.int32(0))[0],
+                          state["params"], state["router_bias"])
     sizes = [int(np.prod(r[0].shape)) * r[0].dtype.itemsize for r in res]
     ts = [int(np.prod(r[0].shape)) * r[0].dtype.itemsize for r in res
           if sum(d >= seq_len for d in r[0].shape) >= 2 or
