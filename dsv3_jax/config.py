@@ -18,6 +18,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT = ("none", "full", "selective")
 _MOE_IMPLS = ("auto", "sorted", "gather", "dense")
 _GEMM_IMPLS = ("jnp", "pallas")
+_TRAIN_ATTENTION = ("reference", "blockwise", "pallas", "auto")   # = layers.attention.TRAIN_ATTENTION
 
 
 class ConfigError(UserError):
@@ -76,6 +77,12 @@ class ModelConfig:
     # Training self-attention in this many causal query blocks (each skips the keys after it):
     # (n-1)/2n of the score work saved; unrolled, so keep n small (the plain-jnp path).
     attn_causal_blocks: int = 1
+    # Training/prefill self-attention (layers/attention.py): reference (materialised [B,H,T,S]
+    # scores) | blockwise (flash attention in jnp, memory T x block) | pallas (tokamax's Hopper
+    # kernel) | auto (reference below 1024 tokens, then pallas on a GPU with tokamax, else
+    # blockwise). Decoding keeps its own formulation (generate's attn_impl).
+    train_attention: str = "auto"
+    attn_block_size: int = 256              # blockwise: query and key block (tokens)
     # auto: gather for few routed slots (decode), else sorted; sorted: dropless grouped GEMM;
     # gather: each slot's expert weights gathered (cost x slots); dense: every expert (reference)
     moe_impl: str = "auto"
@@ -179,6 +186,11 @@ class ModelConfig:
         need(self.param_dtype in _DTYPES, f"unknown param_dtype {self.param_dtype!r}")
         need(self.attn_causal_blocks >= 1,
              f"attn_causal_blocks must be >= 1, got {self.attn_causal_blocks}")
+        need(self.train_attention in _TRAIN_ATTENTION, f"unknown train_attention "
+             f"{self.train_attention!r}; expected one of {_TRAIN_ATTENTION}")
+        need(isinstance(self.attn_block_size, int) and self.attn_block_size >= 8
+             and self.attn_block_size % 8 == 0,
+             f"attn_block_size must be a positive multiple of 8, got {self.attn_block_size}")
         need(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}")
         need(self.remat in _REMAT, f"unknown remat {self.remat!r}; expected one of {_REMAT}")
         need(self.moe_impl in _MOE_IMPLS, f"unknown moe_impl {self.moe_impl!r}; expected {_MOE_IMPLS}")

@@ -22,6 +22,7 @@ from dsv3_jax import errors, sharding, train_config
 from dsv3_jax import train_state as ts
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import UserError
+from dsv3_jax.layers import attention
 
 GB = 1024 ** 3
 
@@ -57,11 +58,16 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int)
     norms = (2 * d + q + c) * b                                # attn/ffn/q/kv norm outputs
     up = (h * (k + r) + h * (k + v)) * b                       # MLA up-projections (q_b, kv_b)
     attn_other = (q + (c + r) + h * r + r + h * v + d) * b     # q_a, kv_a, rope, o, o_proj out
-    scores = h * seq_len * 4                                   # f32 softmax probabilities
+    if attention.resolve(cfg.train_attention, seq_len, "gpu") == "reference":
+        scores = h * seq_len * 4                               # f32 softmax probabilities
+    else:   # flash attention's own residuals: [q_nope|q_rope], [k_nope|k_rope], v; f32 lse
+        scores = (2 * h * (k + r) + h * v) * b + h * 4
     moe = (e * 4 + 2 * topk * d * b + 3 * topk * f * b + 3 * fs * b + d * b)
     none = norms + up + attn_other + scores + moe + d * b
     out = {"none": none, "selective": none - norms - up, "full": d * b}
-    return {"per_token_layer": out[remat], "attention_scores": scores if remat != "full" else 0}
+    impl = attention.resolve(cfg.train_attention, seq_len, "gpu")
+    return {"per_token_layer": out[remat], "attention_scores": scores if remat != "full" else 0,
+            "attention": "T^2 probabilities" if impl == "reference" else f"{impl}: q, k, v, lse"}
 
 
 def plan(c, mesh_sizes: dict, devices: int) -> dict:
@@ -86,8 +92,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
             "gradients (f32)": mem["grads"] / GB,
             f"optimizer ({c.optim.moments_dtype} moments, ZeRO-1)": mem["optimizer"] / GB,
             f"activations (remat={cfg.remat})": activations / GB,
-            "  of which attention scores": (act["attention_scores"] * tokens_in_flight
-                                            * layers_per_device) / GB,
+            f"  of which attention ({act['attention']})": (
+                act["attention_scores"] * tokens_in_flight * layers_per_device) / GB,
         },
         "total_per_device_GiB": (2 * mem["params"] + mem["optimizer"] + activations) / GB,
         "activation_assumptions": {"micro_batch_rows": micro, "rows_per_device": rows_per_device,

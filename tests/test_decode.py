@@ -60,8 +60,15 @@ def assert_close(ours, ref, rel=1e-5):
                                atol=rel * max(1.0, float(np.abs(ref).max())))
 
 
+@pytest.fixture(scope="module")
+def tiny_blockwise(tiny):
+    """The same weights with the blockwise (flash) training attention in several blocks."""
+    return config.tiny(vocab_size=512, train_attention="blockwise", attn_block_size=8), tiny[1]
+
+
 @pytest.mark.parametrize("model_fixture,attn_impl", [("tiny", "absorbed"), ("tiny", "naive"),
-                                                   ("yarn", "absorbed")])
+                                                   ("yarn", "absorbed"),
+                                                   ("tiny_blockwise", "absorbed")])
 def test_cached_decode_equals_full_forward_at_every_step(model_fixture, attn_impl, rng, request):
     """Prefill 5 tokens, then steps of 1, 3 (a verify-sized block) and 1 tokens: each step's
     logits equal the full forward's at those positions."""

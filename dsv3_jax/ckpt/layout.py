@@ -32,8 +32,8 @@ from dsv3_jax.config import ConfigError, ModelConfig
 CONFIG_NAME = "config.json"
 
 # Fields of ModelConfig that are ours, not the release's: never read from a config.json.
-_OUR_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attn_causal_blocks", "moe_impl",
-               "moe_tile_m",
+_OUR_FIELDS = ("dtype", "param_dtype", "remat", "scan_unroll", "attn_causal_blocks",
+               "train_attention", "attn_block_size", "moe_impl", "moe_tile_m",
                "moe_ep_capacity_factor", "gemm_impl", "fp8")
 _ROPE_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim", "attention_factor", "truncate")

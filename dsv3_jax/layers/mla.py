@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig, softmax_scale
+from dsv3_jax.layers import attention
 from dsv3_jax.layers.common import Linear, RMSNorm, acc_dtype, apply_rope, dtype_of, rope_cos_sin
 
 _NEG_INF = -1e30
@@ -136,11 +137,20 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
         q_rope, k_rope = q_rope.astype(q_nope.dtype), k_rope.astype(q_nope.dtype)
         k_nope, v = self.expand_latent(c_kv)
-        index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
-        mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
+        impl = attention.resolve(cfg.train_attention, x_BTD.shape[1])
         with jax.named_scope("attention"):
-            o = attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask, softmax_scale(cfg),
-                                     cfg.attn_causal_blocks)
+            if impl == "reference":
+                index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
+                mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
+                o = attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask,
+                                         softmax_scale(cfg), cfg.attn_causal_blocks)
+            else:   # flash attention on [q_nope | q_rope] . [k_nope | shared k_rope]: no [T, S]
+                k_rope_BSHR = jnp.broadcast_to(k_rope[:, :, None],
+                                               (*k_nope.shape[:3], k_rope.shape[-1]))
+                o = attention.self_attention(
+                    impl, jnp.concatenate([q_nope, q_rope], -1),
+                    jnp.concatenate([k_nope, k_rope_BSHR], -1), v, segment_ids_BT,
+                    scale=softmax_scale(cfg), block=cfg.attn_block_size)
         return self.o_proj(o.astype(dtype_of(cfg.dtype)))
 
     def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):

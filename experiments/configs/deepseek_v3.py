@@ -11,7 +11,8 @@ Variants: `stage=pretrain` (default; 14.8T tokens at 4K with plain RoPE, the bat
 and `stage=ext128k` (§4.3: YaRN s=40, alpha=1, beta=32, sqrt(t) = 0.1 ln s + 1 on the decoupled
 rope key only; 1000 steps each at 32K x 1920 and 128K x 480, LR 7.3e-6, starting from the
 previous stage via --config.train.init_from=DIR), and `quick` (the tiny model with the
-schedule's shape, for a smoke run).
+schedule's shape, for a smoke run). `attention=reference` plans the attention that materialises
+the [T, S] probabilities instead of the default flash attention (`model.train_attention`).
 """
 from dsv3_jax.train_config import base_config, model_block, parse_arg
 
@@ -43,7 +44,8 @@ def steps_for(total_tokens: float, seq_len: int, ramp=RAMP) -> int:
 
 
 def get_config(arg=None):
-    variant = parse_arg(arg, config="deepseek_v3.py", quick=False, stage="pretrain")
+    variant = parse_arg(arg, config="deepseek_v3.py", quick=False, stage="pretrain",
+                        attention="auto")
     if variant.stage not in ("pretrain", "ext32k", "ext128k"):
         from dsv3_jax.config import ConfigError
         raise ConfigError(f"deepseek_v3.py: stage must be pretrain, ext32k or ext128k, got "
@@ -53,7 +55,8 @@ def get_config(arg=None):
     # on BF16 compute (embedding, head, router, norms and attention core stay BF16/FP32).
     # Pre-training uses plain RoPE at 4K; YaRN belongs to the context-extension stages.
     c.model = model_block("deepseek_v3_671b", dtype="bfloat16", remat="selective", fp8=True,
-                          rope_scaling=None, max_position_embeddings=SEQ_LEN)
+                          rope_scaling=None, max_position_embeddings=SEQ_LEN,
+                          train_attention=variant.attention)
     c.data.seq_len = SEQ_LEN
     c.data.global_batch = RAMP[1]
     c.data.micro_batch = 128            # one sequence per device of the (data x expert) = 128 ways
@@ -77,7 +80,8 @@ def get_config(arg=None):
     if variant.stage != "pretrain":     # §4.3: two phases of 1000 steps, same YaRN both times
         seq_len, rows = {"ext32k": (32768, 1920), "ext128k": (131072, 480)}[variant.stage]
         c.model = model_block("deepseek_v3_671b", dtype="bfloat16", remat="selective", fp8=True,
-                              rope_scaling=YARN, max_position_embeddings=seq_len)
+                              rope_scaling=YARN, max_position_embeddings=seq_len,
+                              train_attention=variant.attention)
         c.data.seq_len, c.data.global_batch, c.data.batch_ramp = seq_len, rows, ""
         # 1920 rows keep one sequence per (data x expert) device per micro-batch; 480 do not
         # split 128 ways, so that phase takes its batch whole

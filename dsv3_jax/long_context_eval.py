@@ -1,0 +1,107 @@
+"""Long-context evaluation (report §4.3, Figure 8 in miniature): loss versus position on held-out
+documents longer than the training context, and a passkey (needle-in-a-haystack) grid over
+context length x needle depth.
+
+  nll = loss_by_position(cfg, variables, docs, seq_len)          # [seq_len] mean NLL per position
+  buckets = bucket_means(nll, (0, 256, 1024, 4096))
+  acc = passkey_grid(cfg, variables, tokenizer, filler, lengths=(256, 1024, 4096),
+                     depths=(0, .25, .5, .75, 1), trials=4)     # [lengths, depths] exact match
+
+The passkey is code-flavoured (a Python-only tokenizer): `secret = "4 8 2 1 3"` planted at a
+chosen depth of real validation code, the prompt ending in `assert secret == "`; a trial counts
+when the model's greedy continuation is exactly the 5 digits. Greedy exact match equals "the
+argmax at every answer position, given the right prefix, is the right token", so one forward
+pass per prompt scores it (no sampling loop). Both functions work on any ModelConfig, so an
+`evaluate` CLI can call them with a loaded checkpoint.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv3_jax import model
+from dsv3_jax.config import ModelConfig
+
+NEEDLE = '\nsecret = "{}"\n'
+QUERY = '\nassert secret == "'
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg: ModelConfig, variables, ids_BT):
+    return model.forward(cfg, variables, ids_BT, with_mtp=False).logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_nll(cfg: ModelConfig, variables, ids_BT):
+    logits = _logits(cfg, variables, ids_BT[:, :-1]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, ids_BT[:, 1:, None], axis=-1)[..., 0]
+
+
+def long_documents(tokens: np.ndarray, offsets: np.ndarray, min_len: int) -> list[np.ndarray]:
+    """The documents (EOS included) with at least min_len tokens."""
+    return [tokens[a:b].astype(np.int32) for a, b in zip(offsets[:-1], offsets[1:])
+            if b - a >= min_len]
+
+
+def loss_by_position(cfg: ModelConfig, variables, docs: list[np.ndarray], seq_len: int,
+                     batch: int = 1) -> np.ndarray:
+    """Mean next-token NLL at each position 0..seq_len-1 over the first seq_len + 1 tokens of each
+    document (documents shorter than that are skipped). [seq_len] float64."""
+    rows = np.stack([d[:seq_len + 1] for d in docs if len(d) >= seq_len + 1])
+    if not len(rows):
+        raise ValueError(f"no document has {seq_len + 1} tokens")
+    out = [np.asarray(_token_nll(cfg, variables, jnp.asarray(rows[i:i + batch])))
+           for i in range(0, len(rows), batch)]
+    return np.concatenate(out).astype(np.float64).mean(0)
+
+
+def bucket_means(nll: np.ndarray, edges) -> dict[str, float]:
+    """{"[a,b)": mean NLL of positions a..b-1} for consecutive edges within the curve."""
+    return {f"[{a},{b})": float(nll[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])
+            if a < len(nll)}
+
+
+def passkey_prompt(encode, filler: np.ndarray, length: int, depth: float, digits: str,
+                   start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt + answer token ids, exactly `length` long; answer positions mask). The needle sits
+    after `depth` of the filler tokens (taken from filler[start:])."""
+    needle = encode(NEEDLE.format(digits))
+    query, answer = encode(QUERY), encode(digits)
+    n_fill = length - len(needle) - len(query) - len(answer)
+    if n_fill < 0:
+        raise ValueError(f"length {length} is shorter than the needle and the query")
+    fill = filler[start:start + n_fill]
+    cut = int(round(depth * n_fill))
+    ids = np.concatenate([fill[:cut], needle, fill[cut:], query, answer]).astype(np.int32)
+    is_answer = np.zeros(length, bool)
+    is_answer[length - len(answer):] = True
+    return ids, is_answer
+
+
+def passkey_grid(cfg: ModelConfig, variables, encode, filler: np.ndarray, lengths, depths,
+                 trials: int = 4, seed: int = 0) -> np.ndarray:
+    """Exact-match rate [len(lengths), len(depths)] of the greedy 5-digit answer. `encode`:
+    text -> token ids (list/array); `filler`: a long token stream of real code."""
+    rng = np.random.default_rng(seed)
+    acc = np.zeros((len(lengths), len(depths)))
+    for li, length in enumerate(lengths):
+        rows, masks = [], []
+        for depth in depths:
+            for _ in range(trials):
+                digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
+                start = int(rng.integers(0, max(1, len(filler) - length)))
+                ids, m = passkey_prompt(encode, filler, length, depth, digits, start)
+                rows.append(ids)
+                masks.append(m)
+        ids, masks = np.stack(rows), np.stack(masks)
+        pred = np.concatenate([np.asarray(jnp.argmax(_logits(cfg, variables,
+                                                             jnp.asarray(ids[i:i + 4])), -1))
+                               for i in range(0, len(ids), 4)])
+        # the token at t predicts t+1: answer token at t+1 must be argmax at t
+        ok = np.where(masks[:, 1:], pred[:, :-1] == ids[:, 1:], True).all(1)
+        acc[li] = ok.reshape(len(depths), trials).mean(1)
+    return acc
