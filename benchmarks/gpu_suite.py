@@ -7,7 +7,7 @@ Sections, each guarded (an error is recorded in the JSON and the run goes on), p
   env          device, driver, jax / jaxlib versions
   correctness  every GPU kernel against its jnp reference on random inputs: FP8 dense, grouped
                and experts' Wgrad GEMMs, fp8_dot fwd+bwd, dispatch permute / unpermute-combine
-               (fwd + VJP); attention has no kernel yet (recorded as such)
+               (fwd + VJP); flash attention (blockwise, and tokamax where it imports)
   gemm         FP8 block-scaled kernel vs bf16 jnp.dot (cuBLAS) vs XLA's per-tensor FP8 dot vs
                the jnp reference, TFLOP/s: 4096^3, 8192^3, the 671B model's Fprop/Dgrad/Wgrad
   grouped      the grouped and Wgrad kernels on one MoE layer's expert shapes
@@ -43,6 +43,7 @@ import numpy as np                            # noqa: E402
 import fp8_gemm_gpu as gemm_bench             # noqa: E402
 import moe_dispatch_gpu as dispatch_bench     # noqa: E402
 from dsv3_jax import config, fp8, loss, model, optim, params  # noqa: E402
+from dsv3_jax.layers import attention            # noqa: E402
 from kernels_pallas import fp8_gemm as fg     # noqa: E402
 
 PEAK_BF16 = 989e12          # H100/H200 SXM dense bf16 tensor-core FLOP/s
@@ -208,6 +209,36 @@ def check_dispatch(key, name, shape, interpret):
                 ok=all(e <= lim for e, lim in errs.values()), shape=info)
 
 
+def check_attention(key, impl, small):
+    """Flash attention (`blockwise` jnp, or `pallas` = tokamax) vs the materialised reference
+    at MLA's head dims (q/k 192, v 128), packed documents, causal: output and dq, dk, dv."""
+    b, t, h = (1, 160, 2) if small else (2, 2048, 16)
+    kq, kk, kv, kg = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, t, h, 192), jnp.float32)
+    k = jax.random.normal(kk, (b, t, h, 192), jnp.float32)
+    v = jax.random.normal(kv, (b, t, h, 128), jnp.float32)
+    seg = jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), t // 4)[None].repeat(b, 0)
+    scale, dout = 192 ** -0.5, jax.random.normal(kg, (b, t, h, 128), jnp.float32)
+
+    def outputs(f, q, k, v, seg, dout):   # arguments, not closed-over constants
+        out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, seg, scale=scale), q, k, v)
+        return (out, *vjp(dout))
+
+    args = (q, k, v, seg, dout)
+    ref = jax.jit(functools.partial(outputs, attention.reference_attention))(*args)
+    if impl == "pallas" and not attention.tokamax_available():
+        return dict(kernel="tokamax flash attention", ok=True,
+                    skipped="tokamax not importable here (Python >= 3.12, jax >= 0.11.1 needed)")
+    f = functools.partial(attention.self_attention, impl, block=128 if small else 256)
+    got = jax.jit(functools.partial(outputs, f))(*args)
+    tol = 1e-5 if impl == "blockwise" else 2e-2     # tokamax computes in bf16
+    errs = {n: _errors(g, r, tol) for n, g, r in zip(("out", "dq", "dk", "dv"), got, ref)}
+    return dict(kernel=f"attention {impl} (fwd + VJP)", reference="reference_attention",
+                shape=dict(b=b, t=t, h=h), per_output=errs,
+                max_rel_err=max(e["max_rel_err"] for e in errs.values()),
+                ok=all(e["ok"] for e in errs.values()))
+
+
 def correctness_section(suite, rec):
     a, key = suite.args, suite.key
     dense = fg.SMALL_SHAPES[1:2] if a.small else ((1000, 1152, 576), (1024, 2048, 1536))
@@ -228,7 +259,8 @@ def correctness_section(suite, rec):
         k: dispatch_bench.SHAPES[k] for k in ("dsv3_2k", "dsv3_8k_f32")}
     for name, shape in shapes.items():
         suite.entry(rec, f"dispatch {name}", check_dispatch, key, name, shape, a.interpret)
-    rec["attention"] = "no attention kernel in kernels_pallas/ yet: nothing to check"
+    for impl in ("blockwise", "pallas"):
+        suite.entry(rec, f"attention {impl}", check_attention, key, impl, a.small)
 
 
 # ---- 3. GEMM / grouped / dispatch timings -----------------------------------------------------
