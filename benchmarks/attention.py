@@ -7,7 +7,7 @@ Hopper kernels.
 
 CPU: causal self-attention with the tiny model's dims (4 heads, q/k 48 = 32 nope + 16 rope, v 32),
 float32, B = max(1, 2048 // T) rows, alternating rounds (fair under background load); the
-reference is today's path (mla.attend_causal_blocks with 4 causal query blocks); blockwise at
+reference is the main job's path (mla.attend_causal_blocks with 4 causal query blocks); blockwise at
 block 256 and 512. --memory: for one tiny-model training step at T = 4096 / 16384 with
 global_batch 1, the bytes of the residuals the step saves for the backward pass
 (jax saved_residuals, abstract) and, in a subprocess per run, the peak RSS.

@@ -76,7 +76,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     mem = state_memory(c, cfg, mesh_shape)
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro = c.data.micro_batch or c.data.global_batch
-    rows_per_device = max(micro // batch_ways, 1)
+    rows_per_device = -(-micro // batch_ways)   # the largest shard when rows do not split
     tokens_in_flight = rows_per_device * c.data.seq_len * mesh_shape["pipeline"]
     layers_per_device = -(-cfg.num_hidden_layers // mesh_shape["pipeline"])
     act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len)

@@ -10,6 +10,7 @@ The loop syncs with the device only at log, eval and checkpoint steps.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -206,7 +207,7 @@ def _init_from(s: Setup, abstract: dict, state_sharding: dict) -> dict:
                    out_shardings=state_sharding)(found)
 
 
-def restore_or_init(s: Setup, data: Data):
+def restore_or_init(s: Setup, data: Data, stack: contextlib.ExitStack | None = None):
     """The latest checkpoint in the workdir (exactly where it stopped), else a fresh state:
     from c.train.init_from's weights if set, else a random init. Returns (state, sharding,
     checkpointer)."""
@@ -219,29 +220,43 @@ def restore_or_init(s: Setup, data: Data):
                             abstract, state_sharding)
     ckpt = ckpt_trainer.Checkpointer(os.path.join(s.workdir, ckpt_trainer.CHECKPOINTS_DIR),
                                      c.train.keep_checkpoints, c.train.async_checkpoint)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state, meta = ckpt.restore(latest, abstract)
-        saved_seed = meta.get("config", {}).get("train", {}).get("seed", c.train.seed)
-        if saved_seed != c.train.seed:
-            raise ConfigError(f"the checkpoint in {ckpt.directory} was written with train.seed="
-                              f"{saved_seed}, this run has train.seed={c.train.seed}: use the "
-                              f"config that wrote it, or another --workdir")
-        data.train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
-        s.log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})")
-    elif c.train.init_from:
-        state = _init_from(s, abstract, state_sharding)
-        s.log(f"initialised from {c.train.init_from} (router biases "
-              f"{'taken' if c.train.init_router_bias else 'reset'}), fresh optimizer, step 0")
-    else:
-        state = jax.jit(lambda: ts.init_state(s.cfg, fns.optimizer, c.train.seed, ema),
-                        out_shardings=state_sharding)()
+    if stack is not None:
+        stack.callback(ckpt.close)
+    try:
+        state = _restore_or_init_state(s, data, ckpt, abstract, state_sharding, ema)
+    except BaseException:
+        ckpt.close()
+        raise
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     s.log(f"model: {n_params / 1e6:.2f}M parameters; {c.train.steps} steps of "
           f"{c.data.global_batch}x{c.data.seq_len} tokens; mesh "
           f"{ {k: v for k, v in s.mesh_shape.items() if v > 1} or 'single device'}; "
           f"workdir {os.path.abspath(s.workdir)}")
     return state, state_sharding, ckpt
+
+
+def _restore_or_init_state(s: Setup, data: Data, ckpt, abstract: dict, state_sharding: dict,
+                           ema: bool) -> dict:
+    c, fns = s.c, s.fns
+    latest = ckpt.latest_step()
+    if latest is not None:
+        saved_seed = ckpt.read_meta(latest).get("config", {}).get("train", {}).get(
+            "seed", c.train.seed)
+        if saved_seed != c.train.seed:   # checked before the (large) state is read
+            raise ConfigError(f"the checkpoint in {ckpt.directory} was written with train.seed="
+                              f"{saved_seed}, this run has train.seed={c.train.seed}: use the "
+                              f"config that wrote it, or another --workdir")
+        state, data_state, _ = ckpt.restore(latest, abstract)
+        data.train_iter.set_state(data_state)   # checks seed / seq_len / batch; position = step
+        s.log(f"resumed from {ckpt.directory}/{latest} (step {int(state['step'])})")
+        return state
+    if c.train.init_from:
+        state = _init_from(s, abstract, state_sharding)
+        s.log(f"initialised from {c.train.init_from} (router biases "
+              f"{'taken' if c.train.init_router_bias else 'reset'}), fresh optimizer, step 0")
+        return state
+    return jax.jit(lambda: ts.init_state(s.cfg, fns.optimizer, c.train.seed, ema),
+                   out_shardings=state_sharding)()
 
 
 class Evaluator:
@@ -267,14 +282,25 @@ class Evaluator:
 
 
 class StopSignal:
-    """SIGTERM / Ctrl-C: finish the current step, save, exit 0."""
+    """While in effect, SIGTERM / Ctrl-C ask the loop to finish the current step, save and exit
+    0; a second one acts as it would have before (e.g. KeyboardInterrupt). The previous handlers
+    come back on exit."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if self.requested:   # asked twice: stop waiting for the step
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
         self.requested = True
 
 
@@ -297,14 +323,14 @@ def _scalars(metrics: dict) -> dict:
 def _check_finite(state: dict, ckpt) -> None:
     bad = int(state["nonfinite_step"])
     if bad >= 0:
-        ckpt.close()
+        ckpt.wait()
         raise FloatingPointError(
             f"loss or gradient became NaN/Inf at step {bad}; stopping without saving. "
             f"The last good checkpoint is kept in {ckpt.directory} (step {ckpt.latest_step()}).")
 
 
 def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
-               evaluator: Evaluator, writer):
+               evaluator: Evaluator, writer, stack: contextlib.ExitStack):
     """Steps from the state's step to c.train.steps (or a stop signal): step, log, evaluate,
     checkpoint. Returns (state, compiled step function)."""
     from tqdm import tqdm
@@ -315,8 +341,10 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
         step_fn = jax.jit(functools.partial(train_step, fns=s.fns),
                           in_shardings=(state_sharding, data.micro_sharding),
                           out_shardings=(state_sharding, replicated), donate_argnums=0)
+    # MFU: model FLOPs of all devices' tokens over all devices' peak
+    peak_flops = c.train.peak_tflops * 1e12 * jax.device_count()
     flops_per_token = ts.model_flops_per_token(s.cfg, c.data.seq_len)
-    stop = StopSignal()
+    stop = stack.enter_context(StopSignal())
     # Fault injection for the resume test: SIGKILL this process right after step N.
     kill_at = int(os.environ.get("DSV3_FAULT_KILL_AFTER_STEP", "-1"))
     bar = tqdm(total=c.train.steps, initial=start, unit="step", dynamic_ncols=True,
@@ -339,7 +367,7 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
             t_log, step_log = time.perf_counter(), done
             scalars = _scalars(m)
             scalars.update({"tokens_per_s": tps,
-                            "mfu": tps * flops_per_token / (c.train.peak_tflops * 1e12)})
+                            "mfu": tps * flops_per_token / peak_flops})
             writer.write_scalars(done, scalars)
             writer.write_histograms(done, {f"expert_load/layer_{i}": row
                                            for i, row in enumerate(np.asarray(m["counts"]))})
@@ -404,15 +432,15 @@ def run(c, workdir: str, objective: objectives.Objective | None = None) -> dict:
     from dsv3_jax import writers
     s = set_up(c, workdir, objective)
     data = load_data(s)
-    state, state_sharding, ckpt = restore_or_init(s, data)
-    evaluator = Evaluator(s, data, state_sharding)
-    writer = (writers.create(workdir, truncate_after=int(state["step"])) if s.main_process
-              else writers.null())
-    state, step_fn = train_loop(s, data, state, state_sharding, ckpt, evaluator, writer)
-    result = finish(s, data, state, evaluator, writer, step_fn)
-    writer.close()
-    ckpt.close()
-    return result
+    with contextlib.ExitStack() as stack:   # closes checkpointer and writer, restores signals
+        state, state_sharding, ckpt = restore_or_init(s, data, stack)
+        evaluator = Evaluator(s, data, state_sharding)
+        writer = (writers.create(workdir, truncate_after=int(state["step"])) if s.main_process
+                  else writers.null())
+        stack.callback(writer.close)
+        state, step_fn = train_loop(s, data, state, state_sharding, ckpt, evaluator, writer,
+                                    stack)
+        return finish(s, data, state, evaluator, writer, step_fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,9 +455,10 @@ def parse_flags(argv: list[str]):
     from dsv3_jax import train_config
     # The config file first, on its own, so that its errors (a missing file, an unknown variant)
     # surface as themselves rather than inside the flag library's report.
-    path = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
-                 for i, a in enumerate(argv[:-1] + [""]) if a.split("=")[0] == "--config"
-                 and ("=" in a or i + 1 < len(argv))), default_config_path())
+    import argparse
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=default_config_path())
+    path = pre.parse_known_args(argv[1:])[0].config
     _check_override_keys(train_config.load(path), argv)
     f = flags.FlagValues()
     try:   # config_flags finds the overrides in argv while defining the flag

@@ -176,6 +176,11 @@ def validate(c) -> ModelConfig:
     need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     need(t.ce_chunk >= 0, f"train.ce_chunk must be >= 0, got {t.ce_chunk}")
     need(t.peak_tflops > 0, f"train.peak_tflops must be > 0, got {t.peak_tflops}")
+    if c.model.get("train_attention") == "pallas":
+        from dsv3_jax.layers import attention
+        need(attention.tokamax_available(),
+             "model.train_attention='pallas' needs tokamax>=0.0.17 (Python >= 3.12, jax >= "
+             "0.11.1) on a GPU; use 'blockwise' (or 'auto') here")
     need(not t.init_from or os.path.exists(os.path.expanduser(t.init_from)),
          f"train.init_from: {t.init_from!r} does not exist")
     need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")

@@ -6,6 +6,8 @@ this module without importing a trainer.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,14 +102,17 @@ class BatchSchedule:
         if errors:
             raise ConfigError("bad batch schedule: " + "; ".join(errors))
         self.micro_batch, self.seq_len = micro_batch, seq_len
+        # A stage runs from the step where its token count has been consumed: whole steps
+        # while fewer tokens than the next stage's start have been consumed.
         per_step = np.zeros(steps, np.int64)
-        tokens = np.zeros(steps + 1, np.int64)
-        starts = np.array([t for t, _ in stages])
-        rows = np.array([b for _, b in stages], np.int64)
-        for s in range(steps):   # the stage is chosen by the tokens consumed so far
-            stage = np.searchsorted(starts, tokens[s], side="right") - 1
-            per_step[s] = rows[stage] // micro_batch
-            tokens[s + 1] = tokens[s] + rows[stage] * seq_len
+        done, consumed = 0, 0
+        for k, (_, rows) in enumerate(stages):
+            n = steps - done
+            if k + 1 < len(stages):
+                n = min(n, max(0, math.ceil((stages[k + 1][0] - consumed) / (rows * seq_len))))
+            per_step[done:done + n] = rows // micro_batch
+            done, consumed = done + n, consumed + n * rows * seq_len
+        tokens = np.concatenate([[0], np.cumsum(per_step * micro_batch * seq_len)])
         self.micro_per_step = per_step
         self.first_micro = np.concatenate([[0], np.cumsum(per_step)])   # micro index of each step
         self.tokens_before = tokens

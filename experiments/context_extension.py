@@ -56,20 +56,32 @@ def main():
             print(f"{name}: {timings[name]:.0f} s", flush=True)
 
     t0 = time.perf_counter()
-    base_cfg = train_config.validate(train_config.load(os.path.join(HERE, "configs", "tiny.py")))
-    _, pre_vars, _ = load_checkpoint(args.pretrained)
+    # Each model with the config its checkpoint was trained with; the untrained-YaRN row is the
+    # pre-trained model with phase 2's rope scaling switched on.
+    base_cfg, pre_vars, _ = load_checkpoint(args.pretrained)
     cfg16 = model_cfg("phase=2")
+    yarn16 = base_cfg.replace(rope_scaling=cfg16.rope_scaling,
+                              max_position_embeddings=cfg16.max_position_embeddings,
+                              train_attention=cfg16.train_attention)
+    cfg1, vars1, _ = load_checkpoint(w1)
+    cfg2, vars2, _ = load_checkpoint(w2)
     models = {"pre-trained, RoPE": (base_cfg, pre_vars),
-              "pre-trained + YaRN s=16 (untrained)": (cfg16, pre_vars),
-              "phase 1 (1024, s=4)": (model_cfg("phase=1"), load_checkpoint(w1)[1]),
-              "phase 2 (4096, s=16)": (cfg16, load_checkpoint(w2)[1])}
+              "pre-trained + YaRN s=16 (untrained)": (yarn16, pre_vars),
+              "phase 1 (1024, s=4)": (cfg1, vars1),
+              "phase 2 (4096, s=16)": (cfg2, vars2)}
     builder = data.prepare_corpus()
     tok = data.load_tokenizer()
     vt, vo = data.tokenize_split(builder, "validation", tok)
     docs = lce.long_documents(vt, vo, LENGTHS[-1] + 1)
     filler = vt[vt != data.EOS_ID]        # the validation stream as one long run of code
     encode = lambda s: np.asarray(tok.encode(s).ids, np.int32)
-    results = {"lengths": LENGTHS, "depths": DEPTHS, "held_out_docs": len(docs),
+    import datetime
+    import subprocess
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                            capture_output=True).stdout.strip() or "unknown"
+    results = {"command": " ".join(sys.argv), "args": vars(args), "commit": commit,
+               "date": datetime.date.today().isoformat(),
+               "lengths": LENGTHS, "depths": DEPTHS, "held_out_docs": len(docs),
                "timings_s": timings, "models": {}}
     for name, (cfg, variables) in models.items():
         variables = {"params": variables["params"], "router_bias": variables["router_bias"]}

@@ -127,7 +127,7 @@ def test_query_without_keys_gives_zero_output_and_gradient(rng):
 
 
 def test_blockwise_equals_mla_attend_with_yarn_scale(rng):
-    """Against today's path itself (mla.attend_causal_blocks on the split nope/rope inputs), MLA
+    """Against the reference path itself (mla.attend_causal_blocks on the split nope/rope inputs), MLA
     dims, YaRN's softmax scale (mscale^2), packed documents."""
     cfg = config.tiny(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                       num_attention_heads=2, num_key_value_heads=2, rope_scaling=YARN)

@@ -68,10 +68,19 @@ class Checkpointer:
             META: ocp.args.JsonRestore()}))
         return restored[STATE], restored[DATA], restored[META]
 
+    def read_meta(self, step: int) -> dict:
+        """The meta item of one step alone (the run's config and data info), before restoring."""
+        return self.manager.restore(step, args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))[META]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves and release the manager; closing twice is fine."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

@@ -2,7 +2,7 @@
 
   model.train_attention = reference | blockwise | pallas | auto        (config.py)
 
-  reference  today's `mla.attend_causal_blocks`: materialises [B,H,T,S] scores and probabilities
+  reference  `mla.attend_causal_blocks`: materialises [B,H,T,S] scores and probabilities
              (memory and the saved residuals grow as T^2).
   blockwise  `flash_attention` below: FlashAttention-2 in jnp. Online softmax over key blocks, a
              custom VJP that saves only (q, k, v, out, lse) and recomputes the probabilities block
@@ -286,10 +286,10 @@ def tokamax_attention(q_BTHX, k_BSHX, v_BSHV, segment_ids_BT=None, kv_segment_id
     mask with k_start[t] = the first index of t's document, which tokamax's Mask expresses
     without a [T,S] array (tokamax/_src/ops/attention/base.py, Mask(k_start=..., is_causal)).
     The public API has no k_start, so it goes through the private op (version-sensitive)."""
-    import tokamax
     if not tokamax_available():
         raise RuntimeError("train_attention='pallas' needs tokamax>=0.0.17 (Python >= 3.12, "
                            "jax >= 0.11.1) on a GPU")
+    import tokamax
     dt = q_BTHX.dtype
     q, k, v = (a.astype(jnp.bfloat16) for a in (q_BTHX, k_BSHX, v_BSHV))
     if segment_ids_BT is None:
