@@ -23,7 +23,7 @@ QUICK = str(ROOT / "experiments" / "configs" / "tiny.py") + ":quick"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_rejects_an_unknown_variant(path):
-    with pytest.raises(ConfigError, match="unknown variant 'quik'.*did you mean 'quick'"):
+    with pytest.raises(ConfigError, match="unknown variant 'quik'"):
         train_config.load(str(path), "quik")
 
 
