@@ -19,7 +19,7 @@ def make_optimizer(c):
     o = c.optim
     lr = optim.lr_schedule(o.peak_lr, c.train.steps, warmup_steps=o.warmup_steps,
                            constant_until=o.constant_until, decay_until=o.decay_until,
-                           tail1_until=o.tail1_until)
+                           tail1_until=o.tail1_until, final_frac=o.get("final_frac", 0.1))
     optimizer = optim.make_optimizer(lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                      weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                      moments_dtype=o.moments_dtype)
