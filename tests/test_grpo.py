@@ -105,3 +105,37 @@ def test_reinforce_identity_on_a_toy_policy():
                                     adv, mask, epsilon=0.2, beta=0.0)[0]
     want = jax.grad(lambda th: -(adv[:, None] * logp_of(th)).sum() / 2 / 4)(theta)
     np.testing.assert_allclose(jax.grad(loss)(theta), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow   # ~35 s of CPU: three rollout + update programs compile
+def test_grpo_entry_point_runs_from_a_checkpoint(tmp_path):
+    """Three GRPO steps of a micro model: rollouts, rewards, ref log-probs, updates, metrics,
+    checkpoint; the router biases stay frozen (balance.gamma = 0)."""
+    import json
+
+    from dsv3_jax import ckpt, config, model
+    from dsv3_jax import grpo as grpo_main
+    from dsv3_jax.chat import CHAT_VOCAB
+    micro = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                 num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                 topk_group=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                 num_nextn_predict_layers=0)
+    cfg = config.tiny(vocab_size=CHAT_VOCAB, **micro)
+    v = model.init(cfg, jax.random.key(0))
+    v["router_bias"] = jax.tree.map(lambda b: b + 0.01, v["router_bias"])
+    ckpt.save_orbax(cfg, v, str(tmp_path / "sft"))
+    args = ["grpo", "--config", "experiments/configs/grpo_tiny.py:quick",
+            f"--config.train.init_from={tmp_path / 'sft'}", f"--workdir={tmp_path / 'run'}",
+            "--config.train.async_checkpoint=False", "--config.grpo.max_new_tokens=4"]
+    args += [f"--config.model.{k}={val}" for k, val in micro.items()]
+    assert grpo_main.main(args) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    for k in ("reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "entropy",
+              "response_length", "rollout_tokens_per_s", "update_tokens_per_s", "frac_zero_std"):
+        assert all(np.isfinite(x[k]) for x in lines), k
+    assert lines[0]["kl"] < 1e-6          # the policy starts at the reference
+    _, after = ckpt.load_variables(str(tmp_path / "run"))
+    np.testing.assert_array_equal(jax.tree.leaves(after["router_bias"])[0],
+                                  jax.tree.leaves(v["router_bias"])[0])

@@ -17,7 +17,7 @@ The objective (for `train.train_step`) reads a batch of packed rows prompt + com
   inputs, targets, positions, segment_ids [rows, T]    as for pre-training
   loss_mask [rows, T]     1 where the target is a completion token (its EOS included)
   old_logp, ref_logp [rows, T]   log-probabilities of the targets under π_old and π_ref
-  advantages [rows]
+  advantages [rows, T] (each row's A_i on every position; [rows] also accepted)
 Log-probabilities are those of logits / temperature (the sampling distribution: no top-k/top-p).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def grpo_token_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: floa
     eps_hi = epsilon if epsilon_high is None else epsilon_high
     mask = mask.astype(jnp.float32)
     ratio = jnp.exp(logp - old_logp)
-    a = advantages[:, None]
+    a = advantages if advantages.ndim == 2 else advantages[:, None]   # per row or per token
     unclipped = ratio * a
     clipped = jnp.clip(ratio, 1.0 - epsilon, 1.0 + eps_hi) * a
     surrogate = jnp.minimum(unclipped, clipped)
