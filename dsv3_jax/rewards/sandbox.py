@@ -77,15 +77,17 @@ _main()
 '''
 
 
-def _limits(memory_mb: int, cpu_s: int):
-    def apply():
-        mem = memory_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def _limit(pid: int, memory_mb: int, cpu_s: int) -> None:
+    """Resource limits set on the child from outside (resource.prlimit): no preexec_fn, whose
+    Python code between fork and exec can deadlock a multithreaded parent such as a JAX
+    trainer. The child waits for its nonce on stdin before it runs any of the program."""
+    mem = memory_mb << 20
+    for which, value in ((resource.RLIMIT_AS, (mem, mem)),
+                         (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
+                         (resource.RLIMIT_FSIZE, (16 << 20, 16 << 20)),
+                         (resource.RLIMIT_NOFILE, (64, 64)),
+                         (resource.RLIMIT_CORE, (0, 0))):
+        resource.prlimit(pid, which, value)
 
 
 def run_python(program: str, *, timeout: float = 5.0, memory_mb: int = 512) -> dict:
@@ -97,9 +99,12 @@ def run_python(program: str, *, timeout: float = 5.0, memory_mb: int = 512) -> d
                "LANG": "C.UTF-8"}
         proc = subprocess.Popen([sys.executable, "-I", "-c", _GUARD], cwd=work, env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_limits(memory_mb, int(timeout) + 1))
+                                stderr=subprocess.STDOUT, start_new_session=True)
         timed_out = False
+        try:
+            _limit(proc.pid, memory_mb, int(timeout) + 1)
+        except OSError:                  # the child is gone already: nothing ran
+            proc.kill()
         nonce = secrets.token_hex(16)
         try:
             out, _ = proc.communicate((nonce + "\n").encode(), timeout=timeout)
