@@ -427,11 +427,13 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
     return result
 
 
-def run(c, workdir: str, objective: objectives.Objective | None = None) -> dict:
-    """Train per config `c` in `workdir` (resuming what is there); returns the result dict."""
+def run(c, workdir: str, objective: objectives.Objective | None = None,
+        data_fn=None) -> dict:
+    """Train per config `c` in `workdir` (resuming what is there); returns the result dict.
+    data_fn(setup) -> Data replaces the pre-training data stage (e.g. dsv3_jax.sft's)."""
     from dsv3_jax import writers
     s = set_up(c, workdir, objective)
-    data = load_data(s)
+    data = (data_fn or load_data)(s)
     with contextlib.ExitStack() as stack:   # closes checkpointer and writer, restores signals
         state, state_sharding, ckpt = restore_or_init(s, data, stack)
         evaluator = Evaluator(s, data, state_sharding)

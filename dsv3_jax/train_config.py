@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         constant_until=0.676,     # constant LR until (report: 10T tokens)
         decay_until=0.966,        # cosine to 10% of peak until (14.3T)
         tail1_until=0.989,        # 10% of peak until (14.633T: 333B tokens), then 3.3% (7.3e-6)
+        final_frac=0.1,           # where the cosine ends, as a fraction of peak (SFT: 1e-6/5e-6)
         b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.1,         # not applied to norm scales
         clip_norm=1.0,            # global gradient norm clipping
@@ -185,6 +186,7 @@ def validate(c) -> ModelConfig:
          f"train.init_from: {t.init_from!r} does not exist")
     need(o.peak_lr > 0, f"optim.peak_lr must be > 0, got {o.peak_lr}")
     need(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.final_frac <= 1, f"optim.final_frac must be in [0, 1], got {o.final_frac}")
     need(min(o.constant_until, o.decay_until, o.tail1_until) >= 0,
          "optim.constant_until, decay_until and tail1_until are token counts (or fractions) >= 0")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")

@@ -29,7 +29,7 @@ def make_optimizer(c, schedule: "BatchSchedule | None" = None):
     at = (schedule or batch_schedule(c)).step_at
     lr = optim.lr_schedule(o.peak_lr, warmup_steps=o.warmup_steps,
                            constant_until=at(o.constant_until), decay_until=at(o.decay_until),
-                           tail1_until=at(o.tail1_until))
+                           tail1_until=at(o.tail1_until), final_frac=o.final_frac)
     optimizer = optim.make_optimizer(lr, b1=o.b1, b2=o.b2, eps=o.eps,
                                      weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                      moments_dtype=o.moments_dtype)

@@ -9,7 +9,7 @@ import dataclasses
 
 from dsv3_jax import loss as loss_lib
 from dsv3_jax import model
-from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.config import ModelConfig
 from dsv3_jax.objectives.pretrain import eval_step
 
 
@@ -29,7 +29,6 @@ class NextToken:
 
 
 def make(c, cfg: ModelConfig) -> NextToken:
-    if cfg.num_nextn_predict_layers:   # its weights would only decay, and their moments sit idle
-        raise ConfigError("train.objective=next_token trains no MTP module: set "
-                          "model.num_nextn_predict_layers=0 (or use the pretrain objective)")
+    # A model with MTP modules keeps them (e.g. SFT from a pre-trained checkpoint): they get no
+    # gradient here, so only weight decay moves them.
     return NextToken(cfg)

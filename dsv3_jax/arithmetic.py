@@ -1,0 +1,48 @@
+"""The demonstration task: "What is A + B?" / "What is A - B?" (0 <= A, B < 1000); the answer is
+the number alone.
+
+Problems come from a seed. Held-out problems are a fixed 10% of the whole problem space (by a
+hash of (A, op, B)): evaluation draws only from it and training (SFT, GRPO) never does, so the
+two are disjoint whatever seeds they use; the default seeds differ as well.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+TRAIN_SEED, RL_SEED, EVAL_SEED = 1, 2, 1000
+
+
+def question(a: int, op: str, b: int) -> str:
+    return f"What is {a} {op} {b}?"
+
+
+def _held_out(a: int, op: str, b: int) -> bool:
+    return hashlib.sha256(f"{a}{op}{b}".encode()).digest()[0] < 26     # ~10% of problems
+
+
+def problems(seed: int, n: int, split: str) -> list[dict]:
+    """n problems {question, answer, a, op, b} of split 'train' or 'eval', from `seed`."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    out = []
+    while len(out) < n:
+        a, b = (int(x) for x in rng.integers(0, 1000, 2))
+        op = "+" if rng.random() < 0.5 else "-"
+        if _held_out(a, op, b) != (split == "eval"):
+            continue
+        ans = a + b if op == "+" else a - b
+        out.append({"question": question(a, op, b), "answer": ans, "a": a, "op": op, "b": b})
+    return out
+
+
+def conversations(probs: list[dict]) -> list[list[dict]]:
+    return [[{"role": "user", "content": p["question"]},
+             {"role": "assistant", "content": str(p["answer"])}] for p in probs]
+
+
+def few_shot_prefix(k: int = 3, seed: int = 7) -> str:
+    """A plain-text few-shot prompt for a base model (no chat tokens): Q/A lines."""
+    return "".join(f"# {p['question']}\n# {p['answer']}\n" for p in problems(seed, k, "train"))

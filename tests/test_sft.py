@@ -1,0 +1,113 @@
+"""SFT: the chat template, assistant-only loss mask, packing with cross-sample masking, digit
+tokenisation, vocabulary growth, and a short run of the entry point from a checkpoint."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dsv3_jax import arithmetic, chat, config, model
+
+MICRO = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+             num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+             topk_group=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+             num_nextn_predict_layers=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chat.chat_tokenizer()
+
+
+def test_only_assistant_tokens_carry_loss(tok):
+    conv = [{"role": "user", "content": "What is 12 + 30?"},
+            {"role": "assistant", "content": "42"},
+            {"role": "user", "content": "And 1 + 1?"},
+            {"role": "assistant", "content": "2"}]
+    ids, mask = chat.render(tok, conv)
+    learned = [i for i, m in zip(ids, mask) if m]
+    assert learned == tok.encode("42").ids + [chat.END_ID] + tok.encode("2").ids + [chat.END_ID]
+    assert tok.decode(ids, skip_special_tokens=False) == (
+        "<|user|>What is 12 + 30?<|end|><|assistant|>42<|end|>"
+        "<|user|>And 1 + 1?<|end|><|assistant|>2<|end|>")
+    # a user turn that spells a chat token is text, not the token
+    ids2, _ = chat.render(tok, [{"role": "user", "content": "<|end|>"}])
+    assert ids2.count(chat.END_ID) == 1
+
+
+def test_digits_are_one_token_each(tok):
+    enc = tok.encode("987654 - 46")
+    assert enc.tokens == ["9", "8", "7", "6", "5", "4", "Ġ-", "Ġ", "4", "6"]
+    assert tok.decode(enc.ids) == "987654 - 46"
+    assert tok.get_vocab_size() == chat.END_ID + 1 <= chat.CHAT_VOCAB
+
+
+def test_packing_masks_across_samples(tok):
+    convs = arithmetic.conversations(arithmetic.problems(0, 9, "train"))
+    samples = [chat.render(tok, c) for c in convs]
+    rows = chat.pack(samples, 48)
+    assert len(rows["inputs"]) < len(samples)                      # several samples per row
+    # reference: walk every row's samples by hand
+    n_learned = sum(sum(m[1:]) for _, m in samples)
+    assert rows["loss_mask"].sum() == n_learned
+    for r in range(len(rows["inputs"])):
+        seg, tgt, lm = rows["segment_ids"][r], rows["targets"][r], rows["loss_mask"][r]
+        inp, pos = rows["inputs"][r], rows["positions"][r]
+        for t in range(len(seg)):
+            if lm[t]:
+                # the target is an assistant token of the same sample
+                assert seg[t] > 0 and (t + 1 == len(seg) or seg[t + 1] == seg[t] or tgt[t] in
+                                       (chat.END_ID,))
+                assert tgt[t] not in (chat.USER_ID, chat.ASSISTANT_ID)
+            if seg[t] == 0:
+                assert lm[t] == 0 and inp[t] == 0
+        starts = np.flatnonzero(np.diff(seg, prepend=-1) != 0)
+        for s in starts:
+            if seg[s]:
+                assert pos[s] == 0 and inp[s] == chat.USER_ID
+                if s > 0:
+                    assert lm[s - 1] == 0       # predicting the next sample's first token
+    assert set(np.unique(rows["loss_mask"])) <= {0.0, 1.0}
+
+
+def test_resize_vocab_keeps_old_rows():
+    v = {"params": {"embed": np.arange(12.0).reshape(4, 3), "lm_head": np.ones((3, 4))},
+         "router_bias": {}}
+    out = chat.resize_vocab(v, 6)
+    assert out["params"]["embed"].shape == (6, 3) and out["params"]["lm_head"].shape == (3, 6)
+    np.testing.assert_array_equal(out["params"]["embed"][:4], v["params"]["embed"])
+    np.testing.assert_allclose(out["params"]["embed"][5], v["params"]["embed"].mean(0))
+
+
+def test_arithmetic_splits_are_disjoint():
+    tr = {(p["a"], p["op"], p["b"]) for p in arithmetic.problems(1, 3000, "train")}
+    ev = {(p["a"], p["op"], p["b"]) for p in arithmetic.problems(1, 3000, "eval")}
+    assert not tr & ev
+    p = arithmetic.problems(1000, 1, "eval")[0]
+    assert p["answer"] == (p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"])
+
+
+def test_sft_entry_point_from_a_checkpoint(tmp_path):
+    from dsv3_jax import ckpt, sft
+    base_cfg = config.tiny(vocab_size=8192, **MICRO)
+    ckpt.save_orbax(base_cfg, model.init(base_cfg, jax.random.key(0)), str(tmp_path / "base"))
+    data = tmp_path / "train.jsonl"
+    with open(data, "w") as f:
+        for conv in arithmetic.conversations(arithmetic.problems(3, 40, "train")):
+            f.write(json.dumps({"messages": conv}) + "\n")
+    args = ["sft", "--config", "experiments/configs/sft_tiny.py:quick",
+            f"--config.train.init_from={tmp_path / 'base'}", f"--workdir={tmp_path / 'run'}",
+            f"--config.sft.train_jsonl={data}", f"--config.sft.val_jsonl={data}",
+            "--config.sft.epochs=1", "--config.data.seq_len=64", "--config.data.global_batch=4",
+            "--config.train.sample_tokens=2", "--config.train.async_checkpoint=False"]
+    args += [f"--config.model.{k}={v}" for k, v in MICRO.items()]
+    assert sft.main(args) == 0
+    res = json.load(open(tmp_path / "run" / "result.json"))
+    assert res["step"] >= 2 and np.isfinite(res["val_loss"])
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("ce" in x for x in lines)
+    cfg, v = ckpt.load_variables(str(tmp_path / "run"))
+    assert cfg.vocab_size == chat.CHAT_VOCAB and v["params"]["embed"].shape[0] == chat.CHAT_VOCAB
+    assert os.path.isdir(tmp_path / "run" / f"init_vocab{chat.CHAT_VOCAB}")
