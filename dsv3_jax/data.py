@@ -24,7 +24,11 @@ concatenated into one endless token stream, and global row r is stream[r*T : r*T
 stream[r*T+1 : r*T+T+1]. Every stream token is thus predicted exactly once per epoch and no token is
 dropped. A document longer than what is left of a row continues in the next row as a new segment
 whose positions restart at 0: the model cannot attend across rows anyway, and restarting keeps
-positions in [0, T), the range the model sees at inference. Batch step s holds global rows
+positions in [0, T), the range the model sees at inference. With `document_masking=False` (the
+report's pre-training choice, §4.1) a row is one attention span: segment ids are 1 on every real
+token (0 on padding) and positions run 0..T-1, so documents see the ones before them in the row;
+the loss mask is the same either way (no target is the first token of the next document). SFT
+uses masking. Batch step s holds global rows
 [s*B, (s+1)*B), so a batch is a pure function of (seed, step): the iterator state is just the step.
 """
 from __future__ import annotations
@@ -279,7 +283,8 @@ class _Stream:
         return tok, inst, valid
 
 
-def _pack_rows(stream: _Stream, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+def _pack_rows(stream: _Stream, rows: np.ndarray, seq_len: int,
+               document_masking: bool = True) -> dict[str, np.ndarray]:
     pos = rows[:, None] * seq_len + np.arange(seq_len + 1)  # T inputs + the next token as target
     tok, inst, valid = stream.lookup(pos)
     x_inst, y_inst, x_valid = inst[:, :-1], inst[:, 1:], valid[:, :-1]
@@ -287,6 +292,8 @@ def _pack_rows(stream: _Stream, rows: np.ndarray, seq_len: int) -> dict[str, np.
     starts = np.concatenate([np.ones_like(x_inst[:, :1], bool), x_inst[:, 1:] != x_inst[:, :-1]], 1)
     segment_ids = np.cumsum(starts, 1) * x_valid  # padding only trails, so cumsum stays 1, 2, ...
     positions = (idx - np.maximum.accumulate(np.where(starts, idx, 0), 1)) * x_valid
+    if not document_masking:   # one attention span per row (padding still segment 0)
+        segment_ids, positions = x_valid.astype(np.int64), idx[None] * x_valid
     return {"inputs": tok[:, :-1].copy(), "targets": tok[:, 1:].copy(),  # not views of one array
             "segment_ids": segment_ids.astype(np.int32), "positions": positions.astype(np.int32),
             # No loss on padding or where the target is the first token of the next document.
@@ -314,7 +321,7 @@ class PackedBatches:
     """
 
     def __init__(self, tokens, offsets, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, document_masking: bool = True):
         _check_batching(seq_len, global_batch, process_index, process_count)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
@@ -323,10 +330,11 @@ class PackedBatches:
         self.local_batch = self.global_batch // process_count
         self._first_row = process_index * self.local_batch  # contiguous slice of the global batch
         self.step = 0
+        self.document_masking = bool(document_masking)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = step * self.global_batch + self._first_row + np.arange(self.local_batch)
-        return _pack_rows(self._stream, rows, self.seq_len)
+        return _pack_rows(self._stream, rows, self.seq_len, self.document_masking)
 
     def __iter__(self):
         return self
@@ -354,7 +362,8 @@ class PackedBatches:
 
 def validation_batches(tokens, offsets, seq_len: int, global_batch: int,
                        num_batches: int | None = None, process_index: int = 0,
-                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                       process_count: int = 1,
+                       document_masking: bool = True) -> list[dict[str, np.ndarray]]:
     """The first num_batches*global_batch rows of the unshuffled validation stream (this process's
     slice of each batch). None = enough batches to cover the stream once; rows past its end are
     padding (loss_mask 0)."""
@@ -364,14 +373,14 @@ def validation_batches(tokens, offsets, seq_len: int, global_batch: int,
         rows_needed = -(-(stream.n_tokens - 1) // seq_len)  # every row has at least one target
         num_batches = -(-rows_needed // global_batch)
     local = global_batch // process_count
-    return [_pack_rows(stream, s * global_batch + process_index * local + np.arange(local), seq_len)
-            for s in range(num_batches)]
+    return [_pack_rows(stream, s * global_batch + process_index * local + np.arange(local), seq_len,
+                       document_masking) for s in range(num_batches)]
 
 
 # ----------------------------------------------------------------------------------- entry point
 def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, data_dir=None, config: str = "stdlib",
-                  tokenizer_path=None):
+                  tokenizer_path=None, document_masking: bool = True):
     """Prepares (once) and returns (train_iter, val_batches_fn, tokenizer, info).
 
     train_iter: `PackedBatches`, yields this process's [global_batch/process_count, seq_len] slice.
@@ -385,11 +394,11 @@ def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int
     train_tok, train_off = tokenize_split(builder, "train", tokenizer)
     val_tok, val_off = tokenize_split(builder, "validation", tokenizer)
     train_iter = PackedBatches(train_tok, train_off, seq_len, global_batch, seed, process_index,
-                               process_count)
+                               process_count, document_masking)
 
     def val_batches_fn(num_batches: int | None = None):
         return validation_batches(val_tok, val_off, seq_len, global_batch, num_batches,
-                                  process_index, process_count)
+                                  process_index, process_count, document_masking)
 
     info = {"vocab_size": tokenizer.get_vocab_size(), "pad_id": PAD_ID, "eos_id": EOS_ID,
             "train_tokens": len(train_tok), "train_docs": len(train_off) - 1,

@@ -171,7 +171,8 @@ def load_data(s: Setup) -> Data:
     # The iterator yields micro-batches; step s takes micro-batches first_micro[s]... in order.
     train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
         c.data.seq_len, schedule.micro_batch, c.data.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), data_dir=c.data.data_dir or None)
+        process_count=jax.process_count(), data_dir=c.data.data_dir or None,
+        document_masking=c.data.document_masking)
     if info["vocab_size"] > s.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {info['vocab_size']} tokens but model.vocab_size "
                           f"is {s.cfg.vocab_size}: set --config.model.vocab_size="

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
         batch_ramp="",            # e.g. "0:2,1e6:4,2e6:8": rows per step once that many tokens
                                   # have been consumed (report: 3072 -> 15360 over 469B tokens)
         seed=0,                   # shuffling of documents (per epoch)
+        document_masking=False,   # packed documents attend only within themselves; the report
+                                  # pre-trains without this masking (§4.1), SFT uses it
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation
     ))

@@ -71,6 +71,26 @@ def test_packing_invariants_and_epochs(rng):
     assert not np.array_equal(order0, np.arange(len(order0)))  # shuffled at all
 
 
+def test_packing_without_document_masking(rng):
+    """document_masking=False (the report's pre-training packing): the same tokens and loss
+    mask, one attention span per row (segment 1, 0 only on padding) and positions 0..T-1."""
+    tokens, offsets = synthetic(rng)
+    masked = data.PackedBatches(tokens, offsets, 16, 4, seed=2)
+    open_ = data.PackedBatches(tokens, offsets, 16, 4, seed=2, document_masking=False)
+    several = False
+    for step in range(12):
+        a, b = masked.batch(step), open_.batch(step)
+        for k in ("inputs", "targets", "loss_mask"):
+            np.testing.assert_array_equal(a[k], b[k])
+        several |= bool((a["segment_ids"].max(1) > 1).any())
+        np.testing.assert_array_equal(b["segment_ids"], (a["segment_ids"] > 0).astype(np.int32))
+        np.testing.assert_array_equal(b["positions"],
+                                      np.arange(16)[None] * (a["segment_ids"] > 0))
+    assert several                                      # some rows do hold several documents
+    val = data.validation_batches(tokens, offsets, 16, 4, 2, document_masking=False)
+    assert all(set(np.unique(v["segment_ids"])) <= {0, 1} for v in val)
+
+
 def test_determinism_and_seeds(rng):
     tokens, offsets = synthetic(rng)
     make = lambda seed: data.PackedBatches(tokens, offsets, 16, 4, seed=seed)

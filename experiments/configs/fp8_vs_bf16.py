@@ -19,6 +19,7 @@ def get_config(arg=None):
     if variant.bf16 and variant.fp8:
         raise ConfigError(f"fp8_vs_bf16.py: bf16 and fp8 exclude each other, got {arg!r}")
     c = base_config()
+    c.data.document_masking = True   # as the main job, and as the recorded FP8 vs BF16 runs
     c.model = model_block(
         "tiny",
         dtype="bfloat16",            # BF16 compute: the baseline the report compares against
