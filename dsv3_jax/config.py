@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
-from typing import Any, Mapping
+from typing import Any
 
 from dsv3_jax.errors import UserError
 

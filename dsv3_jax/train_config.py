@@ -16,6 +16,7 @@ import ml_collections
 
 from dsv3_jax import config as config_lib
 from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.errors import UserError
 
 
 def default_config_path() -> str:
@@ -216,3 +217,68 @@ def validate(c) -> ModelConfig:
     if errors:
         raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line of the training entry points
+# ----------------------------------------------------------------------------------------------
+
+def parse_flags(argv: list[str]):
+    """absl flags: --config (file[:variant]) with --config.section.key=value overrides, --workdir,
+    multi-process flags. Any mistake in them is a UserError (one `error:` line)."""
+    from absl import flags
+    from ml_collections import config_flags
+    # The config file first, on its own, so that its errors (a missing file, an unknown variant)
+    # surface as themselves rather than inside the flag library's report.
+    import argparse
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=default_config_path())
+    path = pre.parse_known_args(argv[1:])[0].config
+    _check_override_keys(load(path), argv)
+    f = flags.FlagValues()
+    try:   # config_flags finds the overrides in argv while defining the flag
+        config_flags.DEFINE_config_file("config", default_config_path(), "experiment config file",
+                                        flag_values=f, lock_config=True, sys_argv=argv)
+        flags.DEFINE_string("workdir", "runs/tiny", "checkpoints, metrics.jsonl and TensorBoard "
+                            "logs", flag_values=f)
+        flags.DEFINE_string("coordinator", None, "multi-process: coordinator host:port "
+                            "(process 0)", flag_values=f)
+        flags.DEFINE_integer("num_processes", None, "multi-process: number of processes",
+                             flag_values=f)
+        flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
+                             flag_values=f)
+        rest = f(argv)
+        f.config   # noqa: B018  (overrides are applied on first access)
+    except UserError:
+        raise
+    except Exception as e:   # absl and ml_collections report bad flags with assorted types
+        raise UserError(f"bad command line: {_flag_message(e)}") from e
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments {rest[1:]}")
+    return f
+
+
+def _check_override_keys(c, argv: list[str]) -> None:
+    """--config.section.key=value must name a key of the config (with the closest as a hint)."""
+    import difflib
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        key = a[len("--config."):].split("=", 1)[0]
+        node, walked = c, []
+        for part in key.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                close = difflib.get_close_matches(part, keys, n=1)
+                where = ".".join(walked) or "the config"
+                hint = f"; did you mean {'.'.join(walked + close)!r}?" if close else ""
+                raise UserError(f"--config.{key}: {where} has no key {part!r}{hint}")
+            node, walked = node[part], walked + [part]
+
+
+def _flag_message(e: BaseException) -> str:
+    """ml_collections wraps 'unknown key' errors in reprs of reprs: unwrap to the text."""
+    msg = str(e)
+    while len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+        msg = msg[1:-1].encode().decode("unicode_escape")
+    return " ".join(msg.split())

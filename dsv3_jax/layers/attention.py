@@ -95,7 +95,7 @@ def flash_attention(q_BTHX, k_BSHX, v_BSHV, segment_ids_BT=None, kv_segment_ids_
     key to attend to (possible only with separate key ids) gets output 0 and zero gradients.
     """
     b, t, h, x = q_BTHX.shape
-    s, v_dim = k_BSHX.shape[1], v_BSHV.shape[-1]
+    s = k_BSHX.shape[1]
     self_attn = kv_segment_ids_BS is None
     if self_attn and t != s:
         raise ValueError(f"self-attention segments need T == S, got {t} and {s}")

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig, softmax_scale
 from dsv3_jax.layers import attention
-from dsv3_jax.layers.common import Linear, RMSNorm, acc_dtype, apply_rope, dtype_of, rope_cos_sin
+from dsv3_jax.layers.common import Linear, RMSNorm, apply_rope, dtype_of, rope_cos_sin
 
 _NEG_INF = -1e30
 
