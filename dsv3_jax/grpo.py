@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv3_jax import arithmetic, chat, errors, sharding, train, train_config, writers
+from dsv3_jax import arithmetic, chat, sharding, train, writers
 from dsv3_jax import ckpt as ckpt_lib
 from dsv3_jax import rewards as rewards_lib
 from dsv3_jax import train_state as ts
@@ -180,13 +180,7 @@ def run(c, workdir: str) -> dict:
     return result
 
 
-@errors.cli
-def main(argv=None) -> int:
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    f = train_config.parse_flags(list(argv) if argv is not None else sys.argv)
-    run(f.config, f.workdir)
-    return 0
+main = train.cli_main(run)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 
-from dsv3_jax import arithmetic, chat, errors, sharding, train, train_config
+from dsv3_jax import arithmetic, chat, errors, sharding, train
 from dsv3_jax import train_state as ts
 from dsv3_jax.config import ConfigError
 
@@ -123,13 +123,7 @@ def run(c, workdir: str) -> dict:
     return train.run(c, workdir, data_fn=make_data_fn(c, tok, train_rows, val_rows))
 
 
-@errors.cli
-def main(argv=None) -> int:
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    f = train_config.parse_flags(list(argv) if argv is not None else sys.argv)
-    run(f.config, f.workdir)
-    return 0
+main = train.cli_main(run)
 
 
 if __name__ == "__main__":

@@ -450,15 +450,22 @@ def run(c, workdir: str, objective: objectives.Objective | None = None,
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-@errors.cli
-def main(argv=None) -> int:
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
-    f = parse_flags(list(argv) if argv is not None else sys.argv)
-    from dsv3_jax import distributed
-    distributed.initialize(f.coordinator, f.num_processes, f.process_id)
-    run(f.config, f.workdir)
-    return 0
+def cli_main(run_fn):
+    """The `main(argv)` of a training entry point (train, sft, grpo): flags, multi-process
+    initialisation, then run_fn(config, workdir); user errors as one line, exit 2."""
+    @errors.cli
+    def main(argv=None) -> int:
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
+        f = parse_flags(list(argv) if argv is not None else sys.argv)
+        from dsv3_jax import distributed
+        distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+        run_fn(f.config, f.workdir)
+        return 0
+    return main
+
+
+main = cli_main(run)
 
 
 if __name__ == "__main__":
