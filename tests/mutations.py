@@ -36,7 +36,7 @@ T_LOSS = "tests/test_loss.py::test_head_ce_value_and_grads_match_float64"
 T_ADAMW = "tests/test_optim.py::test_adamw_with_clipping_and_decay_matches_numpy"
 T_BF16 = "tests/test_optim.py::test_bf16_moments_stay_within_their_rounding_bound"
 T_LR = "tests/test_optim.py::test_lr_schedule_shape_at_boundaries"
-T_REPORT_SCHEDULE = "tests/test_optim.py::test_report_schedule_at_full_scale_with_the_batch_ramp"
+T_TOKEN_CLOCK = "tests/test_train.py::test_batch_ramp_stages"
 T_INIT_FROM = "tests/test_frame.py::test_init_from_takes_weights_bit_for_bit_with_a_fresh_optimizer"
 T_PIECEWISE = "tests/test_optim.py::test_mtp_lambda_and_gamma_switch_at_their_steps"
 T_EMA = "tests/test_train.py::test_ema_follows_params_and_evaluates_as_built_by_hand"
@@ -129,7 +129,7 @@ MUTATIONS = [
      "if not s.c.train.init_router_bias:", "if False:", [T_INIT_FROM]),
     ("schedule boundaries one step late (token clock)", "dsv3_jax/train_state.py",
      'return int(np.searchsorted(self.tokens_before, tokens, side="left"))',
-     'return int(np.searchsorted(self.tokens_before, tokens, side="right"))', [T_REPORT_SCHEDULE]),
+     'return int(np.searchsorted(self.tokens_before, tokens, side="right"))', [T_TOKEN_CLOCK]),
     # sharding
     ("mesh check ignores the expert axis in the batch split", "dsv3_jax/sharding.py",
      "if global_batch % batch_ways:", 'if global_batch % (batch_ways // shape["expert"]):', [T_MESH]),
