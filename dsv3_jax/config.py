@@ -18,7 +18,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 _REMAT = ("none", "full", "selective")
 _MOE_IMPLS = ("auto", "sorted", "gather", "dense")
 _GEMM_IMPLS = ("jnp", "pallas")
-_TRAIN_ATTENTION = ("reference", "blockwise", "pallas", "auto")   # = layers.attention.TRAIN_ATTENTION
+TRAIN_ATTENTION = ("reference", "blockwise", "pallas", "auto")   # layers/attention.py
 
 
 class ConfigError(UserError):
@@ -186,8 +186,8 @@ class ModelConfig:
         need(self.param_dtype in _DTYPES, f"unknown param_dtype {self.param_dtype!r}")
         need(self.attn_causal_blocks >= 1,
              f"attn_causal_blocks must be >= 1, got {self.attn_causal_blocks}")
-        need(self.train_attention in _TRAIN_ATTENTION, f"unknown train_attention "
-             f"{self.train_attention!r}; expected one of {_TRAIN_ATTENTION}")
+        need(self.train_attention in TRAIN_ATTENTION, f"unknown train_attention "
+             f"{self.train_attention!r}; expected one of {TRAIN_ATTENTION}")
         need(isinstance(self.attn_block_size, int) and self.attn_block_size >= 8
              and self.attn_block_size % 8 == 0,
              f"attn_block_size must be a positive multiple of 8, got {self.attn_block_size}")

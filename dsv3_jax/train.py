@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dsv3_jax import ckpt as ckpt_lib
 from dsv3_jax import errors, model, optim, sharding
@@ -59,10 +60,6 @@ def make_step_fns(c, cfg: ModelConfig, objective: objectives.Objective | None = 
                    lr=lr, gamma=gamma, ema_decay=c.train.ema_decay)
 
 
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def train_step(state: dict, batch: dict, fns: StepFns):
     """One optimizer step over `batch` [micro, rows, T] (gradients accumulated over the leading
     micro-batch axis), the aux-loss-free bias update from the whole batch's loads, EMA. A
@@ -96,7 +93,7 @@ def train_step(state: dict, batch: dict, fns: StepFns):
     if fns.ema_decay:
         new["ema"] = jax.tree.map(lambda e, p: fns.ema_decay * e + (1 - fns.ema_decay) * p,
                                   state["ema"], params)
-    grad_norm = global_norm(grads)
+    grad_norm = optax.tree.norm(grads)   # the norm the clipping reads
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new["nonfinite_step"] = jnp.where(ok | (state["nonfinite_step"] >= 0),
                                       state["nonfinite_step"], step)

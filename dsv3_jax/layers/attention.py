@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-TRAIN_ATTENTION = ("reference", "blockwise", "pallas", "auto")
+from dsv3_jax.config import TRAIN_ATTENTION  # the one list, validated by ModelConfig
+
 # auto: below this many tokens the reference (materialised scores, causal query blocks) is
 # faster on CPU (benchmarks/attention.py; the README's table), from it on the blockwise path.
 AUTO_MIN_BLOCKWISE_T = 1024
