@@ -45,6 +45,9 @@ def _prog() -> str:
     parent, name = os.path.split(path)
     if os.path.basename(parent) == "dsv3_jax" and name.endswith(".py"):
         return f"dsv3_jax.{name[:-3]}"
+    grand, package = os.path.split(parent)     # python -m dsv3_jax.<package>
+    if name == "__main__.py" and os.path.basename(grand) == "dsv3_jax":
+        return f"dsv3_jax.{package}"
     return os.path.basename(path)
 
 
