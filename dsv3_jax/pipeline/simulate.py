@@ -10,40 +10,43 @@ Cost model (the notation of the DeepSeek-V3 report's Table 2):
       deps of both are met, and both finish after FB - W; the pair's W (which follows it in the
       list) costs W. So a pair plus its W costs FB, as F&B does in the report.
 
-Bubble (`SimResult.bubble`): the makespan minus the busy time of the busiest rank, where a rank's
-busy time counts each of its overlapped pairs as FB. In the schedules here every rank does the
-same F, B and W work, so with FB = F + B this is every rank's idle time; with FB != F + B the
-ranks with fewer overlapped pairs are the busiest. With this definition the simulated bubbles are
-exactly Table 2's formulas (tests/test_pipeline_schedules.py):
+Bubble (`SimResult.bubble`): the largest per-rank idle time, i.e. the makespan minus the busy
+time of the least busy rank, where a rank's busy time counts each of its overlapped pairs (with
+its W) as FB. All ranks do the same F, B, W work, so with FB = F + B every rank idles the same;
+with FB < F + B the rank with the most overlapped pairs idles most. With this definition the
+simulated bubbles equal Table 2's formulas exactly (tests/test_pipeline_schedules.py):
 
-  1f1b        (PP-1)(F+B)                   PP = ranks = stages
-  zb1p        (PP-1)(F+B-2W)                PP = ranks = stages
-  dualpipev   (PP/2-1)(F&B+B-3W)            PP = 2P stages on P ranks (F, B, W per stage chunk)
-  dualpipe    (PP/2-1)(F&B+B-3W)            PP = 2P: each of the P ranks holds two stage
-                                            copies; DeepSeek's README counts PP ranks for
-                                            dualpipe and PP/2 for dualpipev *for the same PP*,
-                                            i.e. dualpipe on P ranks has the bubble of
-                                            dualpipev on P ranks with the same chunk costs.
+  1f1b        (PP-1)(F+B)            PP = ranks = stages; holds for any costs
+  zb1p        (PP-1)(F+B-2W)         PP = ranks = stages
+  dualpipev   (PP/2-1)(F&B+B-3W)     PP = 2P stages on P ranks (F, B, W per stage chunk)
+  dualpipe    (PP/2-1)(F&B+B-3W)     PP = P ranks (DeepSeek's README: DualPipe uses PP devices,
+                                     DualPipeV PP/2, for the same PP stages)
 
-for M >= the schedule's minimum, whenever FB <= F + B (an overlapped pair no slower than running
-its two halves), 2W <= B and comm = 0.
+whenever a forward costs what an input-backward costs (F = B - W, the convention of the report's
+figure, e.g. F=1 B=2 W=1), W <= F, max(F, B) <= FB <= F + B, comm = 0, and M >= the schedule's
+minimum. Outside that regime the simulation is still exact for its cost model; the closed forms
+are not.
 
 Peak in-flight activations (`SimResult.peak_inflight`): per rank, the maximum over its op list
-of the number of (stage, mb) whose F is done and whose B is not, counted in stage chunks (F of a
-pair counts before its B frees). 1f1b: P - r on rank r. dualpipev: 2P on every rank except the
-last, 2P + 1 there (PP + 1 chunks with PP = 2P). dualpipe: P + 1 on ranks P/2-1 and P/2, the
-middle ranks (in full-stage chunks: the report's PP + 1 with PP counting the 2P half-size
-chunk units of the same model... see the README of DeepSeek's DualPipe for this convention).
+of the number of (stage, mb) whose F is done and whose B is not, in stage chunks; an overlapped
+pair is one step (its B frees while its F fills). 1f1b and zb1p: P - r on rank r. dualpipev: 2P
+chunks on every rank and 2P + 1 on the last (the report's PP + 1, PP = 2P); dualpipe: P, and
+P + 1 on the two middle ranks (PP + 1 with PP = P).
 
-Lockstep vs MPMD at P = 8 ranks, M = 32 (bubble; FB = F + B; comm 0):
+Lockstep (`lockstep`, `simulate_lockstep`): greedy tick packing (see `_pack`); a full backward
+(B with its W at once) stays in one tick, W's fill ticks only where they do not lengthen them.
+Bubble (time) at M = 32, MPMD / lockstep, FB = F + B, comm 0 (`python -m dsv3_jax.pipeline
+--table 8,32`); B is the full backward, so "F=B=W=1" makes the input-backward free:
 
-  costs F,B,W     gpipe      1f1b       1f1b eager  zb1p       dualpipev  dualpipe
-  1,2,1  MPMD     21         21         21          7          14         14
-  1,2,1  lockstep 21         52         21          45         31         36
-  1,1,1  MPMD     14         14         14          0          7          7
-  1,1,1  lockstep 14         31         14          24         15         19
+  P=8            gpipe      1f1b       1f1b eager  zb1p       dualpipev   dualpipe
+  F=1 B=2 W=1    21/21      21/96      21/21       7/79       14/17       6/7
+  F=1 B=1 W=1    14/14      14/62      14/14       7/55       14/21       6/9
+  P=16
+  F=1 B=2 W=1    45/45      45/118     45/45       15/81      30/37       14/17
+  F=1 B=1 W=1    30/30      30/74      30/30       15/59      30/45       14/21
 
-(regenerate with `python -m dsv3_jax.pipeline --table 8,32`).
+Standard 1f1b and zb1p pack badly (a rank's F and the B it waits for land in different ticks);
+`make("1f1b", P, M, eager=True)` reaches the MPMD time exactly at 2(P-1-r)+1 activations.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ _ROW = {k: i for i, k in enumerate(KINDS)}
 @dataclasses.dataclass(frozen=True)
 class SimResult:
     time: float                 # makespan
-    bubble: float               # makespan - busiest rank's busy time (see module doc)
+    bubble: float               # max per-rank idle: makespan - least busy rank (module doc)
     bubble_fraction: float      # bubble / time
     peak_inflight: tuple        # per rank: max (stage, mb) activations held (F done, B not)
     param_copies: int
