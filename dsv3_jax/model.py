@@ -77,17 +77,20 @@ class Transformer(nn.Module):
     def head(self, h_BTD):
         return head_logits(h_BTD, self.lm_head, dtype_of(self.cfg.dtype), acc_dtype(self.cfg))
 
-    def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True,
-                 with_logits: bool = True):
-        cfg = self.cfg
+    def front(self, input_ids, positions, segment_ids):
+        """Embedding and the dense layers: the part of the model before the MoE stack (with a
+        pipeline, the first stage's extra work)."""
         x = self.embed_tokens(input_ids)
-        if cfg.num_dense_layers:
+        if self.cfg.num_dense_layers:
             x, _ = self.dense_layers(x, positions, segment_ids)
-        router = _empty_stats(cfg)
-        if cfg.num_moe_layers:
-            x, router = self.moe_layers(x, positions, segment_ids)
-        hidden = self.final_norm(x)
+        return x
 
+    def tail(self, x, input_ids, positions, segment_ids, with_mtp: bool = True,
+             with_logits: bool = True):
+        """Final norm, MTP modules and head after the MoE stack's output x (with a pipeline, the
+        last stage's extra work). `router` of the result is empty: the MoE stack's own."""
+        cfg = self.cfg
+        hidden = self.final_norm(x)
         mtp_hidden, mtp_stats, h = [], [], hidden
         for k, module in enumerate(self.mtp if with_mtp else (), start=1):
             h, stats = module(h, self.embed_tokens(shift_left(input_ids, k)), positions, segment_ids)
@@ -104,7 +107,16 @@ class Transformer(nn.Module):
             logits = self.head(hidden)
             mtp_logits = (jnp.stack([self.head(m) for m in mtp_hidden]) if len(mtp_hidden)
                           else jnp.zeros((0,) + logits.shape, logits.dtype))
-        return ModelOutputs(logits, mtp_logits, router, mtp_router, hidden, mtp_hidden)
+        return ModelOutputs(logits, mtp_logits, _empty_stats(cfg), mtp_router, hidden, mtp_hidden)
+
+    def __call__(self, input_ids, positions, segment_ids, with_mtp: bool = True,
+                 with_logits: bool = True):
+        x = self.front(input_ids, positions, segment_ids)
+        router = _empty_stats(self.cfg)
+        if self.cfg.num_moe_layers:
+            x, router = self.moe_layers(x, positions, segment_ids)
+        out = self.tail(x, input_ids, positions, segment_ids, with_mtp, with_logits)
+        return out.replace(router=router)
 
     def logits_at(self, hidden_BTD, index_BN):
         """Head logits [B, N, V] at the positions index_BN only (all positions if None)."""
@@ -193,6 +205,40 @@ def forward(cfg: ModelConfig, variables: dict, input_ids: jax.Array, *,
     positions, segment_ids = _defaults(input_ids, positions, segment_ids)
     return Transformer(cfg).apply(_arrays(variables), input_ids, positions, segment_ids, with_mtp,
                                   with_logits)
+
+
+class _MoEChunk(nn.Module):
+    """`length` consecutive MoE layers: one pipeline stage's share of the stack, with the
+    parameter tree of Transformer.moe_layers (leading axis `length` instead of num_moe_layers)."""
+    cfg: ModelConfig
+    length: int
+
+    def setup(self):
+        self.moe_layers = block_stack(self.cfg, True, self.length, "moe_layers")
+
+    def __call__(self, x, positions, segment_ids):
+        return self.moe_layers(x, positions, segment_ids)
+
+
+def forward_front(cfg: ModelConfig, variables: dict, input_ids, positions, segment_ids):
+    """Embedding + dense layers -> [B, T, D] (reads only embed and dense_layers)."""
+    return Transformer(cfg).apply(variables, input_ids, positions, segment_ids,
+                                  method=Transformer.front)
+
+
+def forward_moe_chunk(cfg: ModelConfig, variables: dict, x, positions, segment_ids):
+    """A slice of the MoE stack: variables {"params": {"moe_layers": ...}, "router_bias":
+    {"moe_layers": ...}} with leading axis n (layers); returns (x, RouterStats [n, E])."""
+    n = jax.tree.leaves(variables["params"])[0].shape[0]
+    return _MoEChunk(cfg, n).apply(variables, x, positions, segment_ids)
+
+
+def forward_tail(cfg: ModelConfig, variables: dict, x, input_ids, positions, segment_ids, *,
+                 with_mtp: bool = True, with_logits: bool = True) -> ModelOutputs:
+    """Final norm, MTP modules and head after the MoE stack's output x (reads neither
+    dense_layers nor moe_layers). `forward` = front -> MoE stack -> tail."""
+    return Transformer(cfg).apply(variables, x, input_ids, positions, segment_ids, with_mtp,
+                                  with_logits, method=Transformer.tail)
 
 
 def decode(cfg: ModelConfig, variables: dict, input_ids: jax.Array, positions: jax.Array,

@@ -2,8 +2,8 @@
 
 Mesh axes: data (pure data parallel), fsdp (data parallel with parameters sharded along `embed`),
 expert (expert parallel: routed experts split across it; it also carries a slice of the batch,
-as in DeepSeek's EP), pipeline (layers; schedules come with the pipeline work), tensor (heads and
-FFN widths). The batch is split over data x fsdp x expert.
+as in DeepSeek's EP), pipeline (the MoE layers cut into stages; dsv3_jax/pipeline runs the
+schedule), tensor (heads and FFN widths). The batch is split over data x fsdp x expert.
 
 Sharding mode: meshes are built with Auto axis types and the train step is a jit with explicit
 in/out shardings (the pjit style): GSPMD propagates inside, shard_map takes over in the MoE
@@ -77,9 +77,9 @@ def validate_mesh(shape: Mapping[str, int], cfg, global_batch: int) -> None:
     if cfg.num_attention_heads % shape["tensor"]:
         errors.append(f"num_attention_heads {cfg.num_attention_heads} is not divisible by the "
                       f"tensor axis ({shape['tensor']})")
-    if shape["pipeline"] > 1:
-        errors.append("pipeline > 1 is not yet supported (pipeline schedules are not implemented "
-                      "yet); use pipeline=1")
+    if shape["pipeline"] > 1 and cfg.num_moe_layers % shape["pipeline"]:
+        errors.append(f"{cfg.num_moe_layers} MoE layers do not split over pipeline="
+                      f"{shape['pipeline']} ranks (every rank holds the same number of layers)")
     if errors:
         raise MeshError("mesh does not fit:\n  - " + "\n  - ".join(errors))
 

@@ -48,6 +48,7 @@ class StepFns:
     lr: object
     gamma: object
     ema_decay: float
+    pipeline: tuple | None = None   # (schedule name, ranks) when mesh.pipeline > 1
 
 
 def make_step_fns(c, cfg: ModelConfig, objective: objectives.Objective | None = None) -> StepFns:
@@ -67,6 +68,11 @@ def train_step(state: dict, batch: dict, fns: StepFns):
     there without saving, so the last checkpoint stays the last good state."""
     step = state["step"]
     grad_fn = jax.value_and_grad(fns.objective.loss, has_aux=True)
+    if fns.pipeline is not None:   # the micro-batches go through the pipeline schedule
+        from dsv3_jax.pipeline import executor
+        (loss, aux), grads = executor.step_value_and_grad(
+            fns.objective, *fns.pipeline, state["params"], state["router_bias"], batch, step)
+        return _apply(state, fns, step, loss, aux, grads)
 
     def micro(acc, mb):
         (loss, aux), grads = grad_fn(state["params"], state["router_bias"], mb, step)
@@ -83,7 +89,11 @@ def train_step(state: dict, batch: dict, fns: StepFns):
         (loss, aux, grads), _ = jax.lax.scan(micro, zeros, batch)
         loss, grads = loss / n_micro, jax.tree.map(lambda x: x / n_micro, grads)
         aux = {k: (v if k in objectives.LOAD_KEYS else v / n_micro) for k, v in aux.items()}
+    return _apply(state, fns, step, loss, aux, grads)
 
+
+def _apply(state: dict, fns: StepFns, step, loss, aux: dict, grads):
+    """The optimizer update, the router-bias rule, EMA and the step's metrics."""
     updates, opt_state = fns.optimizer.update(grads, state["opt_state"], state["params"])
     params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
     # Outside the gradient: b_i += gamma * sign(mean load - load_i), loads of the global batch.
@@ -134,6 +144,14 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
     fns = make_step_fns(c, cfg, objective)
     mesh_shape = sharding.resolve_mesh_shape(c.mesh.to_dict(), jax.device_count())
     sharding.validate_mesh(mesh_shape, cfg, c.data.micro_batch or c.data.global_batch)
+    if mesh_shape["pipeline"] > 1:
+        from dsv3_jax.pipeline import executor
+        ranks = mesh_shape["pipeline"]
+        bad = executor.problems(c.pipeline.schedule, ranks, ts.batch_schedule(c).micro_per_step,
+                                cfg, fns.objective)
+        if bad:
+            raise ConfigError("pipeline does not fit:\n  - " + "\n  - ".join(bad))
+        fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks))
     os.makedirs(workdir, exist_ok=True)
     return Setup(c=c, cfg=cfg, fns=fns, workdir=workdir, mesh_shape=mesh_shape,
                  mesh=sharding.make_mesh(mesh_shape), main_process=jax.process_index() == 0,

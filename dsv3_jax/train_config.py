@@ -111,8 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
         data=-1,                  # pure data parallel (-1: all devices left over)
         fsdp=1,                   # data parallel with params sharded along `embed`
         expert=1,                 # expert parallel (routed experts split; batch split too)
-        pipeline=1,               # layers (schedules: not yet supported, must be 1)
+        pipeline=1,               # MoE layers split into stages (schedule: c.pipeline)
         tensor=1,                 # heads and FFN widths
+    ))
+    c.pipeline = ml_collections.ConfigDict(dict(
+        schedule="dualpipev",     # gpipe | 1f1b | zb1p | dualpipev | dualpipe (mesh.pipeline > 1)
+        microbatches=0,           # micro-batches per step through the pipeline; 0: the step's
+                                  # micro-batches (global_batch / data.micro_batch); > 0 sets
+                                  # data.micro_batch = global_batch / microbatches
     ))
     return c
 
@@ -174,6 +180,17 @@ def validate(c) -> ModelConfig:
     need(d.micro_batch >= 0 and (d.micro_batch == 0 or d.global_batch % d.micro_batch == 0),
          f"data.micro_batch must be 0 (= global_batch) or divide global_batch, got {d.micro_batch}")
     need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    if "pipeline" in c and c.pipeline.microbatches:
+        mbs = c.pipeline.microbatches
+        if mbs < 1 or d.global_batch % mbs:
+            errors.append(f"pipeline.microbatches={mbs} must divide data.global_batch="
+                          f"{d.global_batch}")
+        elif d.micro_batch and d.micro_batch != d.global_batch // mbs:
+            errors.append(f"pipeline.microbatches={mbs} means data.micro_batch="
+                          f"{d.global_batch // mbs}, but data.micro_batch={d.micro_batch}: set "
+                          "one of them")
+        else:   # the pipeline's micro-batches are the step's micro-batches
+            d.micro_batch = d.global_batch // mbs
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")

@@ -62,9 +62,18 @@ def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape,
     from jax.sharding import PartitionSpec as P
     axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
-    param_specs = jax.tree.map(lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
-                                                                       mesh_shape, uneven),
-                               axes, abstract_state["params"], is_leaf=is_spec)
+    spec_of = lambda shape_: lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
+                                                                       shape_, uneven)
+    param_specs = jax.tree.map(spec_of(mesh_shape), axes, abstract_state["params"],
+                               is_leaf=is_spec)
+    if mesh_shape.get("pipeline", 1) > 1:
+        # Only the MoE stack is cut into pipeline stages; the embedding, dense layers, head and
+        # MTP modules run on the first/last stage and are replicated over `pipeline`.
+        no_pp = dict(mesh_shape, pipeline=1)
+        param_specs = {k: v if k == "moe_layers" else
+                       jax.tree.map(spec_of(no_pp), axes[k], abstract_state["params"][k],
+                                    is_leaf=is_spec)
+                       for k, v in param_specs.items()}
     moment = lambda leaf, spec: sharding.add_zero1(spec, leaf.shape, mesh_shape)
     opt_specs = optax.tree_map_params(optimizer, moment, abstract_state["opt_state"], param_specs,
                                       transform_non_params=lambda _: P(), is_leaf=is_spec)

@@ -42,6 +42,12 @@ class Pretrain:
     def eval(self, params, router_bias, batch: dict):
         return eval_step(params, router_bias, batch, self.cfg)
 
+    def stage_loss(self, stats):
+        return stage_loss(self, stats)
+
+    def tail_loss(self, params, router_bias, x_BTD, batch: dict, step):
+        return tail_loss(self, params, router_bias, x_BTD, batch, step)
+
 
 def compute_loss(params, router_bias, batch: dict, obj: Pretrain, step):
     """(loss, aux) of one micro-batch; aux: ce, mtp_ce, balance, mtp_weight and the loads."""
@@ -49,6 +55,18 @@ def compute_loss(params, router_bias, batch: dict, obj: Pretrain, step):
     out = model.forward(cfg, {"params": params, "router_bias": router_bias}, batch["inputs"],
                         positions=batch["positions"], segment_ids=batch["segment_ids"],
                         with_logits=not obj.ce_chunk)
+    ce, mtp_ce, weight = _head_losses(obj, params, out, batch, step)
+    # one complementary balance loss per MoE layer (MTP modules included), summed
+    balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
+    loss = ce + weight * mtp_ce + obj.alpha * balance
+    aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
+           "counts": out.router.counts, "mtp_counts": out.mtp_router.counts}
+    return loss, aux
+
+
+def _head_losses(obj: Pretrain, params, out: model.ModelOutputs, batch: dict, step):
+    """(main CE, mean MTP CE over depths, λ(step)) from the model's outputs."""
+    cfg = obj.cfg
     if obj.ce_chunk:          # head + CE fused, no [B, T, V] logits (dsv3_jax/loss.py)
         def ce_of(h_BTD, targets, mask):
             return loss_lib.head_ce(h_BTD, params["lm_head"], targets, mask, chunk=obj.ce_chunk,
@@ -61,13 +79,29 @@ def compute_loss(params, router_bias, batch: dict, obj: Pretrain, step):
     depth = cfg.num_nextn_predict_layers
     mtp_ces = [ce_of(mtp_in[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
     mtp_ce = sum(mtp_ces) / depth if depth else jnp.zeros((), jnp.float32)
-    # one complementary balance loss per MoE layer (MTP modules included), summed
-    balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
-    weight = obj.mtp_weight(step)
+    return ce, mtp_ce, obj.mtp_weight(step)
+
+
+# The same loss cut into pipeline stages (dsv3_jax/pipeline/executor.py): the first stage runs
+# model.forward_front, every stage a slice of the MoE stack and adds `stage_loss` of its layers,
+# the last stage adds `tail_loss`. Summed over stages, they are compute_loss's loss and aux.
+
+def stage_loss(obj: Pretrain, stats) -> jax.Array:
+    """α · Σ L_bal over one stage's MoE layers."""
+    return obj.alpha * stats.balance_loss.sum()
+
+
+def tail_loss(obj: Pretrain, params, router_bias, x_BTD, batch: dict, step):
+    """The last stage: final norm, MTP modules and head on the MoE stack's output x. aux holds
+    ce, mtp_ce, the MTP layers' balance (`balance`), mtp_weight and mtp_counts."""
+    out = model.forward_tail(obj.cfg, {"params": params, "router_bias": router_bias}, x_BTD,
+                             batch["inputs"], batch["positions"], batch["segment_ids"],
+                             with_logits=not obj.ce_chunk)
+    ce, mtp_ce, weight = _head_losses(obj, params, out, batch, step)
+    balance = out.mtp_router.balance_loss.sum()
     loss = ce + weight * mtp_ce + obj.alpha * balance
-    aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
-           "counts": out.router.counts, "mtp_counts": out.mtp_router.counts}
-    return loss, aux
+    return loss, {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
+                  "mtp_counts": out.mtp_router.counts}
 
 
 def eval_step(params, router_bias, batch: dict, cfg: ModelConfig):

@@ -63,5 +63,5 @@ def test_bad_meshes_are_one_clear_error_each():
     text = "\n".join(lines)
     for needle in ("3 devices, but 8", "at most one mesh axis may be -1", "not divisible",
                    "batch 4 is not divisible", "num_attention_heads 4 is not divisible",
-                   "pipeline > 1 is not yet supported", "unknown mesh axes"):
+                   "do not split over pipeline=4", "unknown mesh axes"):
         assert needle in text, (needle, text)

@@ -1,0 +1,371 @@
+"""The pipeline executor: a schedule run inside the jitted train step over the `pipeline` axis.
+
+  (loss, aux), grads = value_and_grad(objective, params, router_bias, batch, step, schedule)
+
+It returns what `jax.value_and_grad(objective.loss, has_aux=True)` accumulated over the batch's
+micro-batches returns in `train.train_step`: the mean loss and aux over micro-batches, the loads
+summed, the mean gradient. Called under `jax.set_mesh(mesh)` with mesh.shape["pipeline"] ==
+schedule.ranks; the other mesh axes (data, fsdp, expert, tensor) stay automatic inside, so a
+stage's MoE layers run their expert-parallel all-to-all as they do without a pipeline.
+
+How the program is laid out (one SPMD program; every rank runs the same code):
+
+* Stages. The MoE stack's L layers are cut into `schedule.n_stages` equal slices; rank r holds
+  the slices `schedule.placement[r]` (one per chunk slot: 1 for gpipe/1f1b/zb1p, 2 for
+  dualpipev/dualpipe). The first stage also runs the embedding and the dense layers
+  (`model.forward_front`), the last stage the final norm, MTP modules and head + CE
+  (`objective.tail_loss`). Their parameters (embedding, head, dense layers, MTP) are replicated
+  over `pipeline` and sharded over the other axes as usual; their gradients are summed over
+  `pipeline` once at the end. The MoE stack's parameters are stacked [P, chunks, L/S, ...] and
+  sharded over `pipeline` (for the V placement of dualpipev a static permutation of the layer
+  axis; for dualpipe each stage appears on two ranks and its two gradients are summed).
+* Ticks. `lax.scan` over the lockstep tick table of `schedules.lockstep`: in each tick a rank
+  runs at most one F, one B and one W (each a `lax.switch` on the stage kind: none, first,
+  middle, last), then two `ppermute`s move activations and input gradients one rank right and
+  one rank left (each carrying both), zero-filled when idle; a V turn (the same rank holds the
+  next stage) is a local write. Collectives over `pipeline` are never inside a branch.
+* Residuals. A stage keeps its input activation per in-flight micro-batch (buffer slots
+  indexed by mb % K, K from the tick table) and B re-runs the stage's forward under `jax.vjp`
+  (stage-level recompute: exact, the forward runs twice). For schedules with a separate W
+  (zb1p, dualpipev, dualpipe), B takes the VJP with respect to the stage input only and W the
+  VJP with respect to the stage parameters from the same saved input and output gradient.
+* Loss. Each micro-batch's loss is the sum of its stages' terms: α·Σ L_bal of every stage's
+  MoE layers plus the last stage's CE + λ·MTP + α·L_bal(MTP); B seeds every stage's term with
+  the cotangent 1/M, so the gradient is the mean over micro-batches, as in train_step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax import model
+from dsv3_jax.layers.common import dtype_of
+
+AXIS = "pipeline"
+NONE, FIRST, MID, LAST = 0, 1, 2, 3          # stage kinds (the branch index of a tick's op)
+STAY, RIGHT, LEFT, LOCAL = 0, 1, 2, 3        # where an op's output goes
+# columns of the device table, per tick and rank
+COLS = ("f_kind", "f_slot", "f_mb", "f_dir", "b_kind", "b_slot", "b_mb", "b_dir",
+        "w_kind", "w_slot", "w_mb",
+        "ra_slot", "ra_mb", "la_slot", "la_mb", "oa_slot", "oa_mb",    # activations in
+        "rg_slot", "rg_mb", "lg_slot", "lg_mb", "og_slot", "og_mb")    # output grads in
+C = {name: i for i, name in enumerate(COLS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static program of one schedule: the device table and buffer sizes."""
+    table: np.ndarray        # int32 [T, P, len(COLS)]
+    slots: int               # K: buffer slots per chunk (an mb lives in slot mb % K)
+    layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i)
+    split_w: bool
+
+
+def _kind(stage: int, n_stages: int) -> int:
+    return FIRST if stage == 0 else LAST if stage == n_stages - 1 else MID
+
+
+def make_plan(schedule, ticks, num_moe_layers: int) -> Plan:
+    """The device table from a schedule and its lockstep ticks (dsv3_jax.pipeline.schedules)."""
+    p, s_n = schedule.ranks, schedule.n_stages
+    if num_moe_layers % s_n:
+        raise ValueError(f"{num_moe_layers} MoE layers do not split into {s_n} equal stages")
+    n = num_moe_layers // s_n
+    t_n = ticks.table.shape[0]
+    table = np.full((t_n, p, len(COLS)), -1, np.int32)
+    for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
+        table[:, :, C[col]] = 0
+    split = bool(schedule.split_w)
+    # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K
+    act_live, grad_live = {}, {}
+    last_use = {}
+    for t in range(t_n):
+        for r in range(p):
+            for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
+                if mb < 0:
+                    continue
+                rank, slot = schedule.route(int(stage), int(mb))
+                if rank != r:
+                    raise ValueError(f"tick {t}: rank {r} runs {op}({stage},{mb}) held by {rank}")
+                last = (op == "W") if split else (op == "B")
+                if last:
+                    last_use[(r, slot, int(mb))] = t
+    for t in range(t_n):
+        for r in range(p):
+            for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
+                stage, mb = int(stage), int(mb)
+                if mb < 0 or (op == "W" and not split):
+                    continue
+                _, slot = schedule.route(stage, mb)
+                o = op.lower()
+                table[t, r, C[f"{o}_kind"]] = _kind(stage, s_n)
+                table[t, r, C[f"{o}_slot"]] = slot
+                table[t, r, C[f"{o}_mb"]] = mb
+                if op == "W":
+                    continue
+                nxt = stage + 1 if op == "F" else stage - 1
+                if not 0 <= nxt < s_n:
+                    continue
+                r2, slot2 = schedule.route(nxt, mb)
+                d = {r: LOCAL, r + 1: RIGHT, r - 1: LEFT}.get(r2)
+                if d is None:
+                    raise ValueError(f"{op}({stage},{mb}) on rank {r} feeds rank {r2}, "
+                                     "not a neighbour")
+                table[t, r, C[f"{o}_dir"]] = d
+                a_or_g = "a" if op == "F" else "g"
+                prefix = {RIGHT: "r", LEFT: "l", LOCAL: "o"}[d]
+                table[t, r2, C[f"{prefix}{a_or_g}_slot"]] = slot2
+                table[t, r2, C[f"{prefix}{a_or_g}_mb"]] = mb
+                (act_live if op == "F" else grad_live)[(r2, slot2, mb)] = (
+                    t, last_use[(r2, slot2, mb)])
+    slots = 1
+    while not (_fits(act_live, slots) and _fits(grad_live, slots)):
+        slots += 1
+    index = np.array([[[stage * n + i for i in range(n)] for stage in placement]
+                      for placement in schedule.placement], np.int32)
+    return Plan(table, slots, index, split)
+
+
+def _fits(live: dict, k: int) -> bool:
+    """No two buffered micro-batches of one (rank, slot) share mb % k while both are live: a
+    value written at the end of tick w is read up to tick u; a later write at the end of tick
+    w2 may reuse the slot if w2 >= u."""
+    by_slot = {}
+    for (r, slot, mb), (w, u) in live.items():
+        by_slot.setdefault((r, slot, mb % k), []).append((w, u))
+    for spans in by_slot.values():
+        spans.sort()
+        for (w1, u1), (w2, _) in zip(spans, spans[1:]):
+            if w2 < u1:
+                return False
+    return True
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _add_at(tree, i, value):
+    def one(acc, v):
+        cur = jax.lax.dynamic_index_in_dim(acc, i, 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(acc, cur + v.astype(acc.dtype), i, 0)
+    return jax.tree.map(one, tree, value)
+
+
+def _write(buf, slot, mb, k, value):
+    """buf[slot, mb % k] = value where slot >= 0 (a no-op write otherwise)."""
+    ok = slot >= 0
+    s, i = jnp.maximum(slot, 0), jnp.maximum(mb, 0) % k
+    cur = buf[s, i]
+    return buf.at[s, i].set(jnp.where(ok, value.astype(buf.dtype), cur))
+
+
+def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step, schedule,
+                   plan: Plan):
+    cfg = objective.cfg
+    p, chunks = schedule.ranks, schedule.chunks
+    m_n = batch["inputs"].shape[0]
+    if m_n != schedule.microbatches:
+        raise ValueError(f"the batch has {m_n} micro-batches, the schedule {schedule.microbatches}")
+    flat = plan.layer_index.reshape(-1)
+    n = plan.layer_index.shape[-1]
+    identity = np.array_equal(flat, np.arange(flat.size))
+
+    def stack(a):   # [L, ...] -> [P, chunks, n, ...]
+        a = a if identity else jnp.take(a, flat, axis=0)
+        return a.reshape((p, chunks, n) + a.shape[1:])
+
+    def unstack(g, like):   # [P, chunks, n, ...] -> [L, ...], copies summed
+        g = g.reshape((p * chunks * n,) + g.shape[3:])
+        return g if identity else jnp.zeros(like.shape, g.dtype).at[flat].add(g)
+
+    moe_p = jax.tree.map(stack, params["moe_layers"])
+    moe_b = jax.tree.map(stack, router_bias["moe_layers"])
+    rest_p = {k: v for k, v in params.items() if k != "moe_layers"}
+    rest_b = {k: v for k, v in router_bias.items() if k != "moe_layers"}
+    inv_m = 1.0 / m_n
+    act_dtype = dtype_of(cfg.dtype)
+    rows, seq = batch["inputs"].shape[1:3]
+    x_shape = (rows, seq, cfg.hidden_size)
+    k_slots = plan.slots
+    n_e = cfg.n_routed_experts
+    depth = cfg.num_nextn_predict_layers
+
+    def per_rank(cp, cb, rp, rb, batch, step, table):
+        cp = jax.tree.map(lambda a: a[0], cp)          # [chunks, n, ...]
+        cb = jax.tree.map(lambda a: a[0], cb)
+        r = jax.lax.axis_index(AXIS)
+
+        def chunk_fn(jp, jb, x, mb):
+            return model.forward_moe_chunk(cfg, {"params": {"moe_layers": jp},
+                                                 "router_bias": {"moe_layers": jb}},
+                                           x, mb["positions"], mb["segment_ids"])
+
+        zero_tail = {"ce": jnp.zeros((), jnp.float32), "mtp_ce": jnp.zeros((), jnp.float32),
+                     "balance": jnp.zeros((), jnp.float32),
+                     "mtp_weight": jnp.zeros((), jnp.float32),
+                     "mtp_counts": jnp.zeros((depth, n_e), jnp.int32)}
+
+        def stage(kind, jp, rp_, x, jb, mb):
+            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage."""
+            if kind == FIRST:
+                x = model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
+                                        mb["positions"], mb["segment_ids"])
+            y, stats = chunk_fn(jp, jb, x.astype(act_dtype), mb)
+            term = objective.stage_loss(stats)
+            tail = zero_tail
+            if kind == LAST:
+                t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
+                term, y = term + t_loss, jnp.zeros_like(y)
+                tail = {k: v.astype(zero_tail[k].dtype) for k, v in tail.items()}
+            return (y.astype(act_dtype), term.astype(jnp.float32)), (
+                stats.counts.astype(jnp.int32), stats.balance_loss.sum().astype(jnp.float32),
+                tail)
+
+        zeros_x = jnp.zeros(x_shape, act_dtype)
+        zeros_cp = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), cp)
+        zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
+        f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+
+        def forward(kind, slot, mbi, xin):
+            def none():
+                return (zeros_x, jnp.zeros((), jnp.float32),
+                        (jnp.zeros((n, n_e), jnp.int32), jnp.zeros((), jnp.float32), zero_tail))
+
+            def branch(kind_):
+                def run():
+                    (y, term), aux = stage(kind_, _take(cp, slot), rp, xin[slot, mbi % k_slots],
+                                           _take(cb, slot), _take(batch, mbi))
+                    return y, term, aux
+                return run
+            return jax.lax.switch(kind, [none] + [branch(k) for k in (FIRST, MID, LAST)])
+
+        def backward(kind, slot, mbi, xin, gin, wrt):
+            """wrt: "all" (B of a non-split schedule), "x" (B) or "params" (W).
+            Returns (dx, d chunk params, d rest params)."""
+            def none():
+                return zeros_x, zeros_cp, zeros_rp
+
+            def branch(kind_):
+                def run():
+                    jp, jb = _take(cp, slot), _take(cb, slot)
+                    x, mb = xin[slot, mbi % k_slots], _take(batch, mbi)
+                    dy = gin[slot, mbi % k_slots]
+                    f = lambda jp_, rp_, x_: stage(kind_, jp_, rp_, x_, jb, mb)[0]
+                    cot = (dy, jnp.asarray(inv_m, jnp.float32))
+                    if wrt == "x":
+                        if kind_ == FIRST:        # nothing upstream needs an input gradient
+                            return zeros_x, zeros_cp, zeros_rp
+                        _, vjp = jax.vjp(lambda x_: f(jp, rp, x_), x)
+                        return vjp(cot)[0].astype(act_dtype), zeros_cp, zeros_rp
+                    if wrt == "params":
+                        _, vjp = jax.vjp(lambda jp_, rp_: f(jp_, rp_, x), jp, rp)
+                        djp, drp = vjp(cot)
+                        return zeros_x, f32(djp), f32(drp)
+                    _, vjp = jax.vjp(f, jp, rp, x)
+                    djp, drp, dx = vjp(cot)
+                    return dx.astype(act_dtype), f32(djp), f32(drp)
+                return run
+            return jax.lax.switch(kind, [none] + [branch(k) for k in (FIRST, MID, LAST)])
+
+        def tick(carry, rows_all):
+            xin, gin, dcp, drp, sums, counts, mtp_counts = carry
+            row = rows_all[r]
+            g = lambda name: row[C[name]]
+            # F
+            y, term, (cts, bal, tail) = forward(g("f_kind"), g("f_slot"), g("f_mb"), xin)
+            f_on = g("f_kind") > 0
+            sums = sums + jnp.where(f_on, jnp.stack(
+                [term, tail["ce"], tail["mtp_ce"], bal + tail["balance"], tail["mtp_weight"]]), 0.0)
+            counts = jnp.where(f_on, _add_at(counts, jnp.maximum(g("f_slot"), 0), cts), counts)
+            mtp_counts = mtp_counts + tail["mtp_counts"]
+            # B (and W)
+            dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin,
+                                  "x" if plan.split_w else "all")
+            dcp = _add_at(dcp, jnp.maximum(g("b_slot"), 0), dj)
+            drp = jax.tree.map(jnp.add, drp, dr)
+            if plan.split_w:
+                _, dj, dr = backward(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, "params")
+                dcp = _add_at(dcp, jnp.maximum(g("w_slot"), 0), dj)
+                drp = jax.tree.map(jnp.add, drp, dr)
+            # outputs: right- and left-moving (activation, gradient) pairs, and local turns
+            send = lambda d: jnp.stack([jnp.where(g("f_dir") == d, y, 0),
+                                        jnp.where(g("b_dir") == d, dx, 0)])
+            from_left = jax.lax.ppermute(send(RIGHT), AXIS, [(i, i + 1) for i in range(p - 1)])
+            from_right = jax.lax.ppermute(send(LEFT), AXIS, [(i + 1, i) for i in range(p - 1)])
+            xin = _write(xin, g("ra_slot"), g("ra_mb"), k_slots, from_left[0])
+            xin = _write(xin, g("la_slot"), g("la_mb"), k_slots, from_right[0])
+            xin = _write(xin, g("oa_slot"), g("oa_mb"), k_slots, y)
+            gin = _write(gin, g("rg_slot"), g("rg_mb"), k_slots, from_left[1])
+            gin = _write(gin, g("lg_slot"), g("lg_mb"), k_slots, from_right[1])
+            gin = _write(gin, g("og_slot"), g("og_mb"), k_slots, dx)
+            return (xin, gin, dcp, drp, sums, counts, mtp_counts), None
+
+        buf = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
+        carry = (buf, buf, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp), zeros_rp,
+                 jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
+                 jnp.zeros((depth, n_e), jnp.int32))
+        carry, _ = jax.lax.scan(tick, carry, table)
+        _, _, dcp, drp, sums, counts, mtp_counts = carry
+        sums, drp, mtp_counts = jax.lax.psum((sums, drp, mtp_counts), AXIS)
+        expand = lambda t: jax.tree.map(lambda a: a[None], t)
+        return sums, mtp_counts, drp, expand(dcp), counts[None]
+
+    spec = lambda t, s: jax.tree.map(lambda _: s, t)
+    fn = jax.shard_map(
+        per_rank,
+        in_specs=(spec(moe_p, P(AXIS)), spec(moe_b, P(AXIS)), spec(rest_p, P()),
+                  spec(rest_b, P()), spec(batch, P()), P(), P()),
+        out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
+        axis_names={AXIS}, check_vma=False)
+    sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, rest_p, rest_b, batch, step,
+                                            jnp.asarray(plan.table))
+    grads = dict(drp)
+    grads["moe_layers"] = jax.tree.map(unstack, dcp, params["moe_layers"])
+    grads = jax.tree.map(lambda g_, p_: g_.astype(p_.dtype), grads, params)   # means already
+    counts = unstack(counts, jax.ShapeDtypeStruct((cfg.num_moe_layers, n_e), jnp.int32))
+    loss = sums[0] * inv_m
+    aux = {"ce": sums[1] * inv_m, "mtp_ce": sums[2] * inv_m, "balance": sums[3] * inv_m,
+           "mtp_weight": sums[4] * inv_m, "counts": counts, "mtp_counts": mtp_counts}
+    return (loss, aux), grads
+
+
+@functools.lru_cache(maxsize=64)
+def build(name: str, ranks: int, microbatches: int, num_moe_layers: int):
+    """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid."""
+    from dsv3_jax.pipeline import schedules, simulate
+    schedule = schedules.make(name, ranks, microbatches)
+    return schedule, make_plan(schedule, simulate.lockstep(schedule), num_moe_layers)
+
+
+def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]:
+    """Everything wrong with running `name` on `ranks` pipeline ranks, before any compile:
+    the schedule for every micro-batch count the run uses, the layer split, the objective."""
+    from dsv3_jax.pipeline import schedules
+    out = []
+    if not hasattr(objective, "tail_loss") or not hasattr(objective, "stage_loss"):
+        out.append(f"the objective {type(objective).__name__} has no pipeline stages "
+                   "(stage_loss, tail_loss; see dsv3_jax/objectives/pretrain.py): use "
+                   "mesh.pipeline=1")
+    for m in sorted(set(int(x) for x in micro_per_step)):
+        try:
+            schedule = schedules.make(name, ranks, m)
+        except Exception as e:   # noqa: BLE001 - reported as the config problem it is
+            out.append(f"pipeline.schedule={name} with {m} micro-batches per step: {e}")
+            continue
+        if cfg.num_moe_layers % schedule.n_stages:
+            out.append(f"{cfg.num_moe_layers} MoE layers do not split into the "
+                       f"{schedule.n_stages} equal stages of {name} on {ranks} ranks")
+    return out
+
+
+def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, batch, step):
+    """The train step's (loss, aux), grads through the pipeline (micro-batches from the batch's
+    leading axis; the schedule and its table are built once per micro-batch count)."""
+    schedule, plan = build(name, ranks, int(batch["inputs"].shape[0]), objective.cfg.num_moe_layers)
+    return value_and_grad(objective, params, router_bias, batch, step, schedule, plan)
