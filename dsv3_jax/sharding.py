@@ -77,9 +77,9 @@ def validate_mesh(shape: Mapping[str, int], cfg, global_batch: int) -> None:
     if cfg.num_attention_heads % shape["tensor"]:
         errors.append(f"num_attention_heads {cfg.num_attention_heads} is not divisible by the "
                       f"tensor axis ({shape['tensor']})")
-    if shape["pipeline"] > 1 and cfg.num_moe_layers % shape["pipeline"]:
+    if shape["pipeline"] > 1 and cfg.num_moe_layers < shape["pipeline"]:
         errors.append(f"{cfg.num_moe_layers} MoE layers do not split over pipeline="
-                      f"{shape['pipeline']} ranks (every rank holds the same number of layers)")
+                      f"{shape['pipeline']} ranks (every stage needs at least one MoE layer)")
     if errors:
         raise MeshError("mesh does not fit:\n  - " + "\n  - ".join(errors))
 

@@ -62,7 +62,7 @@ class Plan:
     """The static program of one schedule: the device table and buffer sizes."""
     table: np.ndarray        # int32 [T, P, len(COLS)]
     slots: int               # K: buffer slots per chunk (an mb lives in slot mb % K)
-    layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i)
+    layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i); -1 pad
     split_w: bool
 
 
@@ -70,12 +70,39 @@ def _kind(stage: int, n_stages: int) -> int:
     return FIRST if stage == 0 else LAST if stage == n_stages - 1 else MID
 
 
-def make_plan(schedule, ticks, num_moe_layers: int) -> Plan:
-    """The device table from a schedule and its lockstep ticks (dsv3_jax.pipeline.schedules)."""
+def stage_layers(num_moe_layers: int, n_stages: int, first_extra: float = 0.0,
+                 last_extra: float = 0.0) -> list[int]:
+    """MoE layers per stage, balanced by cost: the first stage also runs the embedding and the
+    dense layers (`first_extra` MoE-layer equivalents), the last the head and MTP modules
+    (`last_extra`). Each layer goes to the currently cheapest stage (ties: the earliest), so
+    the most expensive stage is as cheap as whole layers allow."""
+    if num_moe_layers < n_stages:
+        raise ValueError(f"{num_moe_layers} MoE layers cannot fill {n_stages} stages (each "
+                         "stage needs at least one)")
+    counts = [1] * n_stages
+    extra = [0.0] * n_stages
+    extra[0] += first_extra
+    extra[-1] += last_extra
+    for _ in range(num_moe_layers - n_stages):
+        s = min(range(n_stages), key=lambda i: (extra[i] + counts[i], i))
+        counts[s] += 1
+    return counts
+
+
+def layer_costs(cfg) -> tuple[float, float]:
+    """(first, last) stage extras in MoE-layer equivalents: a dense layer or an MTP module
+    counts as one MoE layer (the release's dense FFN width equals the MoE's active width)."""
+    return float(cfg.num_dense_layers), float(cfg.num_nextn_predict_layers)
+
+
+def make_plan(schedule, ticks, counts: list[int]) -> Plan:
+    """The device table from a schedule, its lockstep ticks (dsv3_jax.pipeline.simulate) and
+    the MoE layers per stage (`stage_layers`); shorter stages are padded with skipped layers."""
     p, s_n = schedule.ranks, schedule.n_stages
-    if num_moe_layers % s_n:
-        raise ValueError(f"{num_moe_layers} MoE layers do not split into {s_n} equal stages")
-    n = num_moe_layers // s_n
+    if len(counts) != s_n:
+        raise ValueError(f"{len(counts)} stage sizes for {s_n} stages")
+    n = max(counts)
+    start = np.concatenate([[0], np.cumsum(counts)])
     t_n = ticks.table.shape[0]
     table = np.full((t_n, p, len(COLS)), -1, np.int32)
     for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
@@ -126,8 +153,8 @@ def make_plan(schedule, ticks, num_moe_layers: int) -> Plan:
     slots = 1
     while not (_fits(act_live, slots) and _fits(grad_live, slots)):
         slots += 1
-    index = np.array([[[stage * n + i for i in range(n)] for stage in placement]
-                      for placement in schedule.placement], np.int32)
+    index = np.array([[[start[stage] + i if i < counts[stage] else -1 for i in range(n)]
+                       for stage in placement] for placement in schedule.placement], np.int32)
     return Plan(table, slots, index, split)
 
 
@@ -174,15 +201,21 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         raise ValueError(f"the batch has {m_n} micro-batches, the schedule {schedule.microbatches}")
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
-    identity = np.array_equal(flat, np.arange(flat.size))
+    n_layers = cfg.num_moe_layers
+    identity = np.array_equal(flat, np.arange(n_layers))
+    padded = bool((flat < 0).any())
+    valid = jnp.asarray(plan.layer_index >= 0)
 
-    def stack(a):   # [L, ...] -> [P, chunks, n, ...]
-        a = a if identity else jnp.take(a, flat, axis=0)
+    def stack(a):   # [L, ...] -> [P, chunks, n, ...] (pads: copies of layer 0, skipped)
+        a = a if identity else jnp.take(a, np.maximum(flat, 0), axis=0)
         return a.reshape((p, chunks, n) + a.shape[1:])
 
-    def unstack(g, like):   # [P, chunks, n, ...] -> [L, ...], copies summed
+    def unstack(g, like):   # [P, chunks, n, ...] -> [L, ...], copies summed, pads dropped
         g = g.reshape((p * chunks * n,) + g.shape[3:])
-        return g if identity else jnp.zeros(like.shape, g.dtype).at[flat].add(g)
+        if identity:
+            return g
+        idx = np.where(flat < 0, n_layers, flat)
+        return jnp.zeros(like.shape, g.dtype).at[idx].add(g, mode="drop")
 
     moe_p = jax.tree.map(stack, params["moe_layers"])
     moe_b = jax.tree.map(stack, router_bias["moe_layers"])
@@ -196,27 +229,43 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     n_e = cfg.n_routed_experts
     depth = cfg.num_nextn_predict_layers
 
-    def per_rank(cp, cb, rp, rb, batch, step, table):
+    def per_rank(cp, cb, valid, rp, rb, batch, step, table):
         cp = jax.tree.map(lambda a: a[0], cp)          # [chunks, n, ...]
         cb = jax.tree.map(lambda a: a[0], cb)
+        valid = valid[0]                               # [chunks, n]
         r = jax.lax.axis_index(AXIS)
 
-        def chunk_fn(jp, jb, x, mb):
-            return model.forward_moe_chunk(cfg, {"params": {"moe_layers": jp},
-                                                 "router_bias": {"moe_layers": jb}},
-                                           x, mb["positions"], mb["segment_ids"])
+        def chunk_fn(jp, jb, ok, x, mb):
+            run = lambda jp_, jb_, x_: model.forward_moe_chunk(
+                cfg, {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": jb_}}, x_,
+                mb["positions"], mb["segment_ids"])
+            if not padded:
+                return run(jp, jb, x)
+
+            def layer(x, xs):    # one layer at a time; a pad slot is skipped by the cond
+                lp, lb, v = xs
+                one = lambda t: jax.tree.map(lambda a: a[None], t)
+
+                def compute(x):
+                    y, st = run(one(lp), one(lb), x)
+                    return y, st.counts[0].astype(jnp.int32), st.balance_loss[0]
+                skip = lambda x: (x, jnp.zeros((n_e,), jnp.int32), jnp.zeros((), jnp.float32))
+                y, cts, bal = jax.lax.cond(v, compute, skip, x)
+                return y, (cts, bal)
+            y, (cts, bal) = jax.lax.scan(layer, x, (jp, jb, ok))
+            return y, model.RouterStats(cts, bal)
 
         zero_tail = {"ce": jnp.zeros((), jnp.float32), "mtp_ce": jnp.zeros((), jnp.float32),
                      "balance": jnp.zeros((), jnp.float32),
                      "mtp_weight": jnp.zeros((), jnp.float32),
                      "mtp_counts": jnp.zeros((depth, n_e), jnp.int32)}
 
-        def stage(kind, jp, rp_, x, jb, mb):
+        def stage(kind, jp, rp_, x, jb, ok, mb):
             """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage."""
             if kind == FIRST:
                 x = model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
                                         mb["positions"], mb["segment_ids"])
-            y, stats = chunk_fn(jp, jb, x.astype(act_dtype), mb)
+            y, stats = chunk_fn(jp, jb, ok, x.astype(act_dtype), mb)
             term = objective.stage_loss(stats)
             tail = zero_tail
             if kind == LAST:
@@ -240,7 +289,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             def branch(kind_):
                 def run():
                     (y, term), aux = stage(kind_, _take(cp, slot), rp, xin[slot, mbi % k_slots],
-                                           _take(cb, slot), _take(batch, mbi))
+                                           _take(cb, slot), valid[slot], _take(batch, mbi))
                     return y, term, aux
                 return run
             return jax.lax.switch(kind, [none] + [branch(k) for k in (FIRST, MID, LAST)])
@@ -256,7 +305,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                     jp, jb = _take(cp, slot), _take(cb, slot)
                     x, mb = xin[slot, mbi % k_slots], _take(batch, mbi)
                     dy = gin[slot, mbi % k_slots]
-                    f = lambda jp_, rp_, x_: stage(kind_, jp_, rp_, x_, jb, mb)[0]
+                    f = lambda jp_, rp_, x_: stage(kind_, jp_, rp_, x_, jb, valid[slot], mb)[0]
                     cot = (dy, jnp.asarray(inv_m, jnp.float32))
                     if wrt == "x":
                         if kind_ == FIRST:        # nothing upstream needs an input gradient
@@ -319,11 +368,11 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     spec = lambda t, s: jax.tree.map(lambda _: s, t)
     fn = jax.shard_map(
         per_rank,
-        in_specs=(spec(moe_p, P(AXIS)), spec(moe_b, P(AXIS)), spec(rest_p, P()),
+        in_specs=(spec(moe_p, P(AXIS)), spec(moe_b, P(AXIS)), P(AXIS), spec(rest_p, P()),
                   spec(rest_b, P()), spec(batch, P()), P(), P()),
         out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
         axis_names={AXIS}, check_vma=False)
-    sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, rest_p, rest_b, batch, step,
+    sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch, step,
                                             jnp.asarray(plan.table))
     grads = dict(drp)
     grads["moe_layers"] = jax.tree.map(unstack, dcp, params["moe_layers"])
@@ -336,11 +385,13 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
 
 
 @functools.lru_cache(maxsize=64)
-def build(name: str, ranks: int, microbatches: int, num_moe_layers: int):
+def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
+          extras: tuple[float, float] = (0.0, 0.0)):
     """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid."""
     from dsv3_jax.pipeline import schedules, simulate
     schedule = schedules.make(name, ranks, microbatches)
-    return schedule, make_plan(schedule, simulate.lockstep(schedule), num_moe_layers)
+    counts = stage_layers(num_moe_layers, schedule.n_stages, *extras)
+    return schedule, make_plan(schedule, simulate.lockstep(schedule), counts)
 
 
 def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]:
@@ -358,14 +409,17 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]
         except Exception as e:   # noqa: BLE001 - reported as the config problem it is
             out.append(f"pipeline.schedule={name} with {m} micro-batches per step: {e}")
             continue
-        if cfg.num_moe_layers % schedule.n_stages:
+        if cfg.num_moe_layers < schedule.n_stages:
             out.append(f"{cfg.num_moe_layers} MoE layers do not split into the "
-                       f"{schedule.n_stages} equal stages of {name} on {ranks} ranks")
+                       f"{schedule.n_stages} stages of {name} on {ranks} ranks (each stage "
+                       "needs at least one MoE layer)")
     return out
 
 
 def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, batch, step):
     """The train step's (loss, aux), grads through the pipeline (micro-batches from the batch's
     leading axis; the schedule and its table are built once per micro-batch count)."""
-    schedule, plan = build(name, ranks, int(batch["inputs"].shape[0]), objective.cfg.num_moe_layers)
+    cfg = objective.cfg
+    schedule, plan = build(name, ranks, int(batch["inputs"].shape[0]), cfg.num_moe_layers,
+                           layer_costs(cfg))
     return value_and_grad(objective, params, router_bias, batch, step, schedule, plan)
