@@ -4,6 +4,8 @@ computed dropless with a grouped GEMM whose cost follows tokens x top-k.
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -263,12 +265,29 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
         if small >= slots:
             return exchange(slots)
         _, _, biggest = plan_all_to_all(ex, ep, e_local, 1)
-        overflow = jax.lax.pmax(biggest, "expert") > small
+        # the branch must be the same on every device that runs this program in lockstep: the
+        # expert group, and under a pipeline (dsv3_jax/pipeline) every pipeline rank too
+        overflow = jax.lax.pmax(biggest, ("expert",) + SYNC_AXES) > small
         return jax.lax.cond(overflow, lambda: exchange(slots), lambda: exchange(small))
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, weight, weight, weight),
                        out_specs=row)
     return fn(x_ND, routing.experts_NP, routing.gates_NP, w_gate, w_up, w_down)
+
+
+SYNC_AXES: tuple = ()   # extra manual axes the capacity decision is agreed over
+
+
+@contextlib.contextmanager
+def synced_over(*axes: str):
+    """While tracing inside, the EP capacity branch is agreed over `axes` too (the pipeline
+    executor: every pipeline rank must take the same branch, as all run every tick's ops)."""
+    global SYNC_AXES
+    old, SYNC_AXES = SYNC_AXES, SYNC_AXES + tuple(axes)
+    try:
+        yield
+    finally:
+        SYNC_AXES = old
 
 
 def _active_mesh():

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import model
+from dsv3_jax.layers import moe as moe_lib
 from dsv3_jax.layers.common import dtype_of
 
 AXIS = "pipeline"
@@ -235,6 +236,9 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         valid = valid[0]                               # [chunks, n]
         r = jax.lax.axis_index(AXIS)
 
+        zero_tail = {"ce": jnp.float32, "mtp_ce": jnp.float32, "balance": jnp.float32,
+                     "mtp_weight": jnp.float32, "mtp_counts": jnp.int32}   # their dtypes
+
         def chunk_fn(jp, jb, ok, x, mb):
             run = lambda jp_, jb_, x_: model.forward_moe_chunk(
                 cfg, {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": jb_}}, x_,
@@ -242,106 +246,82 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             if not padded:
                 return run(jp, jb, x)
 
-            def layer(x, xs):    # one layer at a time; a pad slot is skipped by the cond
+            def layer(x, xs):    # one layer at a time; a pad slot is computed and discarded
                 lp, lb, v = xs
                 one = lambda t: jax.tree.map(lambda a: a[None], t)
-
-                def compute(x):
-                    y, st = run(one(lp), one(lb), x)
-                    return y, st.counts[0].astype(jnp.int32), st.balance_loss[0]
-                skip = lambda x: (x, jnp.zeros((n_e,), jnp.int32), jnp.zeros((), jnp.float32))
-                y, cts, bal = jax.lax.cond(v, compute, skip, x)
-                return y, (cts, bal)
+                y, st = run(one(lp), one(lb), x)
+                return jnp.where(v, y, x), (st.counts[0] * v, st.balance_loss[0] * v)
             y, (cts, bal) = jax.lax.scan(layer, x, (jp, jb, ok))
             return y, model.RouterStats(cts, bal)
 
-        zero_tail = {"ce": jnp.zeros((), jnp.float32), "mtp_ce": jnp.zeros((), jnp.float32),
-                     "balance": jnp.zeros((), jnp.float32),
-                     "mtp_weight": jnp.zeros((), jnp.float32),
-                     "mtp_counts": jnp.zeros((depth, n_e), jnp.int32)}
-
-        def stage(kind, jp, rp_, x, jb, ok, mb):
-            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage."""
-            if kind == FIRST:
-                x = model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
-                                        mb["positions"], mb["segment_ids"])
-            y, stats = chunk_fn(jp, jb, ok, x.astype(act_dtype), mb)
-            term = objective.stage_loss(stats)
-            tail = zero_tail
-            if kind == LAST:
-                t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
-                term, y = term + t_loss, jnp.zeros_like(y)
-                tail = {k: v.astype(zero_tail[k].dtype) for k, v in tail.items()}
+        def stage(first, last, jp, rp_, x, jb, ok, mb):
+            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage. Every
+            stage runs the same program (embedding and head included) and keeps what its kind
+            uses: no collective ever sits in a branch that another rank skips."""
+            x0 = model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
+                                     mb["positions"], mb["segment_ids"])
+            x = jnp.where(first, x0.astype(act_dtype), x.astype(act_dtype))
+            y, stats = chunk_fn(jp, jb, ok, x, mb)
+            t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
+            tail = {k: jnp.where(last, v, 0).astype(zero_tail[k]) for k, v in tail.items()}
+            term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
+            y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), (
                 stats.counts.astype(jnp.int32), stats.balance_loss.sum().astype(jnp.float32),
                 tail)
 
-        zeros_x = jnp.zeros(x_shape, act_dtype)
-        zeros_cp = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), cp)
-        zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+        masked = lambda on, t: jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), t)
 
-        def forward(kind, slot, mbi, xin):
-            def none():
-                return (zeros_x, jnp.zeros((), jnp.float32),
-                        (jnp.zeros((n, n_e), jnp.int32), jnp.zeros((), jnp.float32), zero_tail))
+        def operands(kind, slot, mbi, xin, gin):
+            slot, mbi = jnp.maximum(slot, 0), jnp.maximum(mbi, 0)
+            return (kind == FIRST, kind == LAST, _take(cp, slot), _take(cb, slot),
+                    valid[slot], xin[slot, mbi % k_slots], gin[slot, mbi % k_slots],
+                    _take(batch, mbi))
 
-            def branch(kind_):
-                def run():
-                    (y, term), aux = stage(kind_, _take(cp, slot), rp, xin[slot, mbi % k_slots],
-                                           _take(cb, slot), valid[slot], _take(batch, mbi))
-                    return y, term, aux
-                return run
-            return jax.lax.switch(kind, [none] + [branch(k) for k in (FIRST, MID, LAST)])
+        def forward(kind, slot, mbi, xin, gin):
+            first, last, jp, jb, ok, x, _, mb = operands(kind, slot, mbi, xin, gin)
+            (y, term), aux = stage(first, last, jp, rp, x, jb, ok, mb)
+            return masked(kind != NONE, (y, term, aux))
 
         def backward(kind, slot, mbi, xin, gin, wrt):
             """wrt: "all" (B of a non-split schedule), "x" (B) or "params" (W).
-            Returns (dx, d chunk params, d rest params)."""
-            def none():
-                return zeros_x, zeros_cp, zeros_rp
-
-            def branch(kind_):
-                def run():
-                    jp, jb = _take(cp, slot), _take(cb, slot)
-                    x, mb = xin[slot, mbi % k_slots], _take(batch, mbi)
-                    dy = gin[slot, mbi % k_slots]
-                    f = lambda jp_, rp_, x_: stage(kind_, jp_, rp_, x_, jb, valid[slot], mb)[0]
-                    cot = (dy, jnp.asarray(inv_m, jnp.float32))
-                    if wrt == "x":
-                        if kind_ == FIRST:        # nothing upstream needs an input gradient
-                            return zeros_x, zeros_cp, zeros_rp
-                        _, vjp = jax.vjp(lambda x_: f(jp, rp, x_), x)
-                        return vjp(cot)[0].astype(act_dtype), zeros_cp, zeros_rp
-                    if wrt == "params":
-                        _, vjp = jax.vjp(lambda jp_, rp_: f(jp_, rp_, x), jp, rp)
-                        djp, drp = vjp(cot)
-                        return zeros_x, f32(djp), f32(drp)
-                    _, vjp = jax.vjp(f, jp, rp, x)
-                    djp, drp, dx = vjp(cot)
-                    return dx.astype(act_dtype), f32(djp), f32(drp)
-                return run
-            return jax.lax.switch(kind, [none] + [branch(k) for k in (FIRST, MID, LAST)])
+            Returns (dx, d chunk params, d rest params), zero where the op is idle."""
+            first, last, jp, jb, ok, x, dy, mb = operands(kind, slot, mbi, xin, gin)
+            f = lambda jp_, rp_, x_: stage(first, last, jp_, rp_, x_, jb, ok, mb)[0]
+            cot = (dy, jnp.asarray(inv_m, jnp.float32))
+            on = kind != NONE
+            if wrt == "x":
+                _, vjp = jax.vjp(lambda x_: f(jp, rp, x_), x)
+                return masked(on, vjp(cot)[0].astype(act_dtype)), None, None
+            if wrt == "params":
+                _, vjp = jax.vjp(lambda jp_, rp_: f(jp_, rp_, x), jp, rp)
+                djp, drp = vjp(cot)
+                return None, masked(on, f32(djp)), masked(on, f32(drp))
+            _, vjp = jax.vjp(f, jp, rp, x)
+            djp, drp, dx = vjp(cot)
+            return masked(on, dx.astype(act_dtype)), masked(on, f32(djp)), masked(on, f32(drp))
 
         def tick(carry, rows_all):
             xin, gin, dcp, drp, sums, counts, mtp_counts = carry
             row = rows_all[r]
             g = lambda name: row[C[name]]
             # F
-            y, term, (cts, bal, tail) = forward(g("f_kind"), g("f_slot"), g("f_mb"), xin)
-            f_on = g("f_kind") > 0
-            sums = sums + jnp.where(f_on, jnp.stack(
-                [term, tail["ce"], tail["mtp_ce"], bal + tail["balance"], tail["mtp_weight"]]), 0.0)
-            counts = jnp.where(f_on, _add_at(counts, jnp.maximum(g("f_slot"), 0), cts), counts)
+            y, term, (cts, bal, tail) = forward(g("f_kind"), g("f_slot"), g("f_mb"), xin, gin)
+            sums = sums + jnp.stack(
+                [term, tail["ce"], tail["mtp_ce"], bal + tail["balance"], tail["mtp_weight"]])
+            counts = _add_at(counts, jnp.maximum(g("f_slot"), 0), cts)
             mtp_counts = mtp_counts + tail["mtp_counts"]
             # B (and W)
-            dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin,
-                                  "x" if plan.split_w else "all")
-            dcp = _add_at(dcp, jnp.maximum(g("b_slot"), 0), dj)
-            drp = jax.tree.map(jnp.add, drp, dr)
             if plan.split_w:
+                dx, _, _ = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, "x")
                 _, dj, dr = backward(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, "params")
-                dcp = _add_at(dcp, jnp.maximum(g("w_slot"), 0), dj)
-                drp = jax.tree.map(jnp.add, drp, dr)
+                slot_w = g("w_slot")
+            else:
+                dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, "all")
+                slot_w = g("b_slot")
+            dcp = _add_at(dcp, jnp.maximum(slot_w, 0), dj)
+            drp = jax.tree.map(jnp.add, drp, dr)
             # outputs: right- and left-moving (activation, gradient) pairs, and local turns
             send = lambda d: jnp.stack([jnp.where(g("f_dir") == d, y, 0),
                                         jnp.where(g("b_dir") == d, dx, 0)])
@@ -355,6 +335,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             gin = _write(gin, g("og_slot"), g("og_mb"), k_slots, dx)
             return (xin, gin, dcp, drp, sums, counts, mtp_counts), None
 
+        zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
         buf = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
         carry = (buf, buf, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp), zeros_rp,
                  jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
@@ -372,8 +353,9 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                   spec(rest_b, P()), spec(batch, P()), P(), P()),
         out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
         axis_names={AXIS}, check_vma=False)
-    sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch, step,
-                                            jnp.asarray(plan.table))
+    with moe_lib.synced_over(AXIS):
+        sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
+                                                step, jnp.asarray(plan.table))
     grads = dict(drp)
     grads["moe_layers"] = jax.tree.map(unstack, dcp, params["moe_layers"])
     grads = jax.tree.map(lambda g_, p_: g_.astype(p_.dtype), grads, params)   # means already

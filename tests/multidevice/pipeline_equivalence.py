@@ -1,0 +1,145 @@
+"""Run in its own process with 8 fake CPU devices (XLA_FLAGS set by the caller).
+
+Three train steps through the pipeline executor must give the losses, gradient norms, gradient
+leaves and router biases of the single-device run (one micro-batch of all rows, no pipeline)
+within 1e-5 relative: a small config with MTP on, 16 MoE layers (so that DualPipeV on 8 ranks
+has its 16 stages) and every schedule on the meshes of the issue. Prints one JSON line per case;
+exits 1 on failure.
+
+  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from dsv3_jax import sharding, train, train_config, train_state
+from dsv3_jax.pipeline import SCHEDULES, executor
+from experiments.configs import tiny
+
+ROWS, SEQ = 16, 32
+MESHES = [dict(pipeline=2, expert=2, data=2), dict(pipeline=4, data=2), dict(pipeline=8)]
+LEAVES = [("moe_layers", "block", "moe", "experts", "gate"), ("embed",), ("lm_head",),
+          ("moe_layers", "block", "attn", "q_b", "kernel"), ("mtp_0", "block", "moe", "router"),
+          ("dense_layers", "block", "mlp", "up", "kernel")]
+
+
+def config(fp8=False, moe_layers=16):
+    c = tiny.get_config()
+    c.model.update(dict(num_hidden_layers=1 + moe_layers, hidden_size=32, intermediate_size=64,
+                        moe_intermediate_size=16, q_lora_rank=16, kv_lora_rank=16,
+                        num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_routed_experts=8, n_group=4, topk_group=2,
+                        num_experts_per_tok=2, num_nextn_predict_layers=1))
+    if fp8:
+        c.model.update(dict(fp8=True, dtype="bfloat16", hidden_size=128, intermediate_size=256,
+                            moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128))
+    c.data.update(dict(seq_len=SEQ, global_batch=ROWS))
+    c.optim.warmup_steps = 1
+    c.balance.gamma = 0.01          # visible bias moves
+    return c
+
+
+def batches(n, micro):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(2, 8192, (ROWS, SEQ + 1)).astype(np.int32)
+        cut = rng.integers(8, SEQ, ROWS)[:, None]
+        seg = np.where(np.arange(SEQ)[None] < cut, 1, 2).astype(np.int32)
+        b = {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+             "positions": np.tile(np.arange(SEQ, dtype=np.int32), (ROWS, 1)),
+             "segment_ids": seg, "loss_mask": np.ones((ROWS, SEQ), np.float32)}
+        out.append({k: v.reshape((micro, ROWS // micro) + v.shape[1:]) for k, v in b.items()})
+    return out
+
+
+def leaf(tree, path):
+    for k in path:
+        tree = tree[k]
+    return np.asarray(tree)
+
+
+def run(c, mesh_sizes=None, schedule=None, micro=1):
+    cfg = train_config.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    init = lambda: train_state.init_state(cfg, fns.optimizer, 0, ema=False)
+    data = batches(3, micro)
+    if mesh_sizes is None:
+        state, step = jax.jit(init)(), jax.jit(lambda s, b: train.train_step(s, b, fns))
+        grad_fn = jax.jit(lambda s, b: jax.grad(fns.objective.loss, has_aux=True)(
+            s["params"], s["router_bias"], jax.tree.map(lambda x: x[0], b), s["step"])[0])
+        ctx = None
+    else:
+        shape = sharding.resolve_mesh_shape(mesh_sizes, jax.device_count())
+        sharding.validate_mesh(shape, cfg, ROWS // micro)
+        fns = train.dataclasses.replace(fns, pipeline=(schedule, shape["pipeline"]))
+        mesh = sharding.make_mesh(shape)
+        specs = train_state.state_specs(jax.eval_shape(init), cfg, fns.optimizer, shape)
+        shard = sharding.named(mesh, specs)
+        micro_sh = jax.sharding.NamedSharding(mesh, sharding.batch_spec(3, lead=1))
+        data = [jax.device_put(b, micro_sh) for b in data]
+        ctx = jax.set_mesh(mesh)
+        ctx.__enter__()
+        state = jax.jit(init, out_shardings=shard)()
+        step = jax.jit(lambda s, b: train.train_step(s, b, fns), in_shardings=(shard, micro_sh),
+                       out_shardings=(shard, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
+                       donate_argnums=0)
+        grad_fn = jax.jit(lambda s, b: executor.step_value_and_grad(
+            fns.objective, *fns.pipeline, s["params"], s["router_bias"], b, s["step"])[1],
+            in_shardings=(shard, micro_sh))
+    grads = [leaf(grad_fn(state, data[0]), p) for p in LEAVES]
+    losses, norms = [], []
+    for b in data:
+        state, m = step(state, b)
+        losses.append(float(m["loss"]))
+        norms.append(float(m["grad_norm"]))
+    out = {"losses": losses, "grad_norms": norms, "grads": grads,
+           "bias": [np.asarray(x) for x in jax.tree.leaves(state["router_bias"])],
+           "ce": float(m["ce"]), "mtp_ce": float(m["mtp_ce"])}
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    return out
+
+
+def close(a, b, rtol=1e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return bool(np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-6))
+
+
+def main():
+    assert jax.device_count() == 8, jax.device_count()
+    which = sys.argv[1] if len(sys.argv) > 1 else "quick"
+    fp8 = which == "fp8"
+    if which == "all":
+        cases = [(s, m) for m in MESHES for s in SCHEDULES]
+    elif which == "fp8":
+        cases = [("dualpipe", MESHES[0])]
+    elif which == "uneven":   # 3 MoE layers over the 4 stages of DualPipeV on 2 ranks: padded
+        cases = [("dualpipev", MESHES[0]), ("1f1b", MESHES[0])]
+    else:
+        cases = [("dualpipev", MESHES[0])]
+    moe_layers = 5 if which == "uneven" else 16
+    c = config(fp8, moe_layers)
+    ref = run(c)
+    rtol = 1e-3 if fp8 else 1e-5
+    ok = True
+    for schedule, sizes in cases:
+        micro = 2 * sizes["pipeline"]          # the smallest count every schedule accepts
+        got = run(config(fp8, moe_layers), sizes, schedule, micro)
+        checks = {
+            "losses": close(got["losses"], ref["losses"], rtol),
+            "grad_norm": close(got["grad_norms"], ref["grad_norms"], rtol * (10 if fp8 else 1)),
+            "grad_leaves": fp8 or all(close(g, r) for g, r in zip(got["grads"], ref["grads"])),
+            "router_bias": fp8 or all(close(g, r) for g, r in zip(got["bias"], ref["bias"])),
+        }
+        ok &= all(checks.values())
+        print(json.dumps({"schedule": schedule, "mesh": sizes, "microbatches": micro,
+                          "losses": got["losses"], **checks}), flush=True)
+    print("reference losses", ref["losses"])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
