@@ -5,9 +5,10 @@
 
 Parameters, gradients and optimizer state come from `jax.eval_shape` of the real train state and
 the real sharding rules (sharding.RULES, ZeRO-1 for the moments); dims that do not split evenly
-(61 layers over 16 stages) count their largest shard. Activations are estimated per token and
-layer from the tensors this implementation keeps for the backward pass under the remat policy,
-times the tokens a device holds in flight (a 1F1B pipeline keeps up to `pipeline` micro-batches).
+count their largest shard. Activations are estimated per token and layer from the tensors this
+implementation keeps for the backward pass under the remat policy, times the tokens a device
+holds in flight: with a pipeline, the schedule's peak stage activations in flight on the
+busiest rank (dsv3_jax/pipeline/simulate.py) times the MoE layers per stage (`pipeline_plan`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
     total = lambda tree, spec: sum(_bytes(l, s, mesh_shape) for l, s in zip(
         jax.tree.leaves(tree), jax.tree.leaves(spec, is_leaf=is_spec)))
     params = total(abstract["params"], specs["params"])
-    return {"params": params, "grads": params,
+    moe = (total(abstract["params"]["moe_layers"], specs["params"]["moe_layers"])
+           if "moe_layers" in abstract["params"] else 0)
+    return {"params": params, "grads": params, "moe_params": moe,
             "optimizer": total(abstract["opt_state"], specs["opt_state"]),
             "param_count": sum(l.size for l in jax.tree.leaves(abstract["params"]))}
 
@@ -77,10 +80,18 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro = c.data.micro_batch or c.data.global_batch
     rows_per_device = -(-micro // batch_ways)   # the largest shard when rows do not split
-    tokens_in_flight = rows_per_device * c.data.seq_len * mesh_shape["pipeline"]
-    layers_per_device = -(-cfg.num_hidden_layers // mesh_shape["pipeline"])
     act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len)
-    activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
+    pp = mesh_shape["pipeline"]
+    pipe = None
+    if pp > 1:
+        pipe = pipeline_plan(c, cfg, pp, rows_per_device, act["per_token_layer"])
+        in_flight, layers_per_device = pipe["in_flight_tokens_layers"], pipe["layers_per_device"]
+        tokens_in_flight = rows_per_device * c.data.seq_len * pipe["peak_in_flight_stages"]
+        activations = act["per_token_layer"] * in_flight
+    else:
+        tokens_in_flight = rows_per_device * c.data.seq_len
+        layers_per_device = cfg.num_hidden_layers
+        activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
     tokens_per_step = c.data.global_batch * c.data.seq_len
     flops_token = ts.model_flops_per_token(cfg, c.data.seq_len)
     flops_step = flops_token * tokens_per_step
@@ -93,17 +104,60 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
             f"optimizer ({c.optim.moments_dtype} moments, ZeRO-1)": mem["optimizer"] / GB,
             f"activations (remat={cfg.remat})": activations / GB,
             f"  of which attention ({act['attention']})": (
-                act["attention_scores"] * tokens_in_flight * layers_per_device) / GB,
+                act["attention_scores"] * activations / max(act["per_token_layer"], 1)) / GB,
+        **({"second stage copy (dualpipe: params + grads)": 2 * mem["moe_params"] / GB}
+           if pipe and pipe["param_copies"] == 2 else {}),
         },
-        "total_per_device_GiB": (2 * mem["params"] + mem["optimizer"] + activations) / GB,
+        "total_per_device_GiB": (2 * mem["params"] + mem["optimizer"] + activations
+                                 + (2 * mem["moe_params"] if pipe and pipe["param_copies"] == 2
+                                    else 0)) / GB,
         "activation_assumptions": {"micro_batch_rows": micro, "rows_per_device": rows_per_device,
-                                   "micro_batches_in_flight": mesh_shape["pipeline"],
+                                   "micro_batches_in_flight": (pipe["peak_in_flight_stages"]
+                                                               if pipe else 1),
                                    "layers_per_device": layers_per_device,
                                    "bytes_per_token_layer": act["per_token_layer"]},
+        "pipeline": pipe,
         "flops": {"per_token_fwd_bwd": flops_token, "per_step": flops_step,
                   "per_device_per_step": flops_step / devices,
                   "tokens_per_step": tokens_per_step},
     }
+
+
+def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int) -> dict:
+    """Stages, layers and activations in flight per device for c.pipeline.schedule on pp ranks.
+
+    The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
+    holds): the rank with the most stage chunks in flight (simulate.peak_inflight) x the MoE
+    layers per chunk x the tokens of a micro-batch. The executor here keeps less between ops
+    (stage inputs and output gradients in K slots per chunk, then one stage's residuals while
+    its backward runs): `executor_GiB` gives that figure too."""
+    from dsv3_jax.pipeline import executor, schedules, simulate
+    m = max(1, (c.data.global_batch // (c.data.micro_batch or c.data.global_batch)))
+    sched = schedules.make(c.pipeline.schedule, pp, m)   # the schedule's own (1F1B: standard)
+    counts = executor.stage_layers(cfg.num_moe_layers, sched.n_stages, *executor.layer_costs(cfg))
+    per_chunk = max(counts)
+    peak = simulate.peak_inflight(sched)
+    tokens = rows * c.data.seq_len
+    dense_mtp = cfg.num_dense_layers + cfg.num_nextn_predict_layers
+    layers_dev = per_chunk * sched.chunks * sched.param_copies // max(sched.param_copies, 1)
+    # per rank: its peak stage activations in flight x the mean layers of the stages it holds
+    # (the first stage's dense layers and the last stage's MTP modules included)
+    extra = lambda st: (cfg.num_dense_layers if st == 0 else 0) + (
+        cfg.num_nextn_predict_layers if st == sched.n_stages - 1 else 0)
+    in_flight = max(peak[r] * float(np.mean([counts[st] + extra(st) for st in stages]))
+                    for r, stages in enumerate(sched.placement))
+    slots = executor.build(sched.name, pp, m, cfg.num_moe_layers,
+                           executor.layer_costs(cfg))[1].slots   # what the executor runs
+    d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
+    exec_bytes = (2 * sched.chunks * slots * tokens * d_bytes
+                  + (per_chunk + dense_mtp) * tokens * bytes_token_layer)
+    return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,
+            "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
+            - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
+            "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
+            "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
+            "executor_GiB": exec_bytes / GB,
+            "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction}
 
 
 @errors.cli
@@ -113,9 +167,13 @@ def main(argv=None):
     ap.add_argument("--config-arg", default=None, help="get_config argument, e.g. quick")
     ap.add_argument("--mesh", default="", help="e.g. expert=64,pipeline=16,data=-1")
     ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh product)")
+    ap.add_argument("--schedule", default=None, help="pipeline schedule (default: the config's "
+                    "pipeline.schedule): gpipe, 1f1b, zb1p, dualpipev, dualpipe")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     c = train_config.load(args.config, args.config_arg)
+    if args.schedule:
+        c.pipeline.schedule = args.schedule
     sizes = dict(c.mesh.to_dict())
     if args.mesh:   # --mesh names the whole mesh: axes it leaves out are 1
         sizes = dict.fromkeys(sharding.AXES, 1)
@@ -139,6 +197,14 @@ def main(argv=None):
     print(f"  (activations: {a['rows_per_device']} row(s) per device per micro-batch, "
           f"{a['micro_batches_in_flight']} micro-batches in flight, {a['layers_per_device']} "
           f"layers per device, {a['bytes_per_token_layer']:,} bytes per token per layer)")
+    pp = result["pipeline"]
+    if pp:
+        print(f"  pipeline {pp['schedule']}: {pp['ranks']} ranks, {pp['stages']} stages, "
+              f"{pp['microbatches']} micro-batches; MoE layers per stage "
+              f"{sorted(set(pp['moe_layers_per_stage']))} ({pp['padded_layer_slots']} padded "
+              f"slots), {pp['param_copies']}x parameter copies, peak {pp['peak_in_flight_stages']}"
+              f" stage activations in flight, MPMD bubble {pp['bubble_fraction_mpmd']:.1%}; "
+              f"this executor keeps {pp['executor_GiB']:.2f} GiB ({pp['executor_slots']} slots)")
     fl = result["flops"]
     print(f"FLOPs per step: {fl['per_step']:.3e} total ({fl['per_token_fwd_bwd']:.3e} per token x "
           f"{fl['tokens_per_step']:,} tokens), {fl['per_device_per_step']:.3e} per device")

@@ -180,6 +180,10 @@ def validate(c) -> ModelConfig:
     need(d.micro_batch >= 0 and (d.micro_batch == 0 or d.global_batch % d.micro_batch == 0),
          f"data.micro_batch must be 0 (= global_batch) or divide global_batch, got {d.micro_batch}")
     need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    if ("pipeline" in c and not c.pipeline.microbatches and not d.micro_batch
+            and c.mesh.pipeline > 1):
+        # a pipeline needs micro-batches: by default the fewest every schedule accepts (2P)
+        c.pipeline.microbatches = 2 * c.mesh.pipeline
     if "pipeline" in c and c.pipeline.microbatches:
         mbs = c.pipeline.microbatches
         if mbs < 1 or d.global_batch % mbs:

@@ -19,11 +19,16 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   `pipeline` once at the end. The MoE stack's parameters are stacked [P, chunks, L/S, ...] and
   sharded over `pipeline` (for the V placement of dualpipev a static permutation of the layer
   axis; for dualpipe each stage appears on two ranks and its two gradients are summed).
-* Ticks. `lax.scan` over the lockstep tick table of `schedules.lockstep`: in each tick a rank
-  runs at most one F, one B and one W (each a `lax.switch` on the stage kind: none, first,
-  middle, last), then two `ppermute`s move activations and input gradients one rank right and
-  one rank left (each carrying both), zero-filled when idle; a V turn (the same rank holds the
-  next stage) is a local write. Collectives over `pipeline` are never inside a branch.
+* Ticks. `lax.scan` over the lockstep tick table of `simulate.lockstep`: in each tick a rank
+  runs one F, one B and (zero-bubble schedules) one W, then two `ppermute`s move activations
+  and input gradients one rank right and one rank left (each carrying both); a V turn (the same
+  rank holds the next stage) is a local write. The tick is branch-free: every rank runs the
+  same program every tick (a stage computes the embedding + dense layers and the head + MTP
+  too, and keeps what its kind uses; an idle op's results are masked to zero), so no
+  collective (the MoE's expert all-to-all, GSPMD's gathers) ever sits in a branch that another
+  rank skips, which deadlocks CPU collectives and costs a host sync on GPU. A tick therefore
+  costs F + B (+ W) of a full stage everywhere: the executed time is ticks x that, which
+  `benchmarks/pipeline.py` reports next to the simulator's MPMD and lockstep predictions.
 * Residuals. A stage keeps its input activation per in-flight micro-batch (buffer slots
   indexed by mb % K, K from the tick table) and B re-runs the stage's forward under `jax.vjp`
   (stage-level recompute: exact, the forward runs twice). For schedules with a separate W
@@ -75,17 +80,22 @@ def stage_layers(num_moe_layers: int, n_stages: int, first_extra: float = 0.0,
                  last_extra: float = 0.0) -> list[int]:
     """MoE layers per stage, balanced by cost: the first stage also runs the embedding and the
     dense layers (`first_extra` MoE-layer equivalents), the last the head and MTP modules
-    (`last_extra`). Each layer goes to the currently cheapest stage (ties: the earliest), so
-    the most expensive stage is as cheap as whole layers allow."""
-    if num_moe_layers < n_stages:
-        raise ValueError(f"{num_moe_layers} MoE layers cannot fill {n_stages} stages (each "
-                         "stage needs at least one)")
-    counts = [1] * n_stages
+    (`last_extra`). No stage gets more than ceil(layers / stages) (in one SPMD program every
+    stage computes as many layer slots as the longest; shorter ones are padding); within that
+    cap each layer goes to the currently cheapest stage (ties: the earliest), so a stage with
+    extras holds fewer MoE layers, possibly none."""
     extra = [0.0] * n_stages
     extra[0] += first_extra
     extra[-1] += last_extra
-    for _ in range(num_moe_layers - n_stages):
-        s = min(range(n_stages), key=lambda i: (extra[i] + counts[i], i))
+    counts = [0 if e else 1 for e in extra]   # the first/last stage may hold only its extras
+    if num_moe_layers < max(sum(counts), 1):
+        raise ValueError(f"{num_moe_layers} MoE layers do not split into {n_stages} stages (each "
+                         "stage without the embedding/dense layers or the head/MTP needs at "
+                         "least one)")
+    cap = -(-num_moe_layers // n_stages)   # every rank computes the longest stage's layers
+    for _ in range(num_moe_layers - sum(counts)):
+        s = min((i for i in range(n_stages) if counts[i] < cap),
+                key=lambda i: (extra[i] + counts[i], i))
         counts[s] += 1
     return counts
 
@@ -371,7 +381,10 @@ def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
           extras: tuple[float, float] = (0.0, 0.0)):
     """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid."""
     from dsv3_jax.pipeline import schedules, simulate
-    schedule = schedules.make(name, ranks, microbatches)
+    # 1F1B runs its eager variant: the standard one packs into lockstep ticks badly (a rank's F
+    # and the B it waits for land in different ticks); eager warm-up reaches the MPMD time at
+    # 2(P-1-r)+1 activations on rank r (dsv3_jax/pipeline/simulate.py)
+    schedule = schedules.make(name, ranks, microbatches, eager=name == "1f1b")
     counts = stage_layers(num_moe_layers, schedule.n_stages, *extras)
     return schedule, make_plan(schedule, simulate.lockstep(schedule), counts)
 
@@ -391,10 +404,10 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]
         except Exception as e:   # noqa: BLE001 - reported as the config problem it is
             out.append(f"pipeline.schedule={name} with {m} micro-batches per step: {e}")
             continue
-        if cfg.num_moe_layers < schedule.n_stages:
-            out.append(f"{cfg.num_moe_layers} MoE layers do not split into the "
-                       f"{schedule.n_stages} stages of {name} on {ranks} ranks (each stage "
-                       "needs at least one MoE layer)")
+        try:
+            stage_layers(cfg.num_moe_layers, schedule.n_stages, *layer_costs(cfg))
+        except ValueError as e:
+            out.append(f"{name} on {ranks} ranks: {e}")
     return out
 
 

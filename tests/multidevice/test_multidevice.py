@@ -37,6 +37,27 @@ def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_pat
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
 
 
+@pytest.mark.parametrize("which", [
+    "quick",                                      # DualPipeV on (pipeline 2, expert 2, data 2)
+    pytest.param("all", marks=pytest.mark.slow),  # 5 schedules x 3 meshes of the issue
+    pytest.param("uneven", marks=pytest.mark.slow),   # 5 MoE layers over 4 stages: padded
+    pytest.param("fp8", marks=pytest.mark.slow),  # DualPipe with the FP8 recipe
+])
+def test_pipeline_matches_single_device(which):
+    out = run_script("pipeline_equivalence.py", which, timeout=3600)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+@pytest.mark.slow   # ~8 minutes on 2 cores: five trainer runs
+def test_pipeline_cli_and_checkpoints_across_pipelines(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "pipeline_cli.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    print(out.stdout)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
+
+
 BAD_MESH = """
 import jax
 from dsv3_jax import config, sharding

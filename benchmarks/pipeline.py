@@ -1,0 +1,114 @@
+"""Pipeline schedules as executed vs as simulated, side by side, in one run.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/pipeline.py \
+      [--pp 4 --data 2 --layers 16 --schedules gpipe,1f1b,zb1p,dualpipev,dualpipe]
+
+1. F, B, W of one stage chunk are measured on this machine (one device, the small config of
+   tests/multidevice/pipeline_equivalence.py): the stage's forward, its VJP for the input only
+   (B - W) and for the parameters only (W).
+2. For each schedule: the simulator's MPMD and lockstep step times from those costs, the
+   executor's step (the pipelined value-and-grad, compiled on the fake-device mesh) timed as the
+   median of 3 runs, its tick count, and the collective-permutes in the compiled program (the
+   loop body runs once per tick) against the schedule's own cross-rank transfers.
+
+On fake CPU devices all "devices" share this machine's cores, so the executed time is the sum of
+every rank's work, not the slowest rank's; the ratio column says how far that is from lockstep.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, "tests/multidevice")
+
+
+def timed(fn, *args, n=3):
+    jax.block_until_ready(fn(*args))
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pp", type=int, default=4)
+    ap.add_argument("--data", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=16, help="MoE layers")
+    ap.add_argument("--schedules", default="gpipe,1f1b,zb1p,dualpipev,dualpipe")
+    a = ap.parse_args(argv)
+    import pipeline_equivalence as pe
+    from dsv3_jax import model, sharding, train, train_config, train_state
+    from dsv3_jax.pipeline import executor, simulate
+
+    c = pe.config(False, a.layers)
+    cfg = train_config.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    state = jax.jit(lambda: train_state.init_state(cfg, fns.optimizer, 0, ema=False))()
+    micro = 2 * a.pp
+    batch = pe.batches(1, micro)[0]
+    mb = jax.tree.map(lambda x: x[0], batch)
+
+    # 1. one stage chunk's F, B - W and W on one device (layers / (2 pp) layers: a V chunk)
+    n = max(1, a.layers // (2 * a.pp))
+    chunk = jax.tree.map(lambda x: x[:n], state["params"]["moe_layers"])
+    bias = jax.tree.map(lambda x: x[:n], state["router_bias"]["moe_layers"])
+    x = jnp.ones(mb["inputs"].shape + (cfg.hidden_size,), jnp.float32) * 0.1
+
+    def f(p, x):
+        y, st = model.forward_moe_chunk(cfg, {"params": {"moe_layers": p},
+                                              "router_bias": {"moe_layers": bias}},
+                                        x, mb["positions"], mb["segment_ids"])
+        return y, fns.objective.stage_loss(st)
+    cot = (jnp.ones_like(x), jnp.float32(1))
+    t_f = timed(jax.jit(f), chunk, x)
+    t_bi = timed(jax.jit(lambda p, x: jax.vjp(lambda x_: f(p, x_), x)[1](cot)), chunk, x)
+    t_w = timed(jax.jit(lambda p, x: jax.vjp(lambda p_: f(p_, x), p)[1](cot)), chunk, x)
+    F, W = t_f, t_w
+    B = t_bi + t_w
+    print(f"# one chunk of {n} MoE layer(s), {mb['inputs'].shape[0]} rows x "
+          f"{mb['inputs'].shape[1]} tokens: F {F * 1e3:.1f} ms, B (full) {B * 1e3:.1f} ms, "
+          f"W {W * 1e3:.1f} ms")
+
+    shape = sharding.resolve_mesh_shape(dict(pipeline=a.pp, data=a.data, expert=-1),
+                                        jax.device_count())
+    mesh = sharding.make_mesh(shape)
+    print(f"# mesh {shape}, {micro} micro-batches, jax {jax.__version__}")
+    print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed (ms) | executed / "
+          "lockstep | collective-permutes compiled | schedule transfers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in a.schedules.split(","):
+        schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
+                                        executor.layer_costs(cfg))
+        per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
+        cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
+        mpmd = simulate.simulate(schedule, **cost).time
+        lock = simulate.simulate_lockstep(schedule, **cost).time
+        with jax.set_mesh(mesh):
+            step = jax.jit(lambda p, b, x: executor.value_and_grad(
+                fns.objective, p, b, x, 0, schedule, plan))
+            compiled = step.lower(state["params"], state["router_bias"], batch).compile()
+            hlo = compiled.as_text()
+            t_exec = timed(step, state["params"], state["router_bias"], batch)
+        # the tick loop's body holds the executor's two ppermutes (right, left); XLA runs the
+        # body once per tick
+        body = len(re.findall(r"collective-permute(?:-start)?\(", hlo))
+        ticks = plan.table.shape[0]
+        transfers = int(sum(((plan.table[..., executor.C["f_dir"]] == d).sum()
+                             + (plan.table[..., executor.C["b_dir"]] == d).sum())
+                            for d in (executor.RIGHT, executor.LEFT)))
+        print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | {t_exec * 1e3:.0f} | "
+              f"{t_exec / lock:.2f} | {body} in the program, x {ticks} ticks | "
+              f"{transfers} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

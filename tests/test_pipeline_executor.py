@@ -1,0 +1,87 @@
+"""The executor's static side: stage sizes, the device table, config errors (no devices needed;
+the numerics on 8 fake devices are tests/multidevice/pipeline_equivalence.py)."""
+import numpy as np
+import pytest
+
+from dsv3_jax import config as config_lib
+from dsv3_jax.pipeline import SCHEDULES, executor, simulate
+from dsv3_jax.pipeline import schedules as sched_lib
+
+
+@pytest.mark.parametrize("layers,stages,first,last", [(58, 32, 3, 1), (58, 16, 3, 1), (3, 2, 1, 1),
+                                                      (16, 16, 1, 1), (17, 4, 0, 0), (9, 8, 2, 0),
+                                                      (2, 4, 1, 1)])
+def test_stage_layers_cover_the_stack_within_the_cap(layers, stages, first, last):
+    counts = executor.stage_layers(layers, stages, first, last)
+    cap = -(-layers // stages)
+    assert sum(counts) == layers and len(counts) == stages and max(counts) == cap
+    assert all(c >= 1 for c, e in zip(counts, [first] + [0] * (stages - 2) + [last]) if not e)
+    if first > 0 and layers % stages and stages > 2:   # the first stage's extra work makes it lighter
+        assert counts[0] <= min(counts[1:-1])
+    with pytest.raises(ValueError, match="do not split"):
+        executor.stage_layers(stages - 1, stages)   # no extras: every stage needs a layer
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks):
+    m = 2 * ranks
+    layers = 3 * 2 * ranks + 1
+    schedule = sched_lib.make(name, ranks, m, eager=name == "1f1b")
+    counts = executor.stage_layers(layers, schedule.n_stages, 1, 1)
+    plan = executor.make_plan(schedule, simulate.lockstep(schedule), counts)
+    t = plan.table
+    C = executor.C
+    for op in ("f", "b") + (("w",) if plan.split_w else ()):
+        done = sorted((int(t[i, r, C[f"{op}_slot"]]), int(t[i, r, C[f"{op}_mb"]]), r)
+                      for i in range(t.shape[0]) for r in range(ranks)
+                      if t[i, r, C[f"{op}_kind"]] > 0)
+        want = sorted((slot, mb, rank) for rank, slot, mb in
+                      ((*schedule.route(s, mb), mb) for s in range(schedule.n_stages)
+                       for mb in range(m)))
+        assert done == want, op
+    # every sent activation / gradient is received by the neighbour the direction names
+    shift = {executor.RIGHT: (1, "ra", "rg"), executor.LEFT: (-1, "la", "lg"),
+             executor.LOCAL: (0, "oa", "og")}
+    for i in range(t.shape[0]):
+        for r in range(ranks):
+            for op, prefix_i in (("f", 1), ("b", 2)):
+                d = int(t[i, r, C[f"{op}_dir"]])
+                if d == executor.STAY:
+                    continue
+                step, *names = shift[d]
+                assert 0 <= r + step < ranks
+                assert t[i, r + step, C[f"{names[prefix_i - 1]}_mb"]] == t[i, r, C[f"{op}_mb"]]
+    # layer index: every MoE layer held once per parameter copy, pads marked -1
+    held = plan.layer_index[plan.layer_index >= 0]
+    assert np.array_equal(np.bincount(held, minlength=layers),
+                          np.full(layers, schedule.param_copies))
+    assert plan.slots >= 1
+
+
+def test_pipeline_problems_are_reported_before_compile():
+    cfg = config_lib.tiny()
+    from dsv3_jax.objectives import next_token, pretrain
+    obj = pretrain.Pretrain(cfg=cfg, mtp_weight=lambda s: 0.3, alpha=1e-4)
+    assert executor.problems("dualpipev", 2, [4], cfg, obj) == []
+    text = " | ".join(executor.problems("dualpipe", 3, [6], cfg, obj)
+                      + executor.problems("dualpipev", 2, [2], cfg, obj)
+                      + executor.problems("dualpipev", 4, [8], cfg, obj)
+                      + executor.problems("zigzag", 2, [4], cfg, obj)
+                      + executor.problems("1f1b", 2, [4], cfg, next_token.NextToken(cfg)))
+    for needle in ("dualpipe", "2 micro-batches", "3 MoE layers do not split into 8 stages", "zigzag",
+                   "has no pipeline stages"):
+        assert needle in text, (needle, text)
+
+
+def test_pipeline_microbatches_set_the_micro_batch():
+    from dsv3_jax import train_config
+    from experiments.configs import tiny
+    c = tiny.get_config()
+    c.mesh.pipeline = 2
+    train_config.validate(c)
+    assert c.pipeline.microbatches == 4 and c.data.micro_batch == c.data.global_batch // 4
+    c = tiny.get_config()
+    c.pipeline.microbatches, c.data.micro_batch = 4, 1
+    with pytest.raises(config_lib.ConfigError, match="set one of them"):
+        train_config.validate(c)
