@@ -133,7 +133,13 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     its backward runs): `executor_GiB` gives that figure too."""
     from dsv3_jax.pipeline import executor, schedules, simulate
     m = max(1, (c.data.global_batch // (c.data.micro_batch or c.data.global_batch)))
-    sched = schedules.make(c.pipeline.schedule, pp, m)   # the schedule's own (1F1B: standard)
+    note = ""
+    try:
+        sched = schedules.make(c.pipeline.schedule, pp, m)   # the schedule's own (1F1B: standard)
+    except schedules.ScheduleError as e:   # plan anyway, at the fewest micro-batches it takes
+        note = f"{e}: planned at {2 * pp} micro-batches (the run itself would stop with this error)"
+        m = 2 * pp
+        sched = schedules.make(c.pipeline.schedule, pp, m)
     counts = executor.stage_layers(cfg.num_moe_layers, sched.n_stages, *executor.layer_costs(cfg))
     per_chunk = max(counts)
     peak = simulate.peak_inflight(sched)
@@ -157,7 +163,7 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
             "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
             "executor_GiB": exec_bytes / GB,
-            "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction}
+            "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}
 
 
 @errors.cli
@@ -205,6 +211,8 @@ def main(argv=None):
               f"slots), {pp['param_copies']}x parameter copies, peak {pp['peak_in_flight_stages']}"
               f" stage activations in flight, MPMD bubble {pp['bubble_fraction_mpmd']:.1%}; "
               f"this executor keeps {pp['executor_GiB']:.2f} GiB ({pp['executor_slots']} slots)")
+        if pp["note"]:
+            print(f"  note: {pp['note']}")
     fl = result["flops"]
     print(f"FLOPs per step: {fl['per_step']:.3e} total ({fl['per_token_fwd_bwd']:.3e} per token x "
           f"{fl['tokens_per_step']:,} tokens), {fl['per_device_per_step']:.3e} per device")

@@ -4,12 +4,13 @@ Usage (by tests/multidevice/test_multidevice.py): python pipeline_cli.py WORKDIR
 (a) one device, 4 steps (a copy of its step-2 checkpoint kept); (b) 8 devices, mesh pipeline=2
 x expert=2 x data=2 with DualPipe, 2 steps: the losses of (a); (c) (b)'s step-2 checkpoint
 resumed without a pipeline (data=2 x expert=2 x tensor=2) to step 4; (d) (a)'s step-2 checkpoint
-resumed with the DualPipe pipeline to step 4: both log (a)'s losses of steps 3-4. All within
-1e-5 relative. Four micro-batches of 4 rows per step everywhere (DualPipe on 2 ranks needs 4).
+resumed with the DualPipe pipeline to step 4: both log (a)'s losses of steps 3-4; (e) the
+DualPipe run of (b) as 2 processes x 4 devices (gloo): (a)'s losses. All within 1e-5 relative. Four micro-batches of 4 rows per step everywhere (DualPipe on 2 ranks needs 4).
 """
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -25,17 +26,38 @@ SHAPE = ["--config.model.num_hidden_layers=3", "--config.model.hidden_size=64",
 PIPE = {"pipeline": 2, "expert": 2, "data": 2}
 
 
-def run(workdir, steps, mesh, devices, extra=()):
+def command(workdir, steps, mesh, extra=()):
     mesh_flags = [f"--config.mesh.{k}={v}" for k, v in mesh.items()]
-    out = subprocess.run(
-        [sys.executable, "-m", "dsv3_jax.train", "--config", "experiments/configs/tiny.py",
-         f"--workdir={workdir}", *SHAPE, f"--config.train.steps={steps}", *mesh_flags, *extra],
-        env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                 PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    return [sys.executable, "-m", "dsv3_jax.train", "--config", "experiments/configs/tiny.py",
+            f"--workdir={workdir}", *SHAPE, f"--config.train.steps={steps}", *mesh_flags, *extra]
+
+
+def env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+
+def run(workdir, steps, mesh, devices, extra=()):
+    out = subprocess.run(command(workdir, steps, mesh, extra), env=env(devices), cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200)
     if out.returncode:
         print(out.stdout[-3000:], out.stderr[-6000:])
         sys.exit(f"a run failed with exit code {out.returncode}")
+
+
+def run_two_processes(workdir, steps, mesh, extra=()):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(command(workdir, steps, mesh, [
+        *extra, f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]),
+        env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=1200)
+        if p.returncode:
+            print(out[-3000:], err[-6000:])
+            sys.exit(f"a 2-process run failed with exit code {p.returncode}")
 
 
 def losses(workdir):
@@ -55,14 +77,18 @@ def main(work):
     run(f"{work}/b", 2, PIPE, 8, ["--config.pipeline.schedule=dualpipe"])
     run(f"{work}/b", 4, {"data": 2, "expert": 2, "tensor": 2}, 8)
     run(f"{work}/a2", 4, PIPE, 8, ["--config.pipeline.schedule=dualpipe"])
+    run_two_processes(f"{work}/e", 2, PIPE, ["--config.pipeline.schedule=dualpipe"])
     a, b, d = losses(f"{work}/a"), losses(f"{work}/b"), losses(f"{work}/a2")
+    e = losses(f"{work}/e")
     checks = {"pipeline_equals_one_device": close({k: b[k] for k in (1, 2)},
                                                   {k: a[k] for k in (1, 2)}),
               "pipeline_ckpt_resumes_without": close({k: b[k] for k in (3, 4)},
                                                      {k: a[k] for k in (3, 4)}),
               "ckpt_resumes_with_pipeline": close({k: d[k] for k in (3, 4)},
-                                                  {k: a[k] for k in (3, 4)})}
+                                                  {k: a[k] for k in (3, 4)}),
+              "two_processes": close(e, {k: a[k] for k in (1, 2)})}
     print(json.dumps({"one_device": a, "pipeline_then_none": b, "none_then_pipeline": d,
+                      "two_processes": e,
                       **checks}))
     print("OK" if all(checks.values()) else "FAILED")
     sys.exit(0 if all(checks.values()) else 1)
