@@ -44,6 +44,7 @@ def main(argv=None):
     ap.add_argument("--data", type=int, default=2)
     ap.add_argument("--layers", type=int, default=16, help="MoE layers")
     ap.add_argument("--schedules", default="gpipe,1f1b,zb1p,dualpipev,dualpipe")
+    ap.add_argument("--table-pp", type=int, default=16, help="PP of the bubble table (report: 16)")
     a = ap.parse_args(argv)
     import pipeline_equivalence as pe
     from dsv3_jax import model, sharding, train, train_config, train_state
@@ -77,6 +78,29 @@ def main(argv=None):
     print(f"# one chunk of {n} MoE layer(s), {mb['inputs'].shape[0]} rows x "
           f"{mb['inputs'].shape[1]} tokens: F {F * 1e3:.1f} ms, B (full) {B * 1e3:.1f} ms, "
           f"W {W * 1e3:.1f} ms")
+
+    # 2. the report's PP with these costs: bubble fractions as scheduled (MPMD), packed in
+    # lockstep ticks, and as this executor runs the ticks (branch-free: every tick costs a
+    # forward, a backward that re-runs the forward and, for split schedules, a W that re-runs
+    # forward and backward: F + (F + B) or F + (F + B - W) + (F + B), on every rank)
+    print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, stage costs as measured above "
+          "(one stage = one chunk)")
+    print("| schedule | MPMD bubble | lockstep bubble | executor bubble (ticks x tick cost) |")
+    print("|---|---|---|---|")
+    from dsv3_jax.pipeline import schedules as sched_lib
+    for name in a.schedules.split(","):
+        m_ = 2 * a.table_pp
+        sch = sched_lib.make(name, a.table_pp, m_, eager=name == "1f1b")
+        own = sched_lib.make(name, a.table_pp, m_)
+        mpmd = simulate.simulate(own, F=F, B=B, W=W)
+        lock = simulate.simulate_lockstep(sch, F=F, B=B, W=W)
+        ticks = simulate.lockstep(sch, F=F, B=B, W=W).table.shape[0]
+        tick = F + (F + B - W) + (F + B) if sch.split_w else F + (F + B)
+        work = m_ * sch.n_stages / a.table_pp * (F + B)      # useful work per rank
+        executed = ticks * tick
+        print(f"| {name}{' (eager)' if name == '1f1b' else ''} | {mpmd.bubble_fraction:.1%} | "
+              f"{lock.bubble_fraction:.1%} | {1 - work / executed:.1%} ({ticks} ticks) |")
+    print()
 
     shape = sharding.resolve_mesh_shape(dict(pipeline=a.pp, data=a.data, expert=-1),
                                         jax.device_count())
