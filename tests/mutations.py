@@ -44,9 +44,19 @@ T_ACCUM = "tests/test_train.py::test_gradient_accumulation_equals_one_big_batch"
 T_NAN = "tests/test_train.py::test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint"
 T_RESTORE = "tests/test_train.py::test_restore_checks_shapes_seeds_and_data_position"
 T_MESH = "tests/multidevice/test_multidevice.py::test_bad_meshes_are_one_clear_error_each"
+T_PIPE = "tests/multidevice/test_multidevice.py::test_pipeline_matches_single_device[quick]"
+T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
+                "test_device_table_runs_every_op_once_and_routes_every_transfer")
 
 # (name, file, old, new, tests)
 MUTATIONS = [
+    # the pipeline executor
+    ("pipeline: every stage's loss seeded with 1, not 1/M", "dsv3_jax/pipeline/executor.py",
+     "cot = (dy, jnp.asarray(inv_m, jnp.float32))", "cot = (dy, jnp.asarray(1.0, jnp.float32))",
+     [T_PIPE]),
+    ("pipeline: a V turn sends to the neighbour", "dsv3_jax/pipeline/executor.py",
+     "d = {r: LOCAL, r + 1: RIGHT, r - 1: LEFT}.get(r2)",
+     "d = {r: RIGHT, r + 1: RIGHT, r - 1: LEFT}.get(r2)", [T_PIPE_TABLE]),
     # MTP and the objective
     ("mtp targets shifted by k, not k+1", "dsv3_jax/layers/mtp.py",
      'return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc',
