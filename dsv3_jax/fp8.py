@@ -149,7 +149,7 @@ def _swap(x):
 
 
 # FP8 residuals cross the custom VJP as their uint8 bits. jax's remat (any policy that saves
-# them, e.g. the model's "selective") applies reduce_precision(exponent_bits=4, mantissa_bits=3)
+# them, e.g. everything_saveable; the model's "selective" recomputes them instead) applies reduce_precision(exponent_bits=4, mantissa_bits=3)
 # to floating residuals; XLA reads that as an IEEE format whose largest finite value is 240, so
 # E4M3FN values in (240, 448] would come back as inf (tests/test_fp8.py checks this).
 def _to_bits(w: QuantizedWeight) -> QuantizedWeight:

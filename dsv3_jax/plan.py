@@ -50,27 +50,88 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
             "param_count": sum(l.size for l in jax.tree.leaves(abstract["params"]))}
 
 
-def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int) -> dict:
-    """Bytes this implementation saves for the backward pass, per token and MoE layer."""
+def _moe_buffer_rows(cfg: ModelConfig, tokens: int) -> tuple[int, int]:
+    """(rows M, tile_m) of the routed experts' tile-padded buffer for `tokens` tokens
+    (moe.plan_dispatch's static bound: ceil(N P / tile_m) + E tiles, at most N P)."""
+    from dsv3_jax.layers import moe
+    slots, e = tokens * cfg.num_experts_per_tok, cfg.n_routed_experts
+    tile_m = moe.tile_m_for(cfg, slots, e)
+    return min(-(-slots // tile_m) + e, slots) * tile_m, tile_m
+
+
+def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
+                                     tokens: int | None = None) -> dict:
+    """Bytes this implementation saves for the backward pass per token and MoE layer, term by
+    term from the code (tests/test_remat.py checks each policy against
+    jax.ad_checkpoint's saved residuals of the real scanned stack, BF16 and FP8).
+
+    `tokens`: the tokens of one micro-batch on a device (default seq_len), which set the MoE
+    buffer's tile padding. Single-device dispatch: expert parallelism's all_to_all buffers are
+    not modelled. b = compute dtype bytes, r_m = MoE buffer rows per token (top-k plus padding).
+
+      full       d b: the block input (the scan's carry); everything else is recomputed.
+      selective  (layers/block.py SELECTIVE_SAVED) d b input + d b block_mid + (q + c + r) b
+                 down-projection outputs + h v b attention output + attention's own residual
+                 (reference: the masked float32 scores, 4 h S; flash: the float32 lse, 4 h)
+                 + 2 fs b shared gate, up + 4 e affinities + 8 p experts, gates + 4 (r_m + p)
+                 dispatch maps + r_m (2 f + d) b routed gate|up and output rows.
+      none       plain autodiff: the above without block_mid and the down-projection outputs,
+                 plus three float32 copies per RMSNorm (x, 2x, x rsqrt), each Linear's input
+                 (one reshape each: q_a and kv_a each keep the attention norm's output, the
+                 shared gate and up the FFN norm's), q, k, v, the softmax's float32
+                 intermediates, silu's, the router's float32 input and the permuted rows.
+    `weights_per_layer`: weight-shaped residuals (bf16 casts or FP8 blocks of the weights),
+    saved only by remat="none"; the selective policy recomputes them from the weights.
+    """
+    from dsv3_jax.layers.common import acc_dtype
     b = np.dtype(cfg.dtype).itemsize
+    a = np.dtype(acc_dtype(cfg)).itemsize                     # norms, softmax, gating
+    tokens = tokens or seq_len
     d, h = cfg.hidden_size, cfg.num_attention_heads
     k, r, v, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = cfg.q_lora_rank or 0
-    topk, f, e = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
+    p, f, e = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
     fs = cfg.n_shared_experts * f
-    norms = (2 * d + q + c) * b                                # attn/ffn/q/kv norm outputs
-    up = (h * (k + r) + h * (k + v)) * b                       # MLA up-projections (q_b, kv_b)
-    attn_other = (q + (c + r) + h * r + r + h * v + d) * b     # q_a, kv_a, rope, o, o_proj out
-    if attention.resolve(cfg.train_attention, seq_len, "gpu") == "reference":
-        scores = h * seq_len * 4                               # f32 softmax probabilities
-    else:   # flash attention's own residuals: [q_nope|q_rope], [k_nope|k_rope], v; f32 lse
-        scores = (2 * h * (k + r) + h * v) * b + h * 4
-    moe = (e * 4 + 2 * topk * d * b + 3 * topk * f * b + 3 * fs * b + d * b)
-    none = norms + up + attn_other + scores + moe + d * b
-    out = {"none": none, "selective": none - norms - up, "full": d * b}
+    rows, tile_m = _moe_buffer_rows(cfg, tokens)
+    r_m = rows / tokens
     impl = attention.resolve(cfg.train_attention, seq_len, "gpu")
-    return {"per_token_layer": out[remat], "attention_scores": scores if remat != "full" else 0,
-            "attention": "T^2 probabilities" if impl == "reference" else f"{impl}: q, k, v, lse"}
+    if impl == "reference":
+        attn_own, pad = a * h * seq_len, 1.0                  # masked scores
+    else:   # flash (blockwise; pallas assumed alike): out (below) and the lse, [B,H,Tp]
+        bq = min(cfg.attn_block_size, -(-seq_len // 8) * 8)
+        pad = -(-seq_len // bq) * bq / seq_len
+        attn_own = a * h * pad
+    route = a * e + 2 * 4 * p + 4 * (r_m + p) + 4 * (rows // tile_m + 1) / tokens
+    routed = r_m * (2 * f + d) * b
+    selective = (2 * d + q + c + r + h * v * pad + 2 * fs) * b + attn_own + route + routed
+    up = int(a > b)   # the float32 upcasts exist (and are kept) only below float32
+    norms = (2 + up) * a * (2 * d + q + c) + 2 * a * (3 if q else 2)  # x, 2x, x*rsqrt; rsqrt
+    linear_in = (4 * d + q + c + h * v + fs) * b if q else (3 * d + c + h * v + fs) * b
+    if impl == "reference":
+        # exp and the probabilities (float32, and their compute-dtype cast below float32);
+        # the mask depends on the segment ids only: the scan keeps it once, not per layer
+        attn = (2 * h * (k + r) + h * v) * b + h * seq_len * (a + (a if up else 0) + b) \
+            + 2 * a * h
+    else:
+        attn = (2 * h * (k + r) + 2 * h * v) * b * pad + a * h * pad
+    ffn = 5 * fs * b + a * (up * d + 2 * e + 2 * p + 5) + 2 * 4 * p + 4 * (r_m + p) + d * b
+    ffn += r_m * ((d + 6 * f) if cfg.fp8 else (2 * d + 2 * f)) * b
+    none = d * b + norms + linear_in + attn + ffn
+    out = {"none": none, "selective": selective, "full": d * b}
+    dense = ((d * q + q * h * (k + r)) if q else d * h * (k + r)) + d * (c + r) + c * h * (k + v) \
+        + h * v * d + 3 * d * fs
+    if cfg.fp8:   # FP8 blocks (1 byte, padded to 128) of every Linear and expert weight
+        pad128 = lambda n: -(-n // 128) * 128
+        shapes = ([(d, q), (q, h * (k + r))] if q else [(d, h * (k + r))]) + [
+            (d, c + r), (c, h * (k + v)), (h * v, d), (d, fs), (d, fs), (fs, d)]
+        weights = sum(pad128(x) * pad128(y) for x, y in shapes) + e * 3 * pad128(d) * pad128(f)
+    else:         # compute-dtype casts of the dense Linears (the expert loop reads the weights)
+        weights = dense * b
+    return {"per_token_layer": int(round(out[remat])),
+            "weights_per_layer": weights if remat == "none" else 0,
+            "attention_scores": (attn_own if remat == "selective" else
+                                 attn if remat == "none" else 0),
+            "attention": "T^2 scores" if impl == "reference" else f"{impl}: out, lse"}
 
 
 def plan(c, mesh_sizes: dict, devices: int) -> dict:
@@ -80,7 +141,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro = c.data.micro_batch or c.data.global_batch
     rows_per_device = -(-micro // batch_ways)   # the largest shard when rows do not split
-    act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len)
+    act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len,
+                                           tokens=rows_per_device * c.data.seq_len)
     pp = mesh_shape["pipeline"]
     pipe = None
     if pp > 1:
@@ -92,6 +154,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
         tokens_in_flight = rows_per_device * c.data.seq_len
         layers_per_device = cfg.num_hidden_layers
         activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
+    activations += act["weights_per_layer"] * layers_per_device   # remat="none" only
     tokens_per_step = c.data.global_batch * c.data.seq_len
     flops_token = ts.model_flops_per_token(cfg, c.data.seq_len)
     flops_step = flops_token * tokens_per_step

@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def check_grouped_layout(lhs, rhs, tile_expert, tile_m, *, rhs_k_axis=1, name="grouped GEMM"):
@@ -165,6 +166,7 @@ def _grouped_swiglu_loop(x, wg, wu, wd, tile_expert, used, tile_m):
 
 def _swiglu_fwd(x, wg, wu, wd, tile_expert, used, tile_m):
     y, gu, ranges = _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m)
+    gu = checkpoint_name(gu, "moe_gu")   # saved by the model's remat="selective"
     return y, (x, gu, wg, wu, wd, tile_expert, used, ranges)
 
 

@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import TRAIN_ATTENTION  # the one list, validated by ModelConfig
 
@@ -219,6 +220,9 @@ def _flash(st, q, k, v, q_seg, kv_seg, kv_range, q_range):
 
 def _flash_fwd(st, q, k, v, q_seg, kv_seg, kv_range, q_range):
     out, lse = _flash_forward(st, q, k, v, q_seg, kv_seg, kv_range)
+    # saved by remat="selective" (layers/block.py); q, k, v are recomputed from the MLA
+    # up-projections, the forward loop never
+    out, lse = checkpoint_name(out, "attn_out"), checkpoint_name(lse, "attn_lse")
     return out, (q, k, v, out, lse, q_seg, kv_seg, kv_range, q_range)
 
 

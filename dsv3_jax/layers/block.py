@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
@@ -39,7 +40,8 @@ class Block(nn.Module):
         return x_BTD + f, stats
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT)
+        x_BTD = checkpoint_name(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT,
+                                                  segment_ids_BT), "block_mid")
         return self.ffn(x_BTD, segment_ids_BT > 0)
 
     def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):
@@ -49,10 +51,34 @@ class Block(nn.Module):
         return x_BTD, kv
 
 
+# What remat="selective" keeps for the backward pass: the values named with
+# jax.ad_checkpoint.checkpoint_name at these sites, and nothing else (the block input is the scan's
+# carry, kept by every policy). The report (§3.2.3) recomputes "all RMSNorm operations and MLA
+# up-projections": RMSNorm (and its float32 intermediates), q_b and kv_b, and everything computed
+# from their outputs without another GEMM (reshapes, casts, slices, RoPE, concatenations, the
+# router's float32 copy of the normed input, the MoE permute) are recomputed because they are not
+# named. No other GEMM, no softmax-score GEMM, no attention loop, routing sort or all_to_all runs
+# again; silu(gate) * up is recomputed from the saved gate and up (as the grouped expert loop's
+# own VJP does), and weight casts / FP8 weight quantization are redone from the weights.
+# Saving by name (instead of "everything except the norms") is what makes the derived values
+# go: values computed from a recomputed one are never saved unless named.
+SELECTIVE_SAVED = (
+    "block_mid",      # x + attention: the FFN's residual input (block.py)
+    "mla_down",       # q_a and kv_a outputs [Q], [C + R] (mla.py)
+    "attn_out",       # attention output [H, V] (mla.py; attention.py's flash residual)
+    "attn_lse",       # flash attention's log-sum-exp [H] float32 (attention.py)
+    "attn_scores",    # reference attention: masked scores [H, S] float32 (mla.attend)
+    "ffn_gate_up",    # SwiGLU gate and up outputs, dense and shared experts (common.py)
+    "moe_route",      # sigmoid affinities [E], chosen experts and gates [P] (moe.py)
+    "moe_dispatch",   # the dispatch plan's index maps (moe.py)
+    "moe_gu",         # routed experts' gate | up [M, 2F] (grouped_gemm.py; moe.py for FP8)
+    "moe_out",        # routed experts' output rows [M, D] before the combine (moe.py)
+    "moe_recv",       # expert parallelism: the rows received by all_to_all (moe.py)
+)
+
 _REMAT_POLICIES = {
     "full": None,   # save nothing: recompute the whole block in the backward pass
-    # The report's selective recompute: RMSNorm outputs and MLA up-projections are recomputed.
-    "selective": jax.checkpoint_policies.save_anything_except_these_names("norm", "mla_up"),
+    "selective": jax.checkpoint_policies.save_only_these_names(*SELECTIVE_SAVED),
 }
 
 

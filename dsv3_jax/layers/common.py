@@ -56,8 +56,9 @@ class RMSNorm(nn.Module):
         eps = cfg.rms_norm_eps if self.eps is None else self.eps
         scale = scale.astype(x32.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
         y = x32 * jax.lax.rsqrt(var + eps) * scale
-        # Tagged so the "selective" remat policy recomputes norms in the backward pass.
-        return checkpoint_name(y.astype(dtype_of(cfg.dtype)), "norm")
+        # Not named: remat="selective" saves only named values (layers/block.py), so the norm
+        # and its float32 intermediates are recomputed from its input in the backward pass.
+        return y.astype(dtype_of(cfg.dtype))
 
 
 def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig) -> jax.Array:
@@ -134,8 +135,11 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        gate = Linear(cfg, (self.width,), ("embed", self.width_axis), name="gate")(x)
-        up = Linear(cfg, (self.width,), ("embed", self.width_axis), name="up")(x)
+        # gate and up are saved by remat="selective"; silu(gate) * up is recomputed from them
+        gate = checkpoint_name(Linear(cfg, (self.width,), ("embed", self.width_axis),
+                                      name="gate")(x), "ffn_gate_up")
+        up = checkpoint_name(Linear(cfg, (self.width,), ("embed", self.width_axis),
+                                    name="up")(x), "ffn_gate_up")
         h = nn.silu(gate) * up
         return Linear(cfg, (x.shape[-1],), (self.width_axis, "embed"), name="down")(h)
 

@@ -49,7 +49,8 @@ def attend(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHV, mask_B1TS,
     q_BTHX = jnp.concatenate([q_nope_BTHK, q_rope_BTHR], axis=-1)
     k_BSHX = jnp.concatenate([k_nope_BSHK, k_rope_BSHR.astype(k_nope_BSHK.dtype)], axis=-1)
     scores = jnp.einsum("BTHX,BSHX->BHTS", q_BTHX, k_BSHX, preferred_element_type=acc) * scale
-    scores = jnp.where(mask_B1TS, scores, _NEG_INF)
+    # saved by remat="selective" (the softmax is recomputed from it, not the score GEMM)
+    scores = checkpoint_name(jnp.where(mask_B1TS, scores, _NEG_INF), "attn_scores")
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
 
@@ -113,19 +114,19 @@ class MLA(nn.Module):
         if cfg.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
-            q = self.q_b(self.q_norm(self.q_a(x_BTD)))
-        q = checkpoint_name(q, "mla_up")
+            # the down-projection is saved by remat="selective"; q_norm and q_b are recomputed
+            q = self.q_b(self.q_norm(checkpoint_name(self.q_a(x_BTD), "mla_down")))
         return q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
 
     def project_latent(self, x_BTD):
         """The cacheable part: normalised latent c_kv [B,T,C] and un-rotated rope key [B,T,R]."""
         cfg = self.cfg
-        kv = self.kv_a(x_BTD)
+        kv = checkpoint_name(self.kv_a(x_BTD), "mla_down")     # saved by remat="selective"
         return self.kv_norm(kv[..., :cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank:]
 
     def expand_latent(self, c_kv_BSC):
         """Naive formulation: per-head k_nope [B,S,H,K] and v [B,S,H,V] from the latent."""
-        kv = checkpoint_name(self.kv_b(c_kv_BSC), "mla_up")
+        kv = self.kv_b(c_kv_BSC)
         return kv[..., :self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -142,8 +143,9 @@ class MLA(nn.Module):
             if impl == "reference":
                 index = jnp.broadcast_to(jnp.arange(x_BTD.shape[1]), positions_BT.shape)
                 mask = attention_mask(segment_ids_BT, segment_ids_BT, index, index)
-                o = attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask,
-                                         softmax_scale(cfg), cfg.attn_causal_blocks)
+                o = checkpoint_name(attend_causal_blocks(q_nope, q_rope, k_nope, k_rope, v, mask,
+                                                         softmax_scale(cfg),
+                                                         cfg.attn_causal_blocks), "attn_out")
             else:   # flash attention on [q_nope | q_rope] . [k_nope | shared k_rope]: no [T, S]
                 k_rope_BSHR = jnp.broadcast_to(k_rope[:, :, None],
                                                (*k_nope.shape[:3], k_rope.shape[-1]))
@@ -151,6 +153,8 @@ class MLA(nn.Module):
                     impl, jnp.concatenate([q_nope, q_rope], -1),
                     jnp.concatenate([k_nope, k_rope_BSHR], -1), v, segment_ids_BT,
                     scale=softmax_scale(cfg), block=cfg.attn_block_size)
+                if impl != "blockwise":   # blockwise names its own residuals (out, lse)
+                    o = checkpoint_name(o, "attn_out")
         return self.o_proj(o.astype(dtype_of(cfg.dtype)))
 
     def decode(self, x_BTD, positions_BT, kv: kv_cache.LatentKV, ctx: kv_cache.StepContext):

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
@@ -180,18 +181,21 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     with jax.named_scope("dispatch_plan"):
         plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
                              trash_group)
+        plan = Dispatch(*(checkpoint_name(a, "moe_dispatch") for a in plan[:4]), plan.tile_m)
     permute, combine = dispatch_fns(plan, gates_NP, cfg.gemm_impl == "pallas")
     with jax.named_scope("dispatch"):
         x_MD = permute(x_ND)
     with jax.named_scope("experts"):
         if cfg.fp8:   # three GEMMs: each weight keeps its own 128x128 quantization blocks
-            h = nn.silu(_fp8_gmm(x_MD, w_gate, plan, cfg)) * _fp8_gmm(x_MD, w_up, plan, cfg)
+            gate, up = (checkpoint_name(_fp8_gmm(x_MD, w, plan, cfg), "moe_gu")
+                        for w in (w_gate, w_up))
+            h = nn.silu(gate) * up
             y_MD = _fp8_gmm(h, w_down, plan, cfg)
         else:         # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
             y_MD = grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
                                   tile_m=plan.tile_m, used_tiles=plan.used_tiles)
     with jax.named_scope("combine"):
-        return combine(y_MD)
+        return combine(checkpoint_name(y_MD, "moe_out"))
 
 
 def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
@@ -252,11 +256,11 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
                     return jax.lax.all_to_all(t, "expert", 0, 0, tiled=True)
             with jax.named_scope("dispatch"):
                 send = permute(x)
-            recv = a2a(send)
+            recv = checkpoint_name(a2a(send), "moe_recv")   # no all_to_all recomputed
             recv_e = a2a(local_e)
             y = sorted_experts(recv, recv_e[:, None], jnp.ones((recv.shape[0], 1), g.dtype),
                                wg, wu, wd, cfg, num_experts=e_local, trash_group=True)
-            back = a2a(y.astype(x.dtype))
+            back = checkpoint_name(a2a(y.astype(x.dtype)), "moe_out")
             with jax.named_scope("combine"):
                 return combine(back)
 
@@ -362,7 +366,12 @@ class MoE(nn.Module):
         with jax.named_scope("routing"):
             logits = jnp.dot(x_ND.astype(acc), w_router.astype(acc),
                              precision=jax.lax.Precision.HIGHEST)
-            routing = route(jax.nn.sigmoid(logits), bias.value.astype(acc), cfg)
+            # saved by remat="selective": the affinities and the chosen experts and gates (the
+            # routing is not recomputed; the f32 copy of the normed input is)
+            routing = route(checkpoint_name(jax.nn.sigmoid(logits), "moe_route"),
+                            bias.value.astype(acc), cfg)
+            routing = routing._replace(experts_NP=checkpoint_name(routing.experts_NP, "moe_route"),
+                                       gates_NP=checkpoint_name(routing.gates_NP, "moe_route"))
         routed = RoutedExperts(cfg, name="experts")(x_ND, routing)
         out = routed.astype(x_BTD.dtype).reshape(b, t, d)
         if cfg.n_shared_experts:
