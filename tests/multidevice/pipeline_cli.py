@@ -88,7 +88,7 @@ def main(work):
                                                   {k: a[k] for k in (3, 4)}),
               "two_processes": close(e, {k: a[k] for k in (1, 2)})}
     print(json.dumps({"one_device": a, "pipeline_then_none": b, "none_then_pipeline": d,
-                      "two_processes": e,
+                      "two_processes_losses": e,
                       **checks}))
     print("OK" if all(checks.values()) else "FAILED")
     sys.exit(0 if all(checks.values()) else 1)
