@@ -4,7 +4,8 @@
 
 CE_k reads the targets of `layers.mtp.mtp_targets` (depth k at position i predicts t_{i+k+1},
 nothing across a document boundary). L_bal is the complementary sequence-wise balance loss of
-every MoE layer, MTP modules included. Validation is the main head's CE (MTP discarded), and
+every MoE layer, MTP modules included (`balance.loss="batch"`: the same formula over the whole
+micro-batch's tokens, the report's batch-wise auxiliary loss of §4.5.3). Validation is the main head's CE (MTP discarded), and
 MaxVio measures the expert-load imbalance.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def max_violation(counts_LE: jax.Array) -> jax.Array:
 class Pretrain:
     cfg: ModelConfig
     mtp_weight: Callable        # step -> λ
-    alpha: float                # sequence-wise balance loss weight
+    alpha: float                # balance loss weight
+    balance_loss: str = "sequence"   # "sequence" (report eqs. 17-20) or "batch" (§4.5.3)
     ce_chunk: int = 0           # > 0: head + CE fused over chunks of this many positions
 
     def loss(self, params, router_bias, batch: dict, step):
@@ -62,7 +64,10 @@ def compute_loss(params, router_bias, batch: dict, obj: Pretrain, step):
     mtp_ces = [ce_of(mtp_in[k - 1], *mtp_targets(batch, k)) for k in range(1, depth + 1)]
     mtp_ce = sum(mtp_ces) / depth if depth else jnp.zeros((), jnp.float32)
     # one complementary balance loss per MoE layer (MTP modules included), summed
-    balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
+    if obj.balance_loss == "batch":
+        balance = out.router.batch_balance_loss.sum() + out.mtp_router.batch_balance_loss.sum()
+    else:
+        balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
     weight = obj.mtp_weight(step)
     loss = ce + weight * mtp_ce + obj.alpha * balance
     aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
@@ -85,4 +90,5 @@ def make(c, cfg: ModelConfig) -> Pretrain:
     switch = train_state.batch_schedule(c).step_at(m.lambda_switch)   # tokens -> step
     return Pretrain(cfg=cfg,
                     mtp_weight=optim.piecewise_constant((m.lambda_start, m.lambda_end), (switch,)),
-                    alpha=c.balance.alpha, ce_chunk=int(c.train.ce_chunk))
+                    alpha=c.balance.alpha, balance_loss=c.balance.loss,
+                    ce_chunk=int(c.train.ce_chunk))
