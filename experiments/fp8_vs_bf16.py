@@ -154,12 +154,13 @@ QUESTION = "fp8_vs_bf16"
 
 
 def smoke_configs() -> dict:
-    """The sweep at smoke size: 2 layers, 3 steps of 2x128 tokens (the code path, not a result)."""
+    """The sweep at smoke size: 1 dense layer + the MTP module's MoE block, 2 steps of 2x128
+    tokens (the code path, not a result)."""
     runs = configs(quick=True, noise=False)
     for c in runs.values():
-        c.model.num_hidden_layers = 2
+        c.model.num_hidden_layers = 1
         c.model.scan_unroll = 1
-        c.train.steps = 3
+        c.train.steps = 2
         c.optim.warmup_steps = 1
         c.data.global_batch = 2
         c.train.sample_tokens = 0

@@ -281,8 +281,10 @@ def report(out) -> str:
     """Markdown: per arm mean ± std over seeds, paired differences, the verdicts."""
     sm = out["summary"]
     n = len(out["config"]["sizes"]["seeds"])
-    ms = lambda st, f="{:.4f}": f"{f.format(st['mean'])} ± {f.format(st['std'])}"
-    lines = [f"Mean ± sample std over {n} seed(s); validation = the trainer's validation batches "
+    ms = lambda st, f="{:.4f}": f"{f.format(st['mean'])} ± {f.replace('+', '').format(st['std'])}"
+    lines = ([] if out["config"]["size"] == "full" else
+             ["*Smoke size: a check of the code path, not a result.*", ""])
+    lines += [f"Mean ± sample std over {n} seed(s); validation = the trainer's validation batches "
              "at the last step; batch MaxVio = mean over the last 20% of logged steps.", "",
              "| arm | validation loss | Δ vs aux-free (paired) | validation MaxVio | batch MaxVio | "
              "specialisation (JS, nats) |", "|---|---|---|---|---|---|"]
@@ -336,14 +338,14 @@ def plot_curves(out, size: str):
         col = f"C{i}"
         m0 = per_seed[0]["metrics"]
         _band(axes[0], m0["val_step"], [r["metrics"]["val_loss"] for r in per_seed], LABELS[arm], col)
-        k = max(1, min(5, len(m0["loss"])))
-        sm = lambda y: np.convolve(y, np.ones(k) / k, mode="valid")
-        _band(axes[1], m0["step"][k - 1:], [sm(r["metrics"]["loss"]) for r in per_seed],
-              LABELS[arm], col)
+        base = out["runs"].get("aux_free", per_seed)
+        _band(axes[1], m0["val_step"], [np.subtract(r["metrics"]["val_loss"], b["metrics"]["val_loss"])
+                                        for r, b in zip(per_seed, base)], LABELS[arm], col)
         _band(axes[2], m0["step"], [r["metrics"]["maxvio"] for r in per_seed], LABELS[arm], col)
         _band(axes[3], m0["val_step"], [r["metrics"]["val_maxvio"] for r in per_seed],
               LABELS[arm], col)
-    for ax, t in zip(axes, ("validation loss (nats/token)", "training loss (5-log mean)",
+    for ax, t in zip(axes, ("validation loss (nats/token)", "validation loss minus aux-free's "
+                            "(paired by seed)",
                             "batch MaxVio (mean over MoE layers)", "validation MaxVio")):
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("step")
@@ -357,7 +359,9 @@ def plot_heatmaps(out, size: str, seed_index: int = 0):
     """Final relative expert load (load / balanced load) per MoE layer on the validation set."""
     import matplotlib.pyplot as plt
     arms = list(out["runs"])
-    fig, axes = plt.subplots(len(arms), 1, figsize=(9, 1.1 + 0.9 * len(arms)), squeeze=False)
+    layers = len(out["runs"][arms[0]][seed_index]["val_counts"])
+    fig, axes = plt.subplots(len(arms), 1, figsize=(10, 0.6 + (0.8 + 0.3 * layers) * len(arms)),
+                             squeeze=False, constrained_layout=True)
     for ax, arm in zip(axes[:, 0], arms):
         c = np.array(out["runs"][arm][seed_index]["val_counts"], float)
         rel = c / c.mean(-1, keepdims=True)
@@ -381,8 +385,8 @@ def plot_domains(out, size: str, seed_index: int = 0, arms=("aux_free", "aux_los
     arms = [a for a in arms if a in out["runs"]]
     first = out["runs"][arms[0]][seed_index]["domain_counts"]
     layers = len(next(iter(first.values())))
-    fig, axes = plt.subplots(layers, len(arms) + 1, figsize=(6 * len(arms) + 4, 1.4 * layers + 1),
-                             squeeze=False)
+    fig, axes = plt.subplots(layers, len(arms) + 1, figsize=(6.5 * len(arms) + 4, 1.5 * layers + 1),
+                             squeeze=False, constrained_layout=True)
     for j, arm in enumerate(arms):
         dc = out["runs"][arm][seed_index]["domain_counts"]
         for l in range(layers):
