@@ -21,8 +21,6 @@ import os, pathlib, sys
 ROOT = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents]
             if (p / "experiments" / "common.py").exists())
 sys.path.insert(0, str(ROOT))
-import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 from experiments import common, {module}
