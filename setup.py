@@ -26,6 +26,10 @@ TEST_REQUIRES = [
     # The CPU torch that lies on disk (no download); the parity oracle runs on it.
     "torch==2.13.0",
     "transformers>=5.0,<6",
+    # tests/test_notebooks.py executes the ablation notebooks (notebooks/*.ipynb)
+    "nbclient>=0.10",
+    "nbformat>=5.10",
+    "ipykernel>=6.29",
 ]
 
 setup(

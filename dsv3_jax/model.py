@@ -4,7 +4,7 @@ Public API:
   variables = init(cfg, rng)           # {"params": ..., "router_bias": ...}
   out = forward(cfg, variables, input_ids, positions=None, segment_ids=None)
   out.logits [B,T,V] f32, out.mtp_logits [D,B,T,V] f32, out.router / out.mtp_router RouterStats
-  (counts [L,E], balance_loss [L]), out.hidden [B,T,D] (after the final norm), out.mtp_hidden
+  (counts [L,E], balance_loss [L], batch_balance_loss [L]), out.hidden [B,T,D] (after the final norm), out.mtp_hidden
   [D,B,T,D]; with_logits=False skips the head (the trainer's loss.head_ce applies it chunked).
 
 Decoding against the MLA latent cache (dsv3_jax/kv_cache.py; the loop lives in generate.py):
@@ -51,7 +51,8 @@ class DecodeOutputs:
 
 
 def _empty_stats(cfg: ModelConfig) -> RouterStats:
-    return RouterStats(jnp.zeros((0, cfg.n_routed_experts), jnp.int32), jnp.zeros((0,), jnp.float32))
+    return RouterStats(jnp.zeros((0, cfg.n_routed_experts), jnp.int32), jnp.zeros((0,), jnp.float32),
+                       jnp.zeros((0,), jnp.float32))
 
 
 class Transformer(nn.Module):

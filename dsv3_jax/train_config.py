@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
         gamma=0.001,              # aux-loss-free bias speed
         gamma_until=0.966,        # then 0 (tokens or fraction; report: after 14.3T tokens)
         alpha=1e-4,               # sequence-wise balance loss weight
+        loss="sequence",          # balance loss scope: "sequence" (report eqs. 17-20) or "batch"
+                                  # (the batch-wise auxiliary loss of §4.5.3; per micro-batch)
     ))
     c.mtp = ml_collections.ConfigDict(dict(
         lambda_start=0.3,         # MTP loss weight ...
@@ -218,6 +220,8 @@ def validate(c) -> ModelConfig:
     need(o.moments_dtype in ("float32", "bfloat16"),
          f"optim.moments_dtype must be float32 or bfloat16, got {o.moments_dtype!r}")
     need(b.gamma >= 0 and b.alpha >= 0, "balance.gamma and balance.alpha must be >= 0")
+    need(b.loss in ("sequence", "batch"),
+         f"balance.loss must be 'sequence' or 'batch', got {b.loss!r}")
     need(b.gamma_until >= 0 and m.lambda_switch >= 0,
          "balance.gamma_until and mtp.lambda_switch are token counts (or fractions) >= 0")
     need(m.lambda_start >= 0 and m.lambda_end >= 0, "mtp lambdas must be >= 0")

@@ -31,6 +31,7 @@ class Routing(NamedTuple):
 class RouterStats(NamedTuple):
     counts: jax.Array          # [E] int32 tokens routed to each expert (valid tokens only)
     balance_loss: jax.Array    # [] float32 sequence-wise balance term sum_i f_i P_i (before alpha)
+    batch_balance_loss: jax.Array   # [] float32 the same over the whole (micro-)batch's tokens
 
 
 def route(scores_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> Routing:
@@ -56,6 +57,8 @@ def router_stats(routing: Routing, valid_BT: jax.Array, cfg: ModelConfig) -> Rou
 
     f_i = E/(K T) * #tokens of the sequence that selected i (the actual routed set);
     P_i = mean_t s_it / sum_j s_jt; loss = mean over sequences of sum_i f_i P_i.
+    batch_balance_loss: the same formula with the batch's valid tokens as one sequence (report
+    §4.5.3, the batch-wise auxiliary loss).
     """
     b, t = valid_BT.shape
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -70,7 +73,10 @@ def router_stats(routing: Routing, valid_BT: jax.Array, cfg: ModelConfig) -> Rou
     p = (s_norm * valid[:, None]).reshape(b, t, e).sum(1) / per_seq_tokens[:, None]
     has_tokens = (valid_BT.sum(-1) > 0).astype(acc)
     loss = ((f * p).sum(-1) * has_tokens).sum() / jnp.maximum(has_tokens.sum(), 1.0)
-    return RouterStats(counts, loss)
+    all_tokens = jnp.maximum(valid.sum(), 1.0)
+    f_batch = sel_BTE.sum((0, 1)) * (e / (k * all_tokens))
+    p_batch = (s_norm * valid[:, None]).sum(0) / all_tokens
+    return RouterStats(counts, loss, (f_batch * p_batch).sum())
 
 
 def default_tile_m(num_slots: int, num_experts: int, share: int = 4) -> int:

@@ -4,7 +4,8 @@
 
 CE_k reads the targets of `layers.mtp.mtp_targets` (depth k at position i predicts t_{i+k+1},
 nothing across a document boundary). L_bal is the complementary sequence-wise balance loss of
-every MoE layer, MTP modules included. Validation is the main head's CE (MTP discarded), and
+every MoE layer, MTP modules included (`balance.loss="batch"`: the same formula over the whole
+micro-batch's tokens, the report's batch-wise auxiliary loss of §4.5.3). Validation is the main head's CE (MTP discarded), and
 MaxVio measures the expert-load imbalance.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def max_violation(counts_LE: jax.Array) -> jax.Array:
 class Pretrain:
     cfg: ModelConfig
     mtp_weight: Callable        # step -> λ
-    alpha: float                # sequence-wise balance loss weight
+    alpha: float                # balance loss weight
+    balance_loss: str = "sequence"   # "sequence" (report eqs. 17-20) or "batch" (§4.5.3)
     ce_chunk: int = 0           # > 0: head + CE fused over chunks of this many positions
 
     def loss(self, params, router_bias, batch: dict, step):
@@ -41,6 +43,9 @@ class Pretrain:
 
     def eval(self, params, router_bias, batch: dict):
         return eval_step(params, router_bias, batch, self.cfg)
+
+    def balance(self, stats):
+        return _balance(self, stats)
 
     def stage_loss(self, stats):
         return stage_loss(self, stats)
@@ -57,11 +62,16 @@ def compute_loss(params, router_bias, batch: dict, obj: Pretrain, step):
                         with_logits=not obj.ce_chunk)
     ce, mtp_ce, weight = _head_losses(obj, params, out, batch, step)
     # one complementary balance loss per MoE layer (MTP modules included), summed
-    balance = out.router.balance_loss.sum() + out.mtp_router.balance_loss.sum()
+    balance = _balance(obj, out.router) + _balance(obj, out.mtp_router)
     loss = ce + weight * mtp_ce + obj.alpha * balance
     aux = {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
            "counts": out.router.counts, "mtp_counts": out.mtp_router.counts}
     return loss, aux
+
+
+def _balance(obj: Pretrain, stats) -> jax.Array:
+    """Σ over the layers of `stats` of their balance loss: sequence-wise or batch-wise."""
+    return (stats.batch_balance_loss if obj.balance_loss == "batch" else stats.balance_loss).sum()
 
 
 def _head_losses(obj: Pretrain, params, out: model.ModelOutputs, batch: dict, step):
@@ -88,7 +98,7 @@ def _head_losses(obj: Pretrain, params, out: model.ModelOutputs, batch: dict, st
 
 def stage_loss(obj: Pretrain, stats) -> jax.Array:
     """α · Σ L_bal over one stage's MoE layers."""
-    return obj.alpha * stats.balance_loss.sum()
+    return obj.alpha * _balance(obj, stats)
 
 
 def tail_loss(obj: Pretrain, params, router_bias, x_BTD, batch: dict, step):
@@ -98,7 +108,7 @@ def tail_loss(obj: Pretrain, params, router_bias, x_BTD, batch: dict, step):
                              batch["inputs"], batch["positions"], batch["segment_ids"],
                              with_logits=not obj.ce_chunk)
     ce, mtp_ce, weight = _head_losses(obj, params, out, batch, step)
-    balance = out.mtp_router.balance_loss.sum()
+    balance = _balance(obj, out.mtp_router)
     loss = ce + weight * mtp_ce + obj.alpha * balance
     return loss, {"ce": ce, "mtp_ce": mtp_ce, "balance": balance, "mtp_weight": weight,
                   "mtp_counts": out.mtp_router.counts}
@@ -119,4 +129,5 @@ def make(c, cfg: ModelConfig) -> Pretrain:
     switch = train_state.batch_schedule(c).step_at(m.lambda_switch)   # tokens -> step
     return Pretrain(cfg=cfg,
                     mtp_weight=optim.piecewise_constant((m.lambda_start, m.lambda_end), (switch,)),
-                    alpha=c.balance.alpha, ce_chunk=int(c.train.ce_chunk))
+                    alpha=c.balance.alpha, balance_loss=c.balance.loss,
+                    ce_chunk=int(c.train.ce_chunk))

@@ -260,9 +260,9 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                 lp, lb, v = xs
                 one = lambda t: jax.tree.map(lambda a: a[None], t)
                 y, st = run(one(lp), one(lb), x)
-                return jnp.where(v, y, x), (st.counts[0] * v, st.balance_loss[0] * v)
-            y, (cts, bal) = jax.lax.scan(layer, x, (jp, jb, ok))
-            return y, model.RouterStats(cts, bal)
+                return jnp.where(v, y, x), jax.tree.map(lambda a: a[0] * v, st)
+            y, stats = jax.lax.scan(layer, x, (jp, jb, ok))
+            return y, stats
 
         def stage(first, last, jp, rp_, x, jb, ok, mb):
             """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage. Every
@@ -277,7 +277,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), (
-                stats.counts.astype(jnp.int32), stats.balance_loss.sum().astype(jnp.float32),
+                stats.counts.astype(jnp.int32), objective.balance(stats).astype(jnp.float32),
                 tail)
 
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
@@ -394,9 +394,9 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]
     the schedule for every micro-batch count the run uses, the layer split, the objective."""
     from dsv3_jax.pipeline import schedules
     out = []
-    if not hasattr(objective, "tail_loss") or not hasattr(objective, "stage_loss"):
+    if not all(hasattr(objective, k) for k in ("tail_loss", "stage_loss", "balance")):
         out.append(f"the objective {type(objective).__name__} has no pipeline stages "
-                   "(stage_loss, tail_loss; see dsv3_jax/objectives/pretrain.py): use "
+                   "(stage_loss, tail_loss, balance; see dsv3_jax/objectives/pretrain.py): use "
                    "mesh.pipeline=1")
     for m in sorted(set(int(x) for x in micro_per_step)):
         try:
