@@ -7,6 +7,7 @@ has its 16 stages) and every schedule on the meshes of the issue. Prints one JSO
 exits 1 on failure.
 
   python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven
+  python tests/multidevice/pipeline_equivalence.py cases dualpipev@8 dualpipe@8
 """
 import json
 import sys
@@ -118,6 +119,9 @@ def main():
         cases = [("dualpipe", MESHES[0])]
     elif which == "uneven":   # 3 MoE layers over the 4 stages of DualPipeV on 2 ranks: padded
         cases = [("dualpipev", MESHES[0]), ("1f1b", MESHES[0])]
+    elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
+        by_pp = {m["pipeline"]: m for m in MESHES}
+        cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
     else:
         cases = [("dualpipev", MESHES[0])]
     moe_layers = 5 if which == "uneven" else 16
