@@ -70,7 +70,8 @@ def validate_mesh(shape: Mapping[str, int], cfg, global_batch: int) -> None:
     errors = []
     batch_ways = math.prod(shape[a] for a in BATCH_AXES)
     if global_batch % batch_ways:
-        errors.append(f"batch {global_batch} is not divisible by data*fsdp*expert = {batch_ways}")
+        errors.append(f"batch {global_batch} (rows per micro-batch) is not divisible by "
+                      f"data*fsdp*expert = {batch_ways}")
     if cfg.n_routed_experts % shape["expert"]:
         errors.append(f"n_routed_experts {cfg.n_routed_experts} is not divisible by the expert "
                       f"axis ({shape['expert']})")

@@ -182,6 +182,13 @@ def validate(c) -> ModelConfig:
     need(d.micro_batch >= 0 and (d.micro_batch == 0 or d.global_batch % d.micro_batch == 0),
          f"data.micro_batch must be 0 (= global_batch) or divide global_batch, got {d.micro_batch}")
     need(d.eval_batches >= 1, f"data.eval_batches must be >= 1, got {d.eval_batches}")
+    if "pipeline" in c:
+        from dsv3_jax.pipeline.schedules import SCHEDULES
+        if c.pipeline.schedule not in SCHEDULES:
+            close = difflib.get_close_matches(c.pipeline.schedule, SCHEDULES, n=1)
+            errors.append(f"pipeline.schedule={c.pipeline.schedule!r} is not one of "
+                          f"{', '.join(SCHEDULES)}" + (f"; did you mean {close[0]!r}?" if close
+                                                       else ""))
     if ("pipeline" in c and not c.pipeline.microbatches and not d.micro_batch
             and c.mesh.pipeline > 1):
         # a pipeline needs micro-batches: by default the fewest every schedule accepts (2P)

@@ -85,3 +85,12 @@ def test_pipeline_microbatches_set_the_micro_batch():
     c.pipeline.microbatches, c.data.micro_batch = 4, 1
     with pytest.raises(config_lib.ConfigError, match="set one of them"):
         train_config.validate(c)
+
+
+def test_unknown_schedule_is_a_config_error_with_a_suggestion():
+    from dsv3_jax import train_config
+    from experiments.configs import tiny
+    c = tiny.get_config()
+    c.pipeline.schedule = "dualpipv"
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'dualpipev'"):
+        train_config.validate(c)
