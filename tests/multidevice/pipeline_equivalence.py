@@ -124,7 +124,9 @@ def main():
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
     else:
         cases = [("dualpipev", MESHES[0])]
-    moe_layers = 5 if which == "uneven" else 16
+    # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
+    # ranks: 4 stages) takes 4, one per stage
+    moe_layers = {"uneven": 5, "quick": 4}.get(which, 16)
     c = config(fp8, moe_layers)
     # FP8's 1x128 activation and 128x1 Wgrad tiles follow each micro-batch's rows, so with FP8
     # the reference accumulates over the same 4 micro-batches the pipeline runs (the others take
