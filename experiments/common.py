@@ -30,6 +30,18 @@ FIGURES = ROOT / "experiments" / "figures"
 SIZES = ("smoke", "full")
 
 
+def parse_run_args(description: str, argv=None):
+    """The ablation modules' command line: (size, steps or None, seeds or None)."""
+    import argparse
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--size", default="full", choices=SIZES)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seeds", default=None, help="comma separated, e.g. 0,1,2")
+    args = p.parse_args(argv)
+    return args.size, args.steps, ([int(x) for x in args.seeds.split(",")] if args.seeds
+                                   else None)
+
+
 def requested_size(question: str) -> str:
     """smoke or full, from DSV3_NOTEBOOK_SIZE (auto: full if committed results exist)."""
     size = os.environ.get("DSV3_NOTEBOOK_SIZE", "auto")

@@ -28,7 +28,6 @@ Specialisation = the Jensen-Shannon divergence between the domains' expert-load 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import itertools
 import os
@@ -413,13 +412,8 @@ def plot_domains(out, size: str, seed_index: int = 0, arms=("aux_free", "aux_los
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="full", choices=common.SIZES)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seeds", default=None, help="comma separated, e.g. 0,1,2")
-    args = p.parse_args(argv)
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    out = run(args.size, steps=args.steps, seeds=seeds)
+    size, steps, seeds = common.parse_run_args(__doc__.splitlines()[0], argv)
+    out = run(size, steps=steps, seeds=seeds)
     for arm, row in out["summary"].items():
         print(f"{arm:15s} val loss {common.mean_spread(row['final_val_loss']['values'])}  "
               f"val MaxVio {common.mean_spread(row['final_val_maxvio']['values'])}  "

@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -322,13 +321,8 @@ def plot(out, size: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="full", choices=common.SIZES)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seeds", default=None, help="comma separated, e.g. 0,1,2")
-    args = p.parse_args(argv)
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    out = run(args.size, steps=args.steps, seeds=seeds)
+    size, steps, seeds = common.parse_run_args(__doc__.splitlines()[0], argv)
+    out = run(size, steps=steps, seeds=seeds)
     for depth, row in out["summary"].items():
         line = f"depth {depth}: val loss {common.mean_spread(row['final_val_loss']['values'])}"
         if "acceptance_rate" in row:

@@ -246,7 +246,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         valid = valid[0]                               # [chunks, n]
         r = jax.lax.axis_index(AXIS)
 
-        zero_tail = {"ce": jnp.float32, "mtp_ce": jnp.float32, "balance": jnp.float32,
+        tail_dtypes = {"ce": jnp.float32, "mtp_ce": jnp.float32, "balance": jnp.float32,
                      "mtp_weight": jnp.float32, "mtp_counts": jnp.int32}   # their dtypes
 
         def chunk_fn(jp, jb, ok, x, mb):
@@ -273,7 +273,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             x = jnp.where(first, x0.astype(act_dtype), x.astype(act_dtype))
             y, stats = chunk_fn(jp, jb, ok, x, mb)
             t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
-            tail = {k: jnp.where(last, v, 0).astype(zero_tail[k]) for k, v in tail.items()}
+            tail = {k: jnp.where(last, v, 0).astype(tail_dtypes[k]) for k, v in tail.items()}
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), (
