@@ -91,6 +91,14 @@ class ModelConfig:
                                             # overflow: worst-case buffers (0 = always those)
     gemm_impl: str = "jnp"                  # jnp | pallas: MoE dispatch + FP8 GEMM kernels
     fp8: bool = False                       # route Linear layers through the FP8 recipe
+    # FP8 (report §3.3.3): cache Linear inputs for Wgrad as FP8 1x128 tiles (the attention
+    # output projection's input stays in the compute dtype) and the MoE SwiGLU inputs in FP8,
+    # recomputing its output in the backward pass
+    fp8_cache_activations: bool = True
+    # FP8 (report §3.3.3): expert parallelism sends the dispatched rows (and, backward, the
+    # gradient before the down-projections) as FP8 with power-of-2 1x128 scales; the routed
+    # experts' GEMMs use power-of-2 scales on every mesh, so dispatch adds no rounding
+    fp8_dispatch: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling))

@@ -19,10 +19,13 @@ Every GEMM accumulates each 128-wide K chunk, then promotes it to FP32 with both
 Mosaic GPU kernel ("pallas"; interpreted off-GPU). Outputs are in the compute dtype; gradients in
 the dtypes of x and W.
 
-Residuals: the forward saves x in its compute dtype (not FP8) and W's FP8 blocks (as uint8 bits,
-so that remat cannot round them; see `_to_bits`). Wgrad quantizes x 128x1 straight from x; the
-report caches x in FP8 and re-tiles it (dequantize, transpose, requantize), which saves memory at
-the cost of a second rounding.
+Residuals (report §3.3.3, "Low-Precision Activation"): W's FP8 blocks (as uint8 bits, so that
+remat cannot round them; see `_to_bits`) and x. With `cache_x=True` x is cached as Fprop's own
+1x128 FP8 tiles and scales (about 1 + 4/128 bytes per value instead of the compute dtype's 2);
+Wgrad dequantizes and re-tiles them 128x1 (a second rounding, as in the report). With
+`cache_x=False` x is kept in the compute dtype and Wgrad quantizes it 128x1 straight from x.
+`fp8_grouped_swiglu_down` is the MoE's SwiGLU + down-projection: its inputs (gate, up) are cached
+in FP8 and its output recomputed in the backward pass (report §3.3.3 (2)).
 
 MoE Wgrad tiles: dW[e] contracts over expert e's rows. Its 128x1 tiles are taken inside e's group,
 starting at the group's first row, so no tile mixes two experts. When tile_m is a multiple of 128
@@ -189,15 +192,16 @@ class _Options:
     pow2_scale: bool
     interpret: bool
     out_dtype: object
+    cache_x: bool = False
 
 
-def _options(implementation, pow2_scale, interpret, out_dtype) -> _Options:
+def _options(implementation, pow2_scale, interpret, out_dtype, cache_x=False) -> _Options:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown FP8 implementation {implementation!r}; expected {IMPLEMENTATIONS}")
     if interpret is None:        # the Mosaic GPU kernel runs natively only on a GPU
         interpret = interpret_default()
     return _Options(implementation, bool(pow2_scale), bool(interpret),
-                    None if out_dtype is None else jnp.dtype(out_dtype))
+                    None if out_dtype is None else jnp.dtype(out_dtype), bool(cache_x))
 
 
 def _kernel(opt: _Options, name: str):
@@ -209,21 +213,46 @@ def _gemm(opt: _Options, ops: GemmOperands, out_dtype) -> jax.Array:
     return _kernel(opt, "fp8_gemm")(*ops, out_dtype=out_dtype)
 
 
+class CachedX(NamedTuple):
+    """A GEMM input cached for Wgrad as Fprop's FP8 tiles: q [M, Kp] uint8 bits, scale
+    [M, Kp/128] float32, and an empty [0, K] array of x's dtype (dx's dtype, x's width)."""
+    bits: jax.Array
+    scale: jax.Array
+    like: jax.Array
+
+
+def _cache_x(x_MK: jax.Array, ops: GemmOperands, opt: _Options):
+    """What Wgrad keeps of x: Fprop's quantized x (cache_x) or x itself."""
+    if not opt.cache_x:
+        return x_MK
+    return CachedX(jax.lax.bitcast_convert_type(ops.lhs, jnp.uint8), ops.lhs_scale,
+                   x_MK[:0])     # [0, K]: x's dtype, width and shard_map varying axes
+
+
+def _uncache_x(res):
+    """(x [M, K] for Wgrad, an x-like array): cached FP8 tiles dequantized (float32), or x."""
+    if not isinstance(res, CachedX):
+        return res, res
+    q = jax.lax.bitcast_convert_type(res.bits, E4M3)
+    return dequantize_1x128(q, res.scale)[:, :res.like.shape[1]], res.like
+
+
 # ----------------------------------------------------------------------------------------------
 # Dense: fp8_dot
 # ----------------------------------------------------------------------------------------------
 
 def fp8_dot(x: jax.Array, w: jax.Array, *, implementation: str = "jnp", out_dtype=None,
-            pow2_scale: bool = False, interpret: bool | None = None) -> jax.Array:
+            pow2_scale: bool = False, interpret: bool | None = None,
+            cache_x: bool = False) -> jax.Array:
     """x [..., K] . w [K, N] -> [..., N] with FP8 Fprop, Dgrad and Wgrad (custom VJP).
 
     out_dtype defaults to x.dtype (the compute dtype). interpret=None interprets the Pallas
-    kernel when not running on a GPU.
+    kernel when not running on a GPU. cache_x: keep x for Wgrad as Fprop's FP8 tiles.
     """
     k, n = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"fp8_dot: x {x.shape} does not contract with w {w.shape}")
-    opt = _options(implementation, pow2_scale, interpret, out_dtype)
+    opt = _options(implementation, pow2_scale, interpret, out_dtype, cache_x)
     y = _fp8_matmul(x.reshape(-1, k), w, opt)
     return y.reshape(*x.shape[:-1], n)
 
@@ -235,17 +264,21 @@ def _fp8_matmul(x_MK, w_KN, opt: _Options):
 
 def _fp8_matmul_fwd(x_MK, w_KN, opt: _Options):
     w = quantize_weight(w_KN, pow2_scale=opt.pow2_scale)
-    y = _gemm(opt, fprop_operands(x_MK, w, pow2_scale=opt.pow2_scale), opt.out_dtype or x_MK.dtype)
+    ops = fprop_operands(x_MK, w, pow2_scale=opt.pow2_scale)
+    y = _gemm(opt, ops, opt.out_dtype or x_MK.dtype)
     # An empty array carries W's dtype into the backward (residuals must be arrays).
-    return y[:, :w_KN.shape[1]], (x_MK, _to_bits(w), jnp.zeros((0,), w_KN.dtype))
+    return y[:, :w_KN.shape[1]], (_cache_x(x_MK, ops, opt), _to_bits(w),
+                                  jnp.zeros((0,), w_KN.dtype))
 
 
 def _fp8_matmul_bwd(opt: _Options, res, dy_MN):
-    x_MK, w, w_dtype = res
+    x_res, w, w_dtype = res
     w = _from_bits(w)
-    dx = _gemm(opt, dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale), x_MK.dtype)
+    x_MK, x_like = _uncache_x(x_res)
+    k = x_MK.shape[1]
+    dx = _gemm(opt, dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale), x_like.dtype)
     dw = _gemm(opt, wgrad_operands(x_MK, dy_MN, pow2_scale=opt.pow2_scale), w_dtype.dtype)
-    return dx[:, :x_MK.shape[1]], dw
+    return dx[:, :k], dw
 
 
 _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
@@ -258,16 +291,17 @@ _fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
 def fp8_grouped_dot(lhs: jax.Array, rhs: jax.Array, tile_expert: jax.Array, *, tile_m: int,
                     implementation: str = "jnp", out_dtype=None,
                     used_tiles: jax.Array | None = None, pow2_scale: bool = False,
-                    interpret: bool | None = None) -> jax.Array:
+                    interpret: bool | None = None, cache_x: bool = False) -> jax.Array:
     """out[tile t] = lhs[tile t] . rhs[tile_expert[t]] in FP8, with FP8 Dgrad and Wgrad.
 
     lhs [M, K] rows sorted by expert, each expert's group padded to tiles of tile_m rows;
     rhs [E, K, N]; tile_expert [M // tile_m] int32 (non-decreasing). Tiles at and after
     `used_tiles` (if given) contribute nothing: their output rows are 0 and they add no gradient.
+    cache_x: keep lhs for Wgrad as Fprop's FP8 tiles.
     """
     check_grouped_layout(lhs, rhs, tile_expert, tile_m, name="fp8_grouped_dot")
     m = lhs.shape[0]
-    opt = _options(implementation, pow2_scale, interpret, out_dtype)
+    opt = _options(implementation, pow2_scale, interpret, out_dtype, cache_x)
     used = jnp.asarray(m // tile_m if used_tiles is None else used_tiles, jnp.int32)
     return _fp8_grouped(lhs, rhs, tile_expert.astype(jnp.int32), used, tile_m, opt)
 
@@ -288,18 +322,21 @@ def _fp8_grouped_fwd(lhs, rhs, tile_expert, used, tile_m, opt):
     ops = ops._replace(lhs_scale=jnp.where(used_rows, ops.lhs_scale, 0.0))      # unused: 0
     y = _kernel(opt, "fp8_grouped_gemm")(*ops, tile_expert, tile_m=tile_m,
                                          out_dtype=opt.out_dtype or lhs.dtype)
-    return y[:, :rhs.shape[2]], (lhs, _to_bits(w), tile_expert, used, jnp.zeros((0,), rhs.dtype))
+    # (the cached tiles of unused rows dequantize to 0: their scales are 0)
+    return y[:, :rhs.shape[2]], (_cache_x(lhs, ops, opt), _to_bits(w), tile_expert, used,
+                                 jnp.zeros((0,), rhs.dtype))
 
 
 def _fp8_grouped_bwd(tile_m, opt, res, dy_MN):
-    lhs, w, tile_expert, used, w_dtype = res
+    x_res, w, tile_expert, used, w_dtype = res
     w = _from_bits(w)
-    e, k = w.q_KN.shape[0], lhs.shape[1]
-    used_rows = _used_rows(used, lhs.shape[0], tile_m)[:, None]
+    x_MK, lhs = _uncache_x(x_res)
+    e, k = w.q_KN.shape[0], x_MK.shape[1]
+    used_rows = _used_rows(used, x_MK.shape[0], tile_m)[:, None]
     dy_MN = jnp.where(used_rows, dy_MN, 0)
     # Unused rows join the last expert's Wgrad chunks (their tile_expert is E-1): zero them in x
     # too, or their values would enter that chunk's 128x1 amax and change the real rows' scales.
-    x_MK = jnp.where(used_rows, lhs, 0)
+    x_MK = jnp.where(used_rows, x_MK, 0)
     dx = _kernel(opt, "fp8_grouped_gemm")(*dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale),
                                           tile_expert, tile_m=tile_m, out_dtype=lhs.dtype)[:, :k]
     x_c, dy_c, chunk_expert = wgrad_chunks(x_MK, dy_MN, tile_expert, tile_m=tile_m, num_experts=e)
@@ -312,6 +349,58 @@ def _fp8_grouped_bwd(tile_m, opt, res, dy_MN):
 
 
 _fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
+
+
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+def fp8_grouped_swiglu_down(gate: jax.Array, up: jax.Array, w_down: jax.Array,
+                            tile_expert: jax.Array, *, tile_m: int, implementation: str = "jnp",
+                            used_tiles: jax.Array | None = None, pow2_scale: bool = False,
+                            interpret: bool | None = None, name: str = "moe_gu") -> jax.Array:
+    """down(silu(gate) * up) per tile's expert in FP8, the SwiGLU inputs cached in FP8.
+
+    The report's MoE SwiGLU (§3.3.3 (2)): the forward computes silu(gate) * up from gate and up
+    as they are; the backward keeps only their FP8 1x128 tiles (along F) and scales, named
+    `name` for remat policies, and recomputes the SwiGLU output from them for the
+    down-projection's Wgrad and for the SwiGLU's own gradient.
+    gate, up [M, F] in the layout of `fp8_grouped_dot`; w_down [E, F, D].
+    """
+    check_grouped_layout(gate, w_down, tile_expert, tile_m, name="fp8_grouped_swiglu_down")
+    opt = _options(implementation, pow2_scale, interpret, None)
+    used = jnp.asarray(gate.shape[0] // tile_m if used_tiles is None else used_tiles, jnp.int32)
+    return _fp8_swiglu_down(gate, up, w_down, tile_expert.astype(jnp.int32), used, tile_m, opt,
+                            name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fp8_swiglu_down(gate, up, w_down, tile_expert, used, tile_m, opt, name):
+    return _fp8_swiglu_down_fwd(gate, up, w_down, tile_expert, used, tile_m, opt, name)[0]
+
+
+def _fp8_swiglu_down_fwd(gate, up, w_down, tile_expert, used, tile_m, opt, name):
+    from jax.ad_checkpoint import checkpoint_name
+    y, (_, w, _, _, w_dtype) = _fp8_grouped_fwd(_swiglu(gate, up), w_down, tile_expert, used,
+                                                tile_m, opt)
+    cached = []
+    for a in (gate, up):
+        q, scale = quantize_1x128_padded(a, pow2_scale=opt.pow2_scale)
+        cached.append(CachedX(checkpoint_name(jax.lax.bitcast_convert_type(q, jnp.uint8), name),
+                              checkpoint_name(scale, name), a[:0]))
+    return y, (*cached, w, tile_expert, used, w_dtype)
+
+
+def _fp8_swiglu_down_bwd(tile_m, opt, name, res, dy_MN):
+    gate_c, up_c, w, tile_expert, used, w_dtype = res
+    (gate, like), (up, _) = _uncache_x(gate_c), _uncache_x(up_c)
+    h, swiglu_vjp = jax.vjp(_swiglu, gate.astype(like.dtype), up.astype(like.dtype))
+    dh, dw, _, _ = _fp8_grouped_bwd(tile_m, opt, (h, w, tile_expert, used, w_dtype), dy_MN)
+    dgate, dup = swiglu_vjp(dh.astype(h.dtype))
+    return dgate, dup, dw, None, None
+
+
+_fp8_swiglu_down.defvjp(_fp8_swiglu_down_fwd, _fp8_swiglu_down_bwd)
 
 
 def wgrad_chunks(x_MK: jax.Array, dy_MN: jax.Array, tile_expert: jax.Array, *, tile_m: int,

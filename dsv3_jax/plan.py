@@ -74,12 +74,17 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
                  down-projection outputs + h v b attention output + attention's own residual
                  (reference: the masked float32 scores, 4 h S; flash: the float32 lse, 4 h)
                  + 2 fs b shared gate, up + 4 e affinities + 8 p experts, gates + 4 (r_m + p)
-                 dispatch maps + r_m (2 f + d) b routed gate|up and output rows.
+                 dispatch maps + r_m d b routed output rows + the routed gate|up rows: 2 f b,
+                 or with FP8 caching (cfg.fp8_cache_activations) 2 c8(f), c8(n) = n' (1 + 4/128)
+                 the E4M3 tiles and float32 scales of n values padded to n' (a multiple of 128).
       none       plain autodiff: the above without block_mid and the down-projection outputs,
                  plus three float32 copies per RMSNorm (x, 2x, x rsqrt), each Linear's input
-                 (one reshape each: q_a and kv_a each keep the attention norm's output, the
-                 shared gate and up the FFN norm's), q, k, v, the softmax's float32
-                 intermediates, silu's, the router's float32 input and the permuted rows.
+                 (q_a and kv_a each keep the attention norm's output, the shared gate and up the
+                 FFN norm's; with FP8 caching c8 of each, except the attention output
+                 projection's, which stays h v b), q, k, v, the softmax's float32 probabilities
+                 and their compute-dtype cast, silu's intermediates, the router's float32 input,
+                 and per routed row the permuted input and the output (FP8 caching: c8(d) for
+                 the input, 2 c8(f) for the SwiGLU inputs, d b for the output).
     `weights_per_layer`: weight-shaped residuals (bf16 casts or FP8 blocks of the weights),
     saved only by remat="none"; the selective policy recomputes them from the weights.
     """
@@ -102,26 +107,32 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
         pad = -(-seq_len // bq) * bq / seq_len
         attn_own = a * h * pad
     route = a * e + 2 * 4 * p + 4 * (r_m + p) + 4 * (rows // tile_m + 1) / tokens
-    routed = r_m * (2 * f + d) * b
+    fp8_cache = cfg.fp8 and cfg.fp8_cache_activations
+    pad128 = lambda n: -(-n // 128) * 128
+    c8 = lambda n: pad128(n) * (1 + 4 / 128)       # an FP8 cache: E4M3 tiles + float32 scales
+    routed = r_m * ((2 * c8(f) if fp8_cache else 2 * f * b) + d * b)
     selective = (2 * d + q + c + r + h * v * pad + 2 * fs) * b + attn_own + route + routed
     up = int(a > b)   # the float32 upcasts exist (and are kept) only below float32
     norms = (2 + up) * a * (2 * d + q + c) + 2 * a * (3 if q else 2)  # x, 2x, x*rsqrt; rsqrt
-    linear_in = (4 * d + q + c + h * v + fs) * b if q else (3 * d + c + h * v + fs) * b
+    cached = (4 * d + q + c + fs) if q else (3 * d + c + fs)     # o_proj's input: h v b
+    linear_in = h * v * b + (sum(c8(n) for n in ([d] * (4 if q else 3) + [q] * bool(q)
+                                                  + [c, fs])) if fp8_cache else cached * b)
     if impl == "reference":
         # exp and the probabilities (float32, and their compute-dtype cast below float32);
         # the mask depends on the segment ids only: the scan keeps it once, not per layer
-        attn = (2 * h * (k + r) + h * v) * b + h * seq_len * (a + (a if up else 0) + b) \
-            + 2 * a * h
+        attn = (2 * h * (k + r) + h * v) * b + h * seq_len * (a + b) + 2 * a * h
     else:
         attn = (2 * h * (k + r) + 2 * h * v) * b * pad + a * h * pad
-    ffn = 5 * fs * b + a * (up * d + 2 * e + 2 * p + 5) + 2 * 4 * p + 4 * (r_m + p) + d * b
-    ffn += r_m * ((d + 6 * f) if cfg.fp8 else (2 * d + 2 * f)) * b
+    ffn = 5 * fs * b + a * (up * d + 2 * e + 2 * p + 5) + 2 * 4 * p + 4 * (r_m + p)
+    if fp8_cache:   # x once for gate | up, the SwiGLU inputs, the output rows (bf16)
+        ffn += r_m * (c8(d) + 2 * c8(f) + d * b)
+    else:
+        ffn += r_m * ((2 * d + 6 * f) if cfg.fp8 else (2 * d + 2 * f)) * b
     none = d * b + norms + linear_in + attn + ffn
     out = {"none": none, "selective": selective, "full": d * b}
     dense = ((d * q + q * h * (k + r)) if q else d * h * (k + r)) + d * (c + r) + c * h * (k + v) \
         + h * v * d + 3 * d * fs
     if cfg.fp8:   # FP8 blocks (1 byte, padded to 128) of every Linear and expert weight
-        pad128 = lambda n: -(-n // 128) * 128
         shapes = ([(d, q), (q, h * (k + r))] if q else [(d, h * (k + r))]) + [
             (d, c + r), (c, h * (k + v)), (h * v, d), (d, fs), (d, fs), (fs, d)]
         weights = sum(pad128(x) * pad128(y) for x, y in shapes) + e * 3 * pad128(d) * pad128(f)

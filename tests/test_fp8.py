@@ -304,3 +304,120 @@ def test_wgrad_chunks_hold_one_expert_each_and_every_row_once(tile_m, rng):
         got = np.einsum("crk,crn->kn", xc[ce == e], dyc[ce == e])
         want = _f64(x)[rows_e == e].T @ _f64(dy)[rows_e == e]
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+# ---- FP8 caching and dispatch (report §3.3.3) ------------------------------------------------
+
+def _residuals(f, *args):
+    from jax._src.ad_checkpoint import saved_residuals
+    return [(aval, src) for aval, src in saved_residuals(f, *args)
+            if "from the argument" not in src]
+
+
+def test_cached_x_keeps_fprop_tiles_and_wgrad_retiles_them(rng):
+    """cache_x: y and dx are those of the uncached GEMM bit for bit; Wgrad re-tiles the cached
+    FP8 x (dequantize, 128x1 along the tokens) instead of quantizing x itself, so dw equals the
+    uncached Wgrad of dequantize(quantize_1x128(x)) and stays within FP8 error of x^T g; the
+    residual is E4M3 bits [M, Kp] + float32 scales [M, Kp/128], with no copy of x."""
+    x = rand(rng, (96, 200), jnp.bfloat16, spread=False)
+    w = rand(rng, (200, 136), spread=False) * 0.05
+    g = rand(rng, (96, 136), spread=False)
+    run = lambda cache, x: jax.value_and_grad(
+        lambda x, w: jnp.sum(fp8.fp8_dot(x, w, cache_x=cache, out_dtype=jnp.float32) * g),
+        (0, 1))(x, w)
+    (v1, (dx1, dw1)), (v0, (dx0, dw0)) = run(True, x), run(False, x)
+    assert float(v1) == float(v0)
+    np.testing.assert_array_equal(_f64(dx1), _f64(dx0))
+    q, s = fp8.quantize_1x128(x)
+    x_round = fp8.dequantize_1x128(q, s)              # what Wgrad sees: the cached tiles
+    _, (_, dw_ref) = run(False, x_round)
+    np.testing.assert_allclose(_f64(dw1), _f64(dw_ref), rtol=1e-6, atol=1e-6 * np.abs(_f64(dw_ref)).max())
+    exact = _f64(x).T @ _f64(g)
+    assert cosine(dw1, exact) >= 0.99
+    assert not np.array_equal(_f64(dw1), _f64(dw0))   # the second rounding is real
+    res = _residuals(lambda x, w: jnp.sum(fp8.fp8_dot(x, w, cache_x=True)), x, w)
+    kinds = sorted((a.dtype.name, a.shape) for a, _ in res)
+    assert ("uint8", (96, 256)) in kinds and ("float32", (96, 2)) in kinds, kinds
+    assert not any(a.dtype == jnp.bfloat16 and a.size for a, _ in res), kinds
+
+
+def _swiglu_down_case(rng, tile_m=16, f=72, d=200):
+    x, w_down, te = grouped_case(rng, tile_m, k=f, n=d)
+    m = x.shape[0]
+    rows = np.asarray(jnp.abs(x).sum(1) > 0)[:, None]
+    gate = jnp.asarray(rng.standard_normal((m, f)) * rows, jnp.bfloat16)
+    up = jnp.asarray(rng.standard_normal((m, f)) * rows, jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((m, d)) * rows, jnp.float32)
+    return gate, up, w_down, te, g
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_swiglu_down_caches_its_inputs_in_fp8_and_recomputes_the_output(pow2, rng):
+    """fp8_grouped_swiglu_down: the forward is fp8_grouped_dot(silu(gate) * up) exactly; the
+    backward recomputes silu(gate) * up from FP8 gate and up, so its gradients are those of the
+    uncached composite evaluated at the rounded inputs (float32 reassociation aside) and within
+    FP8 error of float64; the residuals are the named FP8 tiles, no BF16 [M, F]."""
+    tile_m = 16
+    gate, up, w, te, g = _swiglu_down_case(rng, tile_m)
+    fused = lambda a, b, w: fp8.fp8_grouped_swiglu_down(a, b, w, te, tile_m=tile_m,
+                                                         pow2_scale=pow2)
+    plain = lambda a, b, w: fp8.fp8_grouped_dot(jax.nn.silu(a) * b, w, te, tile_m=tile_m,
+                                                pow2_scale=pow2)
+    loss = lambda f: (lambda a, b, w: jnp.sum(f(a, b, w).astype(jnp.float32) * g))
+    np.testing.assert_array_equal(_f64(fused(gate, up, w)), _f64(plain(gate, up, w)))
+    got = jax.grad(loss(fused), (0, 1, 2))(gate, up, w)
+    rounded = [fp8.dequantize_1x128(*fp8.quantize_1x128(a, pow2_scale=pow2), jnp.bfloat16)
+               for a in (gate, up)]
+    want = jax.grad(loss(plain), (0, 1, 2))(*rounded, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(_f64(a), _f64(b), rtol=0, atol=2e-2 * np.abs(_f64(b)).max())
+    a64, b64 = _f64(gate), _f64(up)
+    sig = 1 / (1 + np.exp(-a64))
+    h = a64 * sig * b64
+    dy = np.concatenate([_f64(g)[t * tile_m:(t + 1) * tile_m] for t in range(len(te))])
+    dh = np.concatenate([dy[t * tile_m:(t + 1) * tile_m] @ _f64(w)[e].T
+                         for t, e in enumerate(np.asarray(te))])
+    assert cosine(got[0], dh * b64 * sig * (1 + a64 * (1 - sig))) >= 0.99
+    assert cosine(got[1], dh * a64 * sig) >= 0.99
+    dw = np.zeros(w.shape)
+    for t, e in enumerate(np.asarray(te)):
+        dw[e] += h[t * tile_m:(t + 1) * tile_m].T @ dy[t * tile_m:(t + 1) * tile_m]
+    assert cosine(got[2], dw) >= 0.99
+    res = _residuals(lambda a, b, w: jnp.sum(fused(a, b, w)), gate, up, w)
+    named = [a for a, src in res if "moe_gu" in src]
+    assert sorted(a.dtype.name for a in named) == ["float32", "float32", "uint8", "uint8"], res
+    assert not any(a.dtype == jnp.bfloat16 and a.shape == gate.shape for a, _ in res), res
+
+
+def test_pow2_dispatch_then_gemm_equals_the_gemm_alone(rng):
+    """FP8 dispatch adds no rounding: rows quantized with power-of-2 1x128 scales, sent, and
+    dequantized (exactly, in BF16) quantize again to the same E4M3 values in the experts'
+    power-of-2 Fprop, so the grouped GEMM's output is the same bit for bit."""
+    x, w, te = grouped_case(rng, 16, k=256)
+    x = (x * jnp.asarray(10.0 ** rng.uniform(-6, 3, (x.shape[0], 1)), jnp.float32)).astype(jnp.bfloat16)
+    q, s = fp8.quantize_1x128(x, pow2_scale=True)
+    sent = fp8.dequantize_1x128(q, s, jnp.bfloat16)
+    np.testing.assert_array_equal(_f64(sent), _f64(fp8.dequantize_1x128(q, s)))   # exact in BF16
+    gemm = lambda x: fp8.fp8_grouped_dot(x, w, te, tile_m=16, pow2_scale=True)
+    np.testing.assert_array_equal(_f64(gemm(sent)), _f64(gemm(x)))
+
+
+def test_fp8_exchanges_on_one_shard(rng):
+    """The two FP8 all_to_alls on a 1-device expert mesh (the exchange itself is the identity):
+    dispatch returns the FP8-rounded rows and passes the gradient back unrounded; combine
+    returns its rows as they are and rounds the gradient to FP8 (power-of-2 scales)."""
+    from jax.sharding import PartitionSpec as P
+    from dsv3_jax.layers import moe
+    mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = rand(rng, (24, 256), jnp.bfloat16)
+    g = rand(rng, (24, 256), jnp.float32)
+    rnd = lambda a: fp8.dequantize_1x128(*fp8.quantize_1x128(a, pow2_scale=True), a.dtype)
+    for fn, fwd_round, bwd_round in ((moe.fp8_dispatch_exchange, True, False),
+                                     (moe.fp8_grad_combine_exchange, False, True)):
+        f = jax.shard_map(lambda a: fn(a, "expert"), mesh=mesh, in_specs=P("expert"),
+                          out_specs=P("expert"))
+        y, vjp = jax.vjp(f, x)
+        np.testing.assert_array_equal(_f64(y), _f64(rnd(x) if fwd_round else x))
+        (dx,) = vjp(g.astype(jnp.bfloat16))
+        gb = g.astype(jnp.bfloat16)
+        np.testing.assert_array_equal(_f64(dx), _f64(rnd(gb) if bwd_round else gb))

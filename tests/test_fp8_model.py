@@ -73,6 +73,7 @@ def trace_fp8_calls(cfg, variables, ids, monkeypatch):
     """Traces the forward (no compile) and records, per module call, the FP8 GEMMs it ran."""
     counts = {"dot": 0, "grouped": 0}
     real_dot, real_grouped = fp8.fp8_dot, fp8.fp8_grouped_dot
+    real_swiglu_down = fp8.fp8_grouped_swiglu_down
 
     def dot(*a, **k):
         counts["dot"] += 1
@@ -82,8 +83,13 @@ def trace_fp8_calls(cfg, variables, ids, monkeypatch):
         counts["grouped"] += 1
         return real_grouped(*a, **k)
 
+    def swiglu_down(*a, **k):     # the down-projection (the SwiGLU inputs cached in FP8)
+        counts["grouped"] += 1
+        return real_swiglu_down(*a, **k)
+
     monkeypatch.setattr(fp8, "fp8_dot", dot)
     monkeypatch.setattr(fp8, "fp8_grouped_dot", grouped)
+    monkeypatch.setattr(fp8, "fp8_grouped_swiglu_down", swiglu_down)
     calls = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -99,17 +105,22 @@ def trace_fp8_calls(cfg, variables, ids, monkeypatch):
     return calls, counts
 
 
-def test_exactly_the_papers_linears_run_in_fp8(setup, monkeypatch):
+@pytest.mark.parametrize("cache", [True, False])
+def test_exactly_the_papers_linears_run_in_fp8(setup, monkeypatch, cache):
     cfg, variables, _, ids, _ = setup
-    calls, total = trace_fp8_calls(cfg.replace(fp8=True), variables, ids, monkeypatch)
+    calls, total = trace_fp8_calls(cfg.replace(fp8=True, fp8_cache_activations=cache),
+                                   variables, ids, monkeypatch)
     linears = [(path, d) for cls, meth, path, d in calls if cls == "Linear" and meth == "__call__"]
     experts = [(path, d) for cls, meth, path, d in calls
                if cls == "RoutedExperts" and meth == "__call__"]
-    # every Linear call is exactly one FP8 dot; every routed-expert call is three grouped ones
+    # every Linear call is exactly one FP8 dot; every routed-expert call runs the three
+    # matrices as grouped FP8 GEMMs: gate, up and down, or (caching x once) gate | up side by
+    # side and down with the SwiGLU inputs cached
+    per_expert_call = 2 if cache else 3
     assert all(d == {"dot": 1, "grouped": 0} for _, d in linears), linears
-    assert all(d == {"dot": 0, "grouped": 3} for _, d in experts), experts
+    assert all(d == {"dot": 0, "grouped": per_expert_call} for _, d in experts), experts
     # ... and nothing else is: the router's dot, the head and the embedding add no FP8 call
-    assert total == {"dot": len(linears), "grouped": 3 * len(experts)}
+    assert total == {"dot": len(linears), "grouped": per_expert_call * len(experts)}
     assert {"head", "embed_tokens"} <= {meth for _, meth, _, _ in calls}
     for cls, meth, path, d in calls:
         if meth in ("head", "embed_tokens"):

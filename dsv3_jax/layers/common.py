@@ -61,8 +61,11 @@ class RMSNorm(nn.Module):
         return y.astype(dtype_of(cfg.dtype))
 
 
-def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig) -> jax.Array:
-    """x[..., *in] @ kernel[*in, *out] as one 2-D GEMM; FP8 (cfg.fp8) or in the compute dtype."""
+def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig,
+               fp8_cache: bool = True) -> jax.Array:
+    """x[..., *in] @ kernel[*in, *out] as one 2-D GEMM; FP8 (cfg.fp8) or in the compute dtype.
+
+    fp8_cache: with cfg.fp8 and cfg.fp8_cache_activations, x is kept for Wgrad as FP8 tiles."""
     in_shape, out_shape = kernel.shape[:num_in], kernel.shape[num_in:]
     if tuple(x.shape[x.ndim - num_in:]) != tuple(in_shape):
         raise ValueError(f"linear: input trailing dims {x.shape[x.ndim - num_in:]} != kernel "
@@ -74,7 +77,8 @@ def linear_dot(x: jax.Array, kernel: jax.Array, num_in: int, cfg: ModelConfig) -
     dtype = dtype_of(cfg.dtype)
     if cfg.fp8:
         from dsv3_jax import fp8  # the FP8 recipe; see fp8.py
-        y = fp8.fp8_dot(x2.astype(dtype), w2, implementation=cfg.gemm_impl, out_dtype=dtype)
+        y = fp8.fp8_dot(x2.astype(dtype), w2, implementation=cfg.gemm_impl, out_dtype=dtype,
+                        cache_x=fp8_cache and cfg.fp8_cache_activations)
     elif w2.dtype != dtype:
         y = _low_precision_dot(x2.astype(dtype), w2)
     else:
@@ -112,6 +116,7 @@ class Linear(nn.Module):
     axes: tuple[str, ...]
     num_in: int = 1
     init_std: float | None = None
+    fp8_cache: bool = True      # FP8: keep the input for Wgrad as FP8 tiles (see linear_dot)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -123,7 +128,7 @@ class Linear(nn.Module):
                 else nn.initializers.normal(stddev=self.init_std))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                             dtype_of(self.cfg.param_dtype))
-        return linear_dot(x, kernel, self.num_in, self.cfg)
+        return linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache)
 
 
 class SwiGLU(nn.Module):

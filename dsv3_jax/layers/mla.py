@@ -106,7 +106,13 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg)
         self.kv_b = Linear(cfg, (h, cfg.qk_nope_head_dim + cfg.v_head_dim),
                            ("kv_lora", "heads", "head_dim"))
-        self.o_proj = Linear(cfg, (cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2)
+        # Its input, the attention output, is kept in the compute dtype anyway (remat
+        # "selective" saves it as attn_out; flash attention's backward needs it): an FP8 cache
+        # would add a copy, not replace one. The report stores
+        # it as E5M6 (§3.3.3 (1)); XLA has no 12-bit type, and E5M6 in a 16-bit container is
+        # BF16's size with less precision, so the compute dtype is the nearest format.
+        self.o_proj = Linear(cfg, (cfg.hidden_size,), ("heads", "head_dim", "embed"), num_in=2,
+                             fp8_cache=False)
 
     def project_q(self, x_BTD):
         """Queries [B,T,H,K] and un-rotated rope queries [B,T,H,R]."""

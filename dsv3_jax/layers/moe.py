@@ -5,7 +5,7 @@ computed dropless with a grouped GEMM whose cost follows tokens x top-k.
 from __future__ import annotations
 
 import contextlib
-
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -147,10 +147,72 @@ def dispatch_fns(plan: Dispatch, gates_NP: jax.Array, pallas: bool):
                               interpret=interpret))
 
 
-def _fp8_gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig):
+def _fp8_gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig, cache_x: bool):
     from dsv3_jax import fp8
     return fp8.fp8_grouped_dot(lhs, rhs, plan.tile_expert, tile_m=plan.tile_m,
-                               used_tiles=plan.used_tiles, implementation=cfg.gemm_impl)
+                               used_tiles=plan.used_tiles, implementation=cfg.gemm_impl,
+                               pow2_scale=cfg.fp8_dispatch, cache_x=cache_x)
+
+
+def _fp8_experts(x_MD, w_gate, w_up, w_down, plan: Dispatch, cfg: ModelConfig):
+    """The routed experts' three FP8 GEMMs; each weight keeps its own 128x128 blocks. With
+    fp8_cache_activations the up-projections cache their input in FP8 and the SwiGLU keeps only
+    its FP8 inputs (named moe_gu), recomputing its output in the backward pass (§3.3.3)."""
+    from dsv3_jax import fp8
+    if not cfg.fp8_cache_activations:
+        gate, up = (checkpoint_name(_fp8_gmm(x_MD, w, plan, cfg, False), "moe_gu")
+                    for w in (w_gate, w_up))
+        return _fp8_gmm(nn.silu(gate) * up, w_down, plan, cfg, False)
+    # gate | up as one GEMM, so x is cached once; each padded to whole 128-column blocks, so
+    # the weights' quantization blocks are those of the two matrices apart
+    f = w_gate.shape[-1]
+    pad = lambda w: jnp.pad(w, ((0, 0), (0, 0), (0, -f % fp8.TILE)))
+    gu = _fp8_gmm(x_MD, jnp.concatenate([pad(w_gate), pad(w_up)], -1), plan, cfg, True)
+    gate, up = gu[:, :f], gu[:, gu.shape[1] // 2:gu.shape[1] // 2 + f]
+    return fp8.fp8_grouped_swiglu_down(gate, up, w_down, plan.tile_expert, tile_m=plan.tile_m,
+                                       used_tiles=plan.used_tiles,
+                                       implementation=cfg.gemm_impl,
+                                       pow2_scale=cfg.fp8_dispatch, name="moe_gu")
+
+
+def _a2a(t, axis: str):
+    with jax.named_scope("expert_exchange"):
+        return jax.lax.all_to_all(t, axis, 0, 0, tiled=True)
+
+
+def _fp8_send(x, axis: str, name: str | None):
+    """all_to_all of rows as FP8 E4M3 bits + power-of-2 1x128 scales, dequantized on arrival
+    (exactly: a power-of-2 scale times an E4M3 value is representable in BF16)."""
+    from dsv3_jax import fp8
+    q, scale = fp8.quantize_1x128_padded(x, pow2_scale=True)
+    bits, scale = _a2a(jax.lax.bitcast_convert_type(q, jnp.uint8), axis), _a2a(scale, axis)
+    if name:
+        bits, scale = checkpoint_name(bits, name), checkpoint_name(scale, name)
+    q = jax.lax.bitcast_convert_type(bits, fp8.E4M3)
+    return fp8.dequantize_1x128(q, scale)[:, :x.shape[1]].astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fp8_dispatch_exchange(x_RD, axis: str):
+    """Dispatch's all_to_all with FP8 rows (report §3.3.3); its backward (the gradient sent
+    back to the tokens' devices, a combine) stays in x's dtype. The received FP8 bits and
+    scales are named moe_recv for remat="selective"."""
+    return _fp8_send(x_RD, axis, "moe_recv")
+
+
+fp8_dispatch_exchange.defvjp(lambda x, axis: (_fp8_send(x, axis, "moe_recv"), None),
+                             lambda axis, _, g: (_a2a(g, axis),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fp8_grad_combine_exchange(y_RD, axis: str):
+    """Combine's all_to_all in y's dtype (report §3.3.3: combine stays BF16); its backward, the
+    activation gradient before the down-projections, travels as FP8 like the dispatch."""
+    return _a2a(y_RD, axis)
+
+
+fp8_grad_combine_exchange.defvjp(lambda y, axis: (_a2a(y, axis), None),
+                                 lambda axis, _, g: (_fp8_send(g, axis, None),))
 
 
 def gathered_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down):
@@ -192,11 +254,8 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     with jax.named_scope("dispatch"):
         x_MD = permute(x_ND)
     with jax.named_scope("experts"):
-        if cfg.fp8:   # three GEMMs: each weight keeps its own 128x128 quantization blocks
-            gate, up = (checkpoint_name(_fp8_gmm(x_MD, w, plan, cfg), "moe_gu")
-                        for w in (w_gate, w_up))
-            h = nn.silu(gate) * up
-            y_MD = _fp8_gmm(h, w_down, plan, cfg)
+        if cfg.fp8:
+            y_MD = _fp8_experts(x_MD, w_gate, w_up, w_down, plan, cfg)
         else:         # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
             y_MD = grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
                                   tile_m=plan.tile_m, used_tiles=plan.used_tiles)
@@ -251,22 +310,25 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
         if ep == 1:
             return sorted_experts(x, ex, g, wg, wu, wd, cfg, num_experts=cfg.n_routed_experts)
         slots = ex.size
+        fp8_wire = cfg.fp8 and cfg.fp8_dispatch
 
         def exchange(capacity):
             with jax.named_scope("dispatch_plan"):
                 plan, local_e, _ = plan_all_to_all(ex, ep, e_local, capacity)
             permute, combine = dispatch_fns(plan, g, pallas=False)
-
-            def a2a(t):
-                with jax.named_scope("expert_exchange"):
-                    return jax.lax.all_to_all(t, "expert", 0, 0, tiled=True)
+            a2a = functools.partial(_a2a, axis="expert")
             with jax.named_scope("dispatch"):
                 send = permute(x)
-            recv = checkpoint_name(a2a(send), "moe_recv")   # no all_to_all recomputed
+            if fp8_wire:
+                recv = fp8_dispatch_exchange(send, "expert")
+                send_back = functools.partial(fp8_grad_combine_exchange, axis="expert")
+            else:
+                recv = checkpoint_name(a2a(send), "moe_recv")   # no all_to_all recomputed
+                send_back = a2a
             recv_e = a2a(local_e)
             y = sorted_experts(recv, recv_e[:, None], jnp.ones((recv.shape[0], 1), g.dtype),
                                wg, wu, wd, cfg, num_experts=e_local, trash_group=True)
-            back = checkpoint_name(a2a(y.astype(x.dtype)), "moe_out")
+            back = checkpoint_name(send_back(y.astype(x.dtype)), "moe_out")
             with jax.named_scope("combine"):
                 return combine(back)
 
