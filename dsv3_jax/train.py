@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from dsv3_jax import ckpt as ckpt_lib
+from dsv3_jax import ema as ema_lib
 from dsv3_jax import errors, model, optim, sharding
 from dsv3_jax import train_state as ts
 from dsv3_jax.ckpt import trainer as ckpt_trainer
@@ -100,7 +101,7 @@ def _apply(state: dict, fns: StepFns, step, loss, aux: dict, grads):
     router_bias = model.update_router_bias(state["router_bias"], aux["counts"], aux["mtp_counts"],
                                            fns.gamma(step))
     new = dict(state, step=step + 1, params=params, opt_state=opt_state, router_bias=router_bias)
-    if fns.ema_decay:
+    if fns.ema_decay and "ema" in state:   # else kept on the host (dsv3_jax/ema.py), or none
         new["ema"] = jax.tree.map(lambda e, p: fns.ema_decay * e + (1 - fns.ema_decay) * p,
                                   state["ema"], params)
     grad_norm = optax.tree.norm(grads)   # the norm the clipping reads
@@ -345,10 +346,20 @@ def _check_finite(state: dict, ckpt) -> None:
             f"The last good checkpoint is kept in {ckpt.directory} (step {ckpt.latest_step()}).")
 
 
+def _validate(s: Setup, evaluator: Evaluator, state: dict, ema) -> dict:
+    """val_loss, val_maxvio (and val_loss_ema with eval.ema) of the state's parameters."""
+    val, vio = evaluator(state["params"], state["router_bias"])
+    out = {"val_loss": val, "val_maxvio": float(vio.mean())}
+    if s.c.eval.ema:
+        out["val_loss_ema"], _ = evaluator(ema_lib.params_of(state, ema), state["router_bias"])
+    return out
+
+
 def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
-               evaluator: Evaluator, writer, stack: contextlib.ExitStack):
+               evaluator: Evaluator, writer, stack: contextlib.ExitStack, ema=None):
     """Steps from the state's step to c.train.steps (or a stop signal): step, log, evaluate,
-    checkpoint. Returns (state, compiled step function)."""
+    checkpoint. `ema`: the HostEMA updated after each step (ema.off_device). Returns (state,
+    compiled step function)."""
     from tqdm import tqdm
     c, sched = s.c, data.schedule
     start = int(state["step"])
@@ -370,6 +381,8 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
         batch = to_global(sched.batch(data.train_iter, step), data.micro_sharding, 1)
         with jax.set_mesh(s.mesh):
             state, metrics = step_fn(state, batch)
+        if ema is not None:   # copies the new params to the host before the next step
+            ema.update(state["params"])
         data.train_iter.set_state({"step": int(sched.first_micro[step + 1])})
         done = step + 1
         stopping = stop.requested          # read once: the signal may arrive mid-iteration
@@ -389,12 +402,14 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
                                            for i, row in enumerate(np.asarray(m["counts"]))})
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tps:,.0f}")
         if done % c.train.eval_every == 0 and not last:
-            val, vio = evaluator(state["params"], state["router_bias"])
-            writer.write_scalars(done, {"val_loss": val, "val_maxvio": float(vio.mean())})
-            bar.write(f"step {done}: validation loss {val:.4f}, global MaxVio {vio.mean():.3f}")
+            v = _validate(s, evaluator, state, ema)
+            writer.write_scalars(done, v)
+            bar.write(f"step {done}: validation loss {v['val_loss']:.4f}, global MaxVio "
+                      f"{v['val_maxvio']:.3f}" + (f", EMA validation loss {v['val_loss_ema']:.4f}"
+                                                  if "val_loss_ema" in v else ""))
         if done % c.train.checkpoint_every == 0 or last:
             _check_finite(state, ckpt)
-            ckpt.save(done, state, data.train_iter.get_state(),
+            ckpt.save(done, ema_lib.checkpointed(state, ema), data.train_iter.get_state(),
                       {"config": c.to_dict(), "data_info": data.info, "step": done})
         bar.update(1)
         if done == kill_at:
@@ -408,7 +423,8 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
     return state, step_fn
 
 
-def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step_fn) -> dict:
+def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step_fn,
+           ema=None) -> dict:
     """A finished run: final validation, a greedy sample, result.json."""
     from dsv3_jax import data as data_lib
     from dsv3_jax.generate import greedy_generate
@@ -418,8 +434,9 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
               "unigram_entropy": info["unigram_entropy"],
               "train_step_compiles": step_fn._cache_size()}
     if final_step == c.train.steps:
-        val, vio = evaluator(state["params"], state["router_bias"])
-        writer.write_scalars(final_step, {"val_loss": val, "val_maxvio": float(vio.mean())})
+        v = _validate(s, evaluator, state, ema)
+        writer.write_scalars(final_step, v)
+        val, vio = v["val_loss"], v["val_maxvio"]
         prompt = data.tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID]
         if jax.process_count() == 1:
             sample_ids = greedy_generate(s.cfg, {"params": state["params"],
@@ -428,10 +445,11 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
             sample = data.tokenizer.decode(prompt + sample_ids)
         else:   # the sample generator is single-process; sample from the checkpoint instead
             sample = "(skipped in a multi-process run: python -m dsv3_jax.generate --checkpoint ...)"
-        result.update(val_loss=val, val_maxvio=float(vio.mean()), sample=sample)
+        result.update(v, sample=sample)
         s.log(f"\nfinal validation loss {val:.4f} nats/token (unigram entropy "
               f"{info['unigram_entropy']:.4f}, {info['unigram_entropy'] - val:+.3f} better); "
-              f"global MaxVio {vio.mean():.3f}")
+              f"global MaxVio {vio:.3f}" + (f"; EMA parameters {v['val_loss_ema']:.4f}"
+                                            if "val_loss_ema" in v else ""))
         s.log(f"greedy sample:\n{sample}\n")
     s.log(f"checkpoints: {os.path.join(result['workdir'], 'checkpoints')}\n"
           f"metrics: {os.path.join(result['workdir'], 'metrics.jsonl')}"
@@ -452,13 +470,14 @@ def run(c, workdir: str, objective: objectives.Objective | None = None,
     data = (data_fn or load_data)(s)
     with contextlib.ExitStack() as stack:   # closes checkpointer and writer, restores signals
         state, state_sharding, ckpt = restore_or_init(s, data, stack)
+        ema, state, state_sharding = ema_lib.off_device(s.c, state, state_sharding, stack)
         evaluator = Evaluator(s, data, state_sharding)
         writer = (writers.create(workdir, truncate_after=int(state["step"])) if s.main_process
                   else writers.null())
         stack.callback(writer.close)
         state, step_fn = train_loop(s, data, state, state_sharding, ckpt, evaluator, writer,
-                                    stack)
-        return finish(s, data, state, evaluator, writer, step_fn)
+                                    stack, ema)
+        return finish(s, data, state, evaluator, writer, step_fn, ema)
 
 
 # ----------------------------------------------------------------------------------------------

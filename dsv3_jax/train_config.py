@@ -78,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,       # checkpoints kept in workdir/checkpoints
         async_checkpoint=True,    # orbax writes in the background
         ema_decay=0.0,            # parameter EMA (0 = off), e.g. 0.999
+        ema_on_host=True,         # the EMA in host memory, updated after each step off the
+                                  # device (report §3.2.3; dsv3_jax/ema.py); False: in the step
         ce_chunk=64,              # head + CE fused over this many positions (0 = full logits)
         peak_tflops=0.4,          # per-device peak for MFU (2 CPU cores ~0.4; H200 bf16 ~990)
         sample_prompt="def ",     # greedy sample printed at the end
@@ -108,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
         lambda_start=0.3,         # MTP loss weight ...
         lambda_end=0.1,           # ... and after the switch
         lambda_switch=0.676,      # tokens or fraction (report: 10T of 14.8T)
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        ema=False,                # also evaluate the EMA parameters (val_loss_ema; needs
+                                  # train.ema_decay > 0)
     ))
     c.mesh = ml_collections.ConfigDict(dict(
         data=-1,                  # pure data parallel (-1: all devices left over)
@@ -208,6 +214,9 @@ def validate(c) -> ModelConfig:
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")
     need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    need(not c.eval.ema or t.ema_decay > 0,
+         "eval.ema=True evaluates the parameter EMA, but train.ema_decay=0 keeps none: set "
+         "train.ema_decay (e.g. 0.99)")
     need(t.ce_chunk >= 0, f"train.ce_chunk must be >= 0, got {t.ce_chunk}")
     need(t.peak_tflops > 0, f"train.peak_tflops must be > 0, got {t.peak_tflops}")
     if c.model.get("train_attention") == "pallas":

@@ -143,6 +143,35 @@ def test_run_compiles_once_and_logs_documented_keys(tmp_path):
     assert np.isfinite(result["val_loss"]) and isinstance(result["sample"], str)
 
 
+def test_host_ema_equals_the_in_step_ema_resumes_and_evaluates(tmp_path):
+    """train.ema_on_host keeps the EMA in host memory (dsv3_jax/ema.py): after 6 steps its
+    checkpointed EMA equals the in-step (device) EMA's to float32 rounding (XLA may fuse the
+    multiply-add), and so does val_loss_ema (eval.ema), which differs from val_loss; a run
+    resumed from step 3 ends with the host run's EMA bit for bit."""
+    import shutil
+    from dsv3_jax import ckpt
+    kw = {"train.steps": 6, "train.eval_every": 100, "train.checkpoint_every": 3,
+          "train.ema_decay": 0.7, "train.sample_tokens": 0, "train.async_checkpoint": False}
+    results, emas = {}, {}
+    for name, on_host in (("device", False), ("host", True), ("resumed", True)):
+        c = micro_config(**kw, **{"train.ema_on_host": on_host})
+        c.eval.ema = True
+        workdir = tmp_path / name
+        if name == "resumed":       # the host run's checkpoints up to step 3, then resume
+            shutil.copytree(tmp_path / "host" / "checkpoints", workdir / "checkpoints")
+            shutil.rmtree(workdir / "checkpoints" / "6")
+        results[name] = train.run(c, str(workdir))
+        emas[name] = ckpt.load_variables(str(workdir), use_ema=True)[1]["params"]
+    for a, b, c in zip(*(jax.tree.leaves(emas[n]) for n in ("host", "device", "resumed"))):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+        np.testing.assert_array_equal(a, np.asarray(c))
+    assert results["host"]["val_loss_ema"] == pytest.approx(results["device"]["val_loss_ema"],
+                                                            rel=1e-6)
+    assert results["host"]["val_loss_ema"] == results["resumed"]["val_loss_ema"]
+    assert abs(results["host"]["val_loss_ema"] - results["host"]["val_loss"]) > 1e-4
+
+
 def test_resume_after_kill_is_exact(tmp_path):
     """kill -9 after step 7 (checkpoints every 3), rerun the same command: the per-step losses
     of the whole run equal an uninterrupted run's, bit for bit."""
