@@ -146,13 +146,14 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
 
 
 def plan(c, mesh_sizes: dict, devices: int) -> dict:
-    cfg = train_config.model_config(c).replace(fp8=False)   # FP8 changes no shape
+    model_cfg = train_config.model_config(c)                 # the activations: as trained
+    cfg = model_cfg.replace(fp8=False)                       # the state: FP8 changes no shape
     mesh_shape = sharding.resolve_mesh_shape(mesh_sizes, devices)
     mem = state_memory(c, cfg, mesh_shape)
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro = c.data.micro_batch or c.data.global_batch
     rows_per_device = -(-micro // batch_ways)   # the largest shard when rows do not split
-    act = activation_bytes_per_token_layer(cfg, cfg.remat, c.data.seq_len,
+    act = activation_bytes_per_token_layer(model_cfg, cfg.remat, c.data.seq_len,
                                            tokens=rows_per_device * c.data.seq_len)
     pp = mesh_shape["pipeline"]
     pipe = None
