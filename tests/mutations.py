@@ -45,6 +45,11 @@ T_NAN = "tests/test_train.py::test_nan_loss_stops_naming_the_step_and_keeps_last
 T_RESTORE = "tests/test_train.py::test_restore_checks_shapes_seeds_and_data_position"
 T_MESH = "tests/multidevice/test_multidevice.py::test_bad_meshes_are_one_clear_error_each"
 T_PIPE = "tests/multidevice/test_multidevice.py::test_pipeline_matches_single_device[quick]"
+T_HOST_EMA = "tests/test_train.py::test_host_ema_equals_the_in_step_ema_resumes_and_evaluates"
+T_SWIGLU8 = ("tests/test_fp8.py::"
+             "test_swiglu_down_caches_its_inputs_in_fp8_and_recomputes_the_output")
+T_XCACHE = "tests/test_fp8.py::test_cached_x_keeps_fprop_tiles_and_wgrad_retiles_them"
+T_EXCHANGE = "tests/test_fp8.py::test_fp8_exchanges_on_one_shard"
 T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
                 "test_device_table_runs_every_op_once_and_routes_every_transfer")
 
@@ -124,6 +129,19 @@ MUTATIONS = [
      "lambda e, p: (1 - fns.ema_decay) * e + fns.ema_decay * p", [T_EMA]),
     ("EMA of the old params", "dsv3_jax/train.py",
      'state["ema"], params)', 'state["ema"], state["params"])', [T_EMA]),
+    ("host EMA: the new params weighted by d", "dsv3_jax/ema.py",
+     "p *= one_minus_d", "p *= d", [T_HOST_EMA]),
+    # FP8 caching and dispatch (report §3.3.3)
+    ("FP8 SwiGLU backward: gate and up caches swapped", "dsv3_jax/fp8.py",
+     "(gate, like), (up, _) = _uncache_x(gate_c), _uncache_x(up_c)",
+     "(gate, like), (up, _) = _uncache_x(up_c), _uncache_x(gate_c)", [T_SWIGLU8]),
+    ("FP8 cached x: Wgrad reads the scales of the first tile only", "dsv3_jax/fp8.py",
+     "return dequantize_1x128(q, res.scale)[:, :res.like.shape[1]], res.like",
+     "return dequantize_1x128(q, res.scale[:, :1].repeat(res.scale.shape[1], 1))"
+     "[:, :res.like.shape[1]], res.like", [T_XCACHE]),
+    ("FP8 dispatch: scales not rounded to powers of 2", "dsv3_jax/layers/moe.py",
+     "q, scale = fp8.quantize_1x128_padded(x, pow2_scale=True)",
+     "q, scale = fp8.quantize_1x128_padded(x, pow2_scale=False)", [T_EXCHANGE]),
     ("gradient accumulation zeroes the gradients", "dsv3_jax/train.py",
      "jax.tree.map(lambda x: x / n_micro, grads)", "jax.tree.map(lambda x: x * 0, grads)", [T_ACCUM]),
     # checkpoints and resume

@@ -297,7 +297,9 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
     all_to_all and combines them with the gates. Buffers: each destination gets `capacity` rows
     per source, capacity = ceil(moe_ep_capacity_factor * slots / shards) (rounded up to 8). If any
     device would overflow that, the step takes the worst-case branch (capacity = all its slots):
-    a safe fallback decided collectively with lax.cond, never a dropped token.
+    a safe fallback decided collectively with lax.cond, never a dropped token. With the FP8
+    recipe (cfg.fp8 and cfg.fp8_dispatch) the dispatched rows travel as E4M3 with power-of-2
+    1x128 scales, and so does the combine's gradient; the combine itself stays in x's dtype.
     """
     from dsv3_jax.sharding import BATCH_AXES
     ep = mesh.shape["expert"]
