@@ -130,6 +130,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     main_process: bool
     t_start: float
+    pad_rows: int = 0     # empty rows after each micro-batch (ts.micro_batch_padding)
 
     def log(self, *args, **kw) -> None:
         if self.main_process:
@@ -144,7 +145,9 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
     cfg = validate(c)
     fns = make_step_fns(c, cfg, objective)
     mesh_shape = sharding.resolve_mesh_shape(c.mesh.to_dict(), jax.device_count())
-    sharding.validate_mesh(mesh_shape, cfg, c.data.micro_batch or c.data.global_batch)
+    micro = c.data.micro_batch or c.data.global_batch
+    pad = ts.micro_batch_padding(mesh_shape, micro)
+    sharding.validate_mesh(mesh_shape, cfg, micro + pad)
     if mesh_shape["pipeline"] > 1:
         from dsv3_jax.pipeline import executor
         ranks = mesh_shape["pipeline"]
@@ -154,9 +157,14 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
             raise ConfigError("pipeline does not fit:\n  - " + "\n  - ".join(bad))
         fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks))
     os.makedirs(workdir, exist_ok=True)
-    return Setup(c=c, cfg=cfg, fns=fns, workdir=workdir, mesh_shape=mesh_shape,
-                 mesh=sharding.make_mesh(mesh_shape), main_process=jax.process_index() == 0,
-                 t_start=time.time())
+    s = Setup(c=c, cfg=cfg, fns=fns, workdir=workdir, mesh_shape=mesh_shape,
+              mesh=sharding.make_mesh(mesh_shape), main_process=jax.process_index() == 0,
+              t_start=time.time(), pad_rows=pad)
+    if pad:
+        s.log(f"pipeline micro-batches of {micro} rows get {pad} empty rows each (no loss, no "
+              f"expert load) to split over data*fsdp*expert = {micro + pad}: "
+              f"{pad / micro:.0%} more compute; a larger data.global_batch avoids it")
+    return s
 
 
 @dataclasses.dataclass
@@ -194,7 +202,8 @@ def load_data(s: Setup) -> Data:
                           f"is {s.cfg.vocab_size}: set --config.model.vocab_size="
                           f"{info['vocab_size']} (or more)")
     row_sharding = s.sharding(sharding.batch_spec(2))
-    val_batches = [to_global(b, row_sharding, 0) for b in val_batches_fn(
+    pad = s.pad_rows // jax.process_count()
+    val_batches = [to_global(ts.pad_rows(b, pad, 0), row_sharding, 0) for b in val_batches_fn(
         c.data.eval_batches * (c.data.global_batch // schedule.micro_batch))]
     s.log(f"data: {info['train_tokens']:,} train / {info['val_tokens']:,} validation tokens "
           f"({info['train_docs']:,} documents), {info['steps_per_epoch']:.0f} steps per epoch; "
@@ -378,7 +387,8 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
                disable=None if s.main_process else True, file=sys.stdout)
     t_log, step_log = time.perf_counter(), start
     for step in range(start, c.train.steps):
-        batch = to_global(sched.batch(data.train_iter, step), data.micro_sharding, 1)
+        batch = to_global(ts.pad_rows(sched.batch(data.train_iter, step),
+                                   s.pad_rows // jax.process_count(), 1), data.micro_sharding, 1)
         with jax.set_mesh(s.mesh):
             state, metrics = step_fn(state, batch)
         if ema is not None:   # copies the new params to the host before the next step

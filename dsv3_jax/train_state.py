@@ -159,3 +159,24 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attn = (cfg.num_hidden_layers * cfg.num_attention_heads
             * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len)   # 2 flops x T/2 causal keys x 2 GEMMs
     return 6.0 * active + 3.0 * attn
+
+
+def micro_batch_padding(mesh_shape: dict, micro_batch: int) -> int:
+    """Empty rows to append to each micro-batch. A pipeline cuts the step into at least as many
+    micro-batches as its schedule needs (2P for DualPipe), so their rows often do not split
+    over the batch axes: they are padded up to the next multiple (rows whose segment id is 0
+    add nothing to the loss, its gradient or the expert loads). Elsewhere 0: a batch that does
+    not split is an error."""
+    ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
+    pad = -micro_batch % ways
+    if mesh_shape.get("pipeline", 1) == 1 or pad % jax.process_count():
+        return 0
+    return pad
+
+
+def pad_rows(local: dict, rows: int, rows_axis: int) -> dict:
+    """`rows` empty rows (all zeros: segment id 0, no loss mask) appended along rows_axis."""
+    if not rows:
+        return local
+    widths = lambda x: [(0, rows if i == rows_axis else 0) for i in range(x.ndim)]
+    return {k: np.pad(v, widths(v)) for k, v in local.items()}

@@ -321,6 +321,23 @@ def test_gradient_accumulation_equals_one_big_batch():
     for a, b in zip(jax.tree.leaves(s1["router_bias"]), jax.tree.leaves(s2["router_bias"])):
         np.testing.assert_array_equal(a, b)
     assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(s1["router_bias"]))
+    # Empty rows (train_state.pad_rows: what a pipeline appends to micro-batches that do not
+    # split over the batch axes) change nothing: same loss, gradients, update and loads.
+    s3, m3 = step(state, train_state.pad_rows(split, 2, 1))
+    close(m3["loss"], m2["loss"])
+    close(m3["grad_norm"], m2["grad_norm"])
+    for a, b in zip(jax.tree.leaves(adam(s3).mu), jax.tree.leaves(adam(s2).mu)):
+        close(a, b)                                         # every gradient leaf
+    np.testing.assert_array_equal(m3["counts"], m2["counts"])
+
+
+def test_only_pipelines_pad_micro_batches():
+    mesh = {"data": 2, "fsdp": 1, "expert": 2, "pipeline": 2, "tensor": 1}
+    assert train_state.micro_batch_padding(mesh, 2) == 2      # 2 rows over 4 batch ways
+    assert train_state.micro_batch_padding(mesh, 8) == 0
+    assert train_state.micro_batch_padding(dict(mesh, pipeline=1), 2) == 0   # an error instead
+    padded = train_state.pad_rows({"segment_ids": np.ones((3, 2, 5), np.int32)}, 2, 1)
+    assert padded["segment_ids"].shape == (3, 4, 5) and not padded["segment_ids"][:, 2:].any()
 
 
 def test_batch_ramp_stages():

@@ -6,6 +6,9 @@ x expert=2 x data=2 with DualPipe, 2 steps: the losses of (a); (c) (b)'s step-2 
 resumed without a pipeline (data=2 x expert=2 x tensor=2) to step 4; (d) (a)'s step-2 checkpoint
 resumed with the DualPipe pipeline to step 4: both log (a)'s losses of steps 3-4; (e) the
 DualPipe run of (b) as 2 processes x 4 devices (gloo): (a)'s losses. All within 1e-5 relative. Four micro-batches of 4 rows per step everywhere (DualPipe on 2 ranks needs 4).
+(f) the issue's command as the main job has it (8 rows per step: DualPipe's 4 micro-batches of
+2 rows do not split over data x expert = 4, so each gets 2 empty rows) against (g), one device
+with the whole step as one batch: the same losses.
 """
 import json
 import os
@@ -78,17 +81,21 @@ def main(work):
     run(f"{work}/b", 4, {"data": 2, "expert": 2, "tensor": 2}, 8)
     run(f"{work}/a2", 4, PIPE, 8, ["--config.pipeline.schedule=dualpipe"])
     run_two_processes(f"{work}/e", 2, PIPE, ["--config.pipeline.schedule=dualpipe"])
+    main_job = ["--config.data.global_batch=8", "--config.data.micro_batch=0"]
+    run(f"{work}/f", 2, PIPE, 8, [*main_job, "--config.pipeline.schedule=dualpipe"])
+    run(f"{work}/g", 2, one, 1, main_job)
     a, b, d = losses(f"{work}/a"), losses(f"{work}/b"), losses(f"{work}/a2")
-    e = losses(f"{work}/e")
+    e, f, g = losses(f"{work}/e"), losses(f"{work}/f"), losses(f"{work}/g")
     checks = {"pipeline_equals_one_device": close({k: b[k] for k in (1, 2)},
                                                   {k: a[k] for k in (1, 2)}),
               "pipeline_ckpt_resumes_without": close({k: b[k] for k in (3, 4)},
                                                      {k: a[k] for k in (3, 4)}),
               "ckpt_resumes_with_pipeline": close({k: d[k] for k in (3, 4)},
                                                   {k: a[k] for k in (3, 4)}),
-              "two_processes": close(e, {k: a[k] for k in (1, 2)})}
+              "two_processes": close(e, {k: a[k] for k in (1, 2)}),
+              "padded_micro_batches": close(f, g)}
     print(json.dumps({"one_device": a, "pipeline_then_none": b, "none_then_pipeline": d,
-                      "two_processes_losses": e,
+                      "two_processes_losses": e, "padded": f, "padded_reference": g,
                       **checks}))
     print("OK" if all(checks.values()) else "FAILED")
     sys.exit(0 if all(checks.values()) else 1)
