@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dsv3_jax import fim
 from dsv3_jax.errors import UserError
 from dsv3_jax.tokenizer import EOS_ID, PAD_ID, Tokenizer, load_tokenizer, tokenizer_hash
 
@@ -243,27 +244,41 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 # -------------------------------------------------------------------------------------- packing
 class _Stream:
     """Token stream = concatenated epochs of documents. Shuffled per epoch from (seed, epoch) when
-    seed is given (endless), else documents in stored order, once (finite)."""
+    seed is given (endless), else documents in stored order, once (finite). With fim_rate > 0
+    (seeded streams only) each epoch puts round(fim_rate * docs) documents, drawn anew from
+    (seed, epoch), in FIM's PSM form (`dsv3_jax.fim`): 3 tokens longer each, so every epoch has
+    the same length."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seed: int | None):
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, seed: int | None,
+                 fim_rate: float = 0.0):
         self.tokens, self.offsets, self.seed = tokens, np.asarray(offsets, np.int64), seed
         self.lengths = np.diff(self.offsets)
-        self.n_docs, self.n_tokens = len(self.lengths), int(self.offsets[-1])
-        if self.n_docs == 0 or self.lengths.min() <= 0 or len(tokens) != self.n_tokens:
+        self.n_docs = len(self.lengths)
+        if self.n_docs == 0 or self.lengths.min() <= 0 or len(tokens) != int(self.offsets[-1]):
             raise ValueError("offsets must describe non-empty documents covering all tokens")
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if not 0.0 <= fim_rate <= 1.0 or (fim_rate and seed is None):
+            raise ValueError(f"fim_rate must be in [0, 1] (seeded streams only), got {fim_rate}")
+        self.fim_rate = float(fim_rate)
+        n_fim = int(round(self.fim_rate * self.n_docs))
+        self.n_tokens = int(self.offsets[-1]) + fim.SPECIALS * n_fim     # tokens per epoch
+        self._epochs: dict[int, tuple] = {}
 
     def _epoch(self, epoch: int):
         if epoch not in self._epochs:
             if len(self._epochs) > 4:
                 self._epochs.clear()
+            cuts = None
             if self.seed is None:
                 order = np.arange(self.n_docs)
             else:
                 seq = np.random.SeedSequence([self.seed, epoch])
                 order = np.random.Generator(np.random.PCG64(seq)).permutation(self.n_docs)
-            ends = np.cumsum(self.lengths[order])
-            self._epochs[epoch] = (order, ends)
+                if self.fim_rate:
+                    rng = np.random.Generator(np.random.PCG64(
+                        np.random.SeedSequence([self.seed, epoch, 1])))
+                    cuts = fim.choose(rng, self.lengths, self.fim_rate)
+            lengths = self.lengths + (fim.SPECIALS * cuts[0] if cuts else 0)
+            self._epochs[epoch] = (order, np.cumsum(lengths[order]), lengths, cuts)
         return self._epochs[epoch]
 
     def lookup(self, pos: np.ndarray):
@@ -275,10 +290,15 @@ class _Stream:
         inst = np.full(pos.shape, -1, np.int64)
         for e in np.unique(epoch[valid]):
             m = valid & (epoch == e)
-            order, ends = self._epoch(int(e))
+            order, ends, lengths, cuts = self._epoch(int(e))
             rank = np.searchsorted(ends, off[m], side="right")
             doc = order[rank]
-            tok[m] = self.tokens[self.offsets[doc] + off[m] - (ends[rank] - self.lengths[doc])]
+            t = off[m] - (ends[rank] - lengths[doc])          # index within the document
+            tok[m] = self.tokens[self.offsets[doc] + np.minimum(t, self.lengths[doc] - 1)]
+            if cuts is not None:
+                is_fim, i, j = (c[doc] for c in cuts)
+                psm = fim.token_at(self.tokens, self.offsets[doc], self.lengths[doc], i, j, t)
+                tok[m] = np.where(is_fim, psm, tok[m])
             inst[m] = e * self.n_docs + rank
         return tok, inst, valid
 
@@ -321,11 +341,12 @@ class PackedBatches:
     """
 
     def __init__(self, tokens, offsets, seq_len: int, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, document_masking: bool = True):
+                 process_index: int = 0, process_count: int = 1, document_masking: bool = True,
+                 fim_rate: float = 0.0):
         _check_batching(seq_len, global_batch, process_index, process_count)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
-        self._stream = _Stream(tokens, offsets, int(seed))
+        self._stream = _Stream(tokens, offsets, int(seed), fim_rate)
         self.seq_len, self.global_batch, self.seed = int(seq_len), int(global_batch), int(seed)
         self.local_batch = self.global_batch // process_count
         self._first_row = process_index * self.local_batch  # contiguous slice of the global batch
@@ -380,7 +401,7 @@ def validation_batches(tokens, offsets, seq_len: int, global_batch: int,
 # ----------------------------------------------------------------------------------- entry point
 def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, data_dir=None, config: str = "stdlib",
-                  tokenizer_path=None, document_masking: bool = True):
+                  tokenizer_path=None, document_masking: bool = True, fim_rate: float = 0.0):
     """Prepares (once) and returns (train_iter, val_batches_fn, tokenizer, info).
 
     train_iter: `PackedBatches`, yields this process's [global_batch/process_count, seq_len] slice.
@@ -394,7 +415,7 @@ def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int
     train_tok, train_off = tokenize_split(builder, "train", tokenizer)
     val_tok, val_off = tokenize_split(builder, "validation", tokenizer)
     train_iter = PackedBatches(train_tok, train_off, seq_len, global_batch, seed, process_index,
-                               process_count, document_masking)
+                               process_count, document_masking, fim_rate)
 
     def val_batches_fn(num_batches: int | None = None):
         return validation_batches(val_tok, val_off, seq_len, global_batch, num_batches,

@@ -196,7 +196,7 @@ def load_data(s: Setup) -> Data:
     train_iter, val_batches_fn, tokenizer, info = data_lib.make_datasets(
         c.data.seq_len, schedule.micro_batch, c.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=c.data.data_dir or None,
-        document_masking=c.data.document_masking)
+        document_masking=c.data.document_masking, fim_rate=c.data.fim_rate)
     if info["vocab_size"] > s.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {info['vocab_size']} tokens but model.vocab_size "
                           f"is {s.cfg.vocab_size}: set --config.model.vocab_size="
@@ -359,7 +359,7 @@ def _validate(s: Setup, evaluator: Evaluator, state: dict, ema) -> dict:
     """val_loss, val_maxvio (and val_loss_ema with eval.ema) of the state's parameters."""
     val, vio = evaluator(state["params"], state["router_bias"])
     out = {"val_loss": val, "val_maxvio": float(vio.mean())}
-    if s.c.eval.ema:
+    if "eval" in s.c and s.c.eval.ema:
         out["val_loss_ema"], _ = evaluator(ema_lib.params_of(state, ema), state["router_bias"])
     return out
 

@@ -62,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,                   # shuffling of documents (per epoch)
         document_masking=False,   # packed documents attend only within themselves; the report
                                   # pre-trains without this masking (§4.1), SFT uses it
+        fim_rate=0.0,             # share of documents in Fill-in-the-Middle's PSM form per epoch
+                                  # (report §4.1: 0.1; dsv3_jax/fim.py); needs vocab >= 8198
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation
     ))
@@ -210,11 +212,18 @@ def validate(c) -> ModelConfig:
                           "one of them")
         else:   # the pipeline's micro-batches are the step's micro-batches
             d.micro_batch = d.global_batch // mbs
+    need(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate must be in [0, 1], got {d.fim_rate}")
+    if d.fim_rate > 0:
+        from dsv3_jax import fim
+        need(c.model.vocab_size >= fim.MIN_VOCAB,
+             f"data.fim_rate={d.fim_rate} puts the FIM tokens (ids {fim.FIM_BEGIN_ID}-"
+             f"{fim.FIM_END_ID}) in the stream, but model.vocab_size={c.model.vocab_size}: set "
+             f"--config.model.vocab_size=8256 (or more)")
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[k] >= 1, f"train.{k} must be >= 1, got {t[k]}")
     need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    need(not c.eval.ema or t.ema_decay > 0,
+    need(not ("eval" in c and c.eval.ema) or t.ema_decay > 0,
          "eval.ema=True evaluates the parameter EMA, but train.ema_decay=0 keeps none: set "
          "train.ema_decay (e.g. 0.99)")
     need(t.ce_chunk >= 0, f"train.ce_chunk must be >= 0, got {t.ce_chunk}")

@@ -50,6 +50,7 @@ T_SWIGLU8 = ("tests/test_fp8.py::"
              "test_swiglu_down_caches_its_inputs_in_fp8_and_recomputes_the_output")
 T_XCACHE = "tests/test_fp8.py::test_cached_x_keeps_fprop_tiles_and_wgrad_retiles_them"
 T_EXCHANGE = "tests/test_fp8.py::test_fp8_exchanges_on_one_shard"
+T_FIM = "tests/test_fim.py::test_token_at_is_the_vectorised_psm"
 T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
                 "test_device_table_runs_every_op_once_and_routes_every_transfer")
 
@@ -131,6 +132,8 @@ MUTATIONS = [
      'state["ema"], params)', 'state["ema"], state["params"])', [T_EMA]),
     ("host EMA: the new params weighted by d", "dsv3_jax/ema.py",
      "p *= one_minus_d", "p *= d", [T_HOST_EMA]),
+    ("FIM: the suffix runs one token into <|fim_end|>", "dsv3_jax/fim.py",
+     "suffix_end = i + 2 + (n - j)", "suffix_end = i + 3 + (n - j)", [T_FIM]),
     # FP8 caching and dispatch (report §3.3.3)
     ("FP8 SwiGLU backward: gate and up caches swapped", "dsv3_jax/fp8.py",
      "(gate, like), (up, _) = _uncache_x(gate_c), _uncache_x(up_c)",

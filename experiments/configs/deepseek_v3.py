@@ -58,6 +58,7 @@ def get_config(arg=None):
                           rope_scaling=None, max_position_embeddings=SEQ_LEN,
                           train_attention=variant.attention)
     c.data.seq_len = SEQ_LEN
+    c.data.fim_rate = 0.1               # §4.1: Fill-in-the-Middle (PSM) on 10% of documents
     c.data.global_batch = RAMP[1]
     c.data.micro_batch = 128            # one sequence per device of the (data x expert) = 128 ways
     c.data.batch_ramp = batch_ramp(*RAMP)
