@@ -356,10 +356,13 @@ def test_bad_config_values_are_reported_together():
     c.data.seq_len = 0
     c.optim.peak_lr = -1.0
     c.model.n_group = 3
+    c.eval.ema = True                    # without train.ema_decay there is no EMA to evaluate
+    c.data.fim_rate = 1.5
     with pytest.raises(ConfigError) as err:
         train_config.validate(c)
     msg = str(err.value)
     assert "seq_len" in msg and "peak_lr" in msg and "n_group" in msg
+    assert "train.ema_decay" in msg and "data.fim_rate" in msg
 
 
 def test_unknown_cli_key_is_an_error(tmp_path):
