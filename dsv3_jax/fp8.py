@@ -22,7 +22,8 @@ the dtypes of x and W.
 Residuals (report §3.3.3, "Low-Precision Activation"): W's FP8 blocks (as uint8 bits, so that
 remat cannot round them; see `_to_bits`) and x. With `cache_x=True` x is cached as Fprop's own
 1x128 FP8 tiles and scales (about 1 + 4/128 bytes per value instead of the compute dtype's 2);
-Wgrad dequantizes and re-tiles them 128x1 (a second rounding, as in the report). With
+Wgrad dequantizes and re-tiles them 128x1. x's scales are then powers of 2 (the report's "round
+scaled" tiles), so the re-tiling only shifts exponents: no second rounding short of underflow. With
 `cache_x=False` x is kept in the compute dtype and Wgrad quantizes it 128x1 straight from x.
 `fp8_grouped_swiglu_down` is the MoE's SwiGLU + down-projection: its inputs (gate, up) are cached
 in FP8 and its output recomputed in the backward pass (report §3.3.3 (2)).
@@ -175,9 +176,12 @@ def dgrad_operands(dy_MN: jax.Array, w: QuantizedWeight, *, pow2_scale=False) ->
     return GemmOperands(dy_q, dy_s, w.q_KN, w.scale)
 
 
-def wgrad_operands(x_MK: jax.Array, dy_MN: jax.Array, *, pow2_scale=False) -> GemmOperands:
-    """dW = x^T . dy: x^T [K, Mp] and dy^T [N, Mp], each 1x128 along the tokens."""
-    xt_q, xt_s = quantize_1x128_padded(x_MK.T, pow2_scale=pow2_scale)
+def wgrad_operands(x_MK: jax.Array, dy_MN: jax.Array, *, pow2_scale=False,
+                   pow2_x: bool | None = None) -> GemmOperands:
+    """dW = x^T . dy: x^T [K, Mp] and dy^T [N, Mp], each 1x128 along the tokens (x's scales
+    power-of-2 if pow2_x, which defaults to pow2_scale)."""
+    pow2_x = pow2_scale if pow2_x is None else pow2_x
+    xt_q, xt_s = quantize_1x128_padded(x_MK.T, pow2_scale=pow2_x)
     gt_q, gt_s = quantize_1x128_padded(dy_MN.T, pow2_scale=pow2_scale)
     return GemmOperands(xt_q, xt_s, gt_q, gt_s)
 
@@ -193,6 +197,13 @@ class _Options:
     interpret: bool
     out_dtype: object
     cache_x: bool = False
+
+    @property
+    def pow2_x(self) -> bool:
+        """x's tiles (Fprop 1x128, Wgrad 128x1) get power-of-2 scales when x is cached: the
+        report's "round scaled" re-tiling, so turning the cached 1x128 tiles into Wgrad's
+        128x1 tiles only shifts exponents and rounds nothing (short of E4M3 underflow)."""
+        return self.pow2_scale or self.cache_x
 
 
 def _options(implementation, pow2_scale, interpret, out_dtype, cache_x=False) -> _Options:
@@ -264,7 +275,7 @@ def _fp8_matmul(x_MK, w_KN, opt: _Options):
 
 def _fp8_matmul_fwd(x_MK, w_KN, opt: _Options):
     w = quantize_weight(w_KN, pow2_scale=opt.pow2_scale)
-    ops = fprop_operands(x_MK, w, pow2_scale=opt.pow2_scale)
+    ops = fprop_operands(x_MK, w, pow2_scale=opt.pow2_x)
     y = _gemm(opt, ops, opt.out_dtype or x_MK.dtype)
     # An empty array carries W's dtype into the backward (residuals must be arrays).
     return y[:, :w_KN.shape[1]], (_cache_x(x_MK, ops, opt), _to_bits(w),
@@ -277,7 +288,8 @@ def _fp8_matmul_bwd(opt: _Options, res, dy_MN):
     x_MK, x_like = _uncache_x(x_res)
     k = x_MK.shape[1]
     dx = _gemm(opt, dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale), x_like.dtype)
-    dw = _gemm(opt, wgrad_operands(x_MK, dy_MN, pow2_scale=opt.pow2_scale), w_dtype.dtype)
+    dw = _gemm(opt, wgrad_operands(x_MK, dy_MN, pow2_scale=opt.pow2_scale, pow2_x=opt.pow2_x),
+               w_dtype.dtype)
     return dx[:, :k], dw
 
 
@@ -317,7 +329,7 @@ def _fp8_grouped(lhs, rhs, tile_expert, used, tile_m, opt):
 
 def _fp8_grouped_fwd(lhs, rhs, tile_expert, used, tile_m, opt):
     w = quantize_weight(rhs, pow2_scale=opt.pow2_scale)                   # [E, Kp, Np] blocks
-    ops = fprop_operands(lhs, w, pow2_scale=opt.pow2_scale)
+    ops = fprop_operands(lhs, w, pow2_scale=opt.pow2_x)
     used_rows = _used_rows(used, lhs.shape[0], tile_m)[:, None]
     ops = ops._replace(lhs_scale=jnp.where(used_rows, ops.lhs_scale, 0.0))      # unused: 0
     y = _kernel(opt, "fp8_grouped_gemm")(*ops, tile_expert, tile_m=tile_m,
@@ -340,7 +352,7 @@ def _fp8_grouped_bwd(tile_m, opt, res, dy_MN):
     dx = _kernel(opt, "fp8_grouped_gemm")(*dgrad_operands(dy_MN, w, pow2_scale=opt.pow2_scale),
                                           tile_expert, tile_m=tile_m, out_dtype=lhs.dtype)[:, :k]
     x_c, dy_c, chunk_expert = wgrad_chunks(x_MK, dy_MN, tile_expert, tile_m=tile_m, num_experts=e)
-    ops = wgrad_operands(x_c, dy_c, pow2_scale=opt.pow2_scale)
+    ops = wgrad_operands(x_c, dy_c, pow2_scale=opt.pow2_scale, pow2_x=opt.pow2_x)
     dw = _kernel(opt, "fp8_group_wgrad")(*ops, chunk_expert, num_experts=e,
                                          out_dtype=w_dtype.dtype)
     # Under shard_map (expert parallelism) the weights are invariant over the batch axes: their
