@@ -2,7 +2,7 @@
 
   python experiments/load_balancing.py --size full      # experiments/results/load_balancing/
   python experiments/load_balancing.py --size smoke     # seconds; a temporary directory
-  python experiments/load_balancing.py --size full --steps 600 --seeds 0,1,2   # the size
+  python experiments/load_balancing.py --size full --steps 150   # a 4x shorter look (~25 min)
 
 Arms (balance.* of the trainer; everything else equal):
   aux_free        the report's recipe: selection bias, plus the complementary sequence-wise loss
@@ -55,15 +55,15 @@ ARMS = {
     "none": {"balance.gamma": 0.0, "balance.alpha": 0.0, "balance.loss": "sequence"},
 }
 DOMAINS = ("library code", "tests", "docstrings")
-# full: what fits ~15 minutes of the 2-core development machine; the size is
-# --steps 600 --seeds 0,1,2 (about 4x longer)
+# full: the size, 600 steps x 3 seeds x 4 arms (~100 minutes on the 2-core machine
+# alone; the committed run took 130 min sharing it)
 SIZES = {
     # smoke: the code path in ~30 s (two arms, no MTP module, the gathered expert path)
     "smoke": {"steps": 2, "seeds": [0], "seq_len": 64, "batch": 2, "layers": 2, "log_every": 1,
               "eval_every": 1, "eval_batches": 1, "domain_rows": 1, "mtp_depth": 0,
               "moe_impl": "gather", "arms": ["aux_free", "aux_loss"]},
-    "full": {"steps": 150, "seeds": [0, 1, 2], "seq_len": 128, "batch": 8, "layers": 4,
-             "log_every": 5, "eval_every": 50, "eval_batches": 4, "domain_rows": 8,
+    "full": {"steps": 600, "seeds": [0, 1, 2], "seq_len": 128, "batch": 8, "layers": 4,
+             "log_every": 5, "eval_every": 150, "eval_batches": 4, "domain_rows": 8,
              "mtp_depth": 1, "moe_impl": "auto", "arms": list(ARMS)},
 }
 

@@ -85,7 +85,7 @@ NOTEBOOKS = {
         ("code", "display(Markdown(fp8_vs_bf16.report(out)))"),
         ("code", show("fp8_vs_bf16.plot_results")),
         ("md", "**Conclusion (2026-12-01; BF16 and FP8 retrained for this notebook at commit "
-               "9989151's code, `python experiments/fp8_vs_bf16.py`).** FP8_CONCLUSION"),
+               "99e047c's code, `python experiments/fp8_vs_bf16.py`).** FP8_CONCLUSION"),
     ],
     "load_balancing": [
         ("md", "# Load balancing (RQ2; report §4.5.2-4.5.3, Table 5, Figures 9-10)\n"
