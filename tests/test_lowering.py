@@ -10,7 +10,6 @@ autodiff entry points, and the whole FP8 + Pallas train step of benchmarks/gpu_s
 import functools
 import importlib.util
 import pathlib
-import sys
 import warnings
 
 import jax

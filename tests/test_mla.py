@@ -48,7 +48,7 @@ def rope_freq_and_scale(cfg):
 
 def mla_reference(p, x, pos, seg, cfg):
     """Naive MHA: materialise q, k = [k_nope; shared k_rope], v per head; float64 throughout."""
-    K, R, C, H = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.num_attention_heads
+    K, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     eps = cfg.rms_norm_eps
     if cfg.q_lora_rank is None:
         q = np.einsum("btd,dhk->bthk", x, p["q_proj"]["kernel"])

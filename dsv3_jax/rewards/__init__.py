@@ -18,6 +18,10 @@ from typing import Callable, Protocol
 from dsv3_jax.rewards.sandbox import python_tests, run_python
 from dsv3_jax.rewards.verifiers import exact_answer, extract_answer
 
+__all__ = ["RewardFn", "ExactAnswer", "PythonTests", "ModelReward", "exact_answer",
+           "extract_answer", "python_tests",
+           "run_python"]
+
 
 class RewardFn(Protocol):
     def __call__(self, prompts: list[str], completions: list[str],
