@@ -30,6 +30,12 @@ token (0 on padding) and positions run 0..T-1, so documents see the ones before 
 the loss mask is the same either way (no target is the first token of the next document). SFT
 uses masking. Batch step s holds global rows
 [s*B, (s+1)*B), so a batch is a pure function of (seed, step): the iterator state is just the step.
+
+Retrieval samples. With `passkey_rate` p > 0, each global row is, with probability p (drawn from
+(seed, row)), replaced by a passkey sample of the same length (`long_context_eval.passkey_prompt`:
+a 5-digit key planted at a uniform depth of training code, the row ending in the query and the
+key), one segment with loss on every token: the long-context stage's way to teach retrieval to a
+model too small to have learned it (the evaluation uses validation code and other keys).
 """
 from __future__ import annotations
 
@@ -320,6 +326,9 @@ def _pack_rows(stream: _Stream, rows: np.ndarray, seq_len: int,
             "loss_mask": (x_valid & valid[:, 1:] & (x_inst == y_inst)).astype(np.float32)}
 
 
+_PASSKEY_SALT = 0x9A55
+
+
 def _check_batching(seq_len, global_batch, process_index, process_count):
     for name, v in (("seq_len", seq_len), ("global_batch", global_batch),
                     ("process_count", process_count)):
@@ -342,8 +351,13 @@ class PackedBatches:
 
     def __init__(self, tokens, offsets, seq_len: int, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1, document_masking: bool = True,
-                 fim_rate: float = 0.0):
+                 fim_rate: float = 0.0, passkey_rate: float = 0.0, encode=None):
         _check_batching(seq_len, global_batch, process_index, process_count)
+        if not 0.0 <= passkey_rate <= 1.0 or (passkey_rate and encode is None):
+            raise DataError(f"passkey_rate must be in [0, 1] (with a tokenizer), got "
+                            f"{passkey_rate!r}")
+        self.passkey_rate, self._encode = float(passkey_rate), encode
+        self._filler = tokens[tokens != EOS_ID] if passkey_rate else None
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
         self._stream = _Stream(tokens, offsets, int(seed), fim_rate)
@@ -355,7 +369,28 @@ class PackedBatches:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         rows = step * self.global_batch + self._first_row + np.arange(self.local_batch)
-        return _pack_rows(self._stream, rows, self.seq_len, self.document_masking)
+        out = _pack_rows(self._stream, rows, self.seq_len, self.document_masking)
+        if self.passkey_rate:
+            for i, row in enumerate(rows):
+                sample = self._passkey_row(int(row))
+                if sample is not None:
+                    for k, v in sample.items():
+                        out[k][i] = v
+        return out
+
+    def _passkey_row(self, row: int) -> dict[str, np.ndarray] | None:
+        """Global row `row`'s passkey sample, or None if the row stays code."""
+        from dsv3_jax.long_context_eval import passkey_prompt
+        rng = np.random.default_rng([self.seed, _PASSKEY_SALT, row])
+        if rng.random() >= self.passkey_rate:
+            return None
+        digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
+        depth = float(rng.random())
+        start = int(rng.integers(0, len(self._filler) - self.seq_len - 1))
+        ids, _ = passkey_prompt(self._encode, self._filler, self.seq_len + 1, depth, digits, start)
+        t = np.arange(self.seq_len)
+        return {"inputs": ids[:-1], "targets": ids[1:], "segment_ids": np.ones_like(t),
+                "positions": t, "loss_mask": np.ones(self.seq_len, np.float32)}
 
     def __iter__(self):
         return self
@@ -401,7 +436,8 @@ def validation_batches(tokens, offsets, seq_len: int, global_batch: int,
 # ----------------------------------------------------------------------------------- entry point
 def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, data_dir=None, config: str = "stdlib",
-                  tokenizer_path=None, document_masking: bool = True, fim_rate: float = 0.0):
+                  tokenizer_path=None, document_masking: bool = True, fim_rate: float = 0.0,
+                  passkey_rate: float = 0.0):
     """Prepares (once) and returns (train_iter, val_batches_fn, tokenizer, info).
 
     train_iter: `PackedBatches`, yields this process's [global_batch/process_count, seq_len] slice.
@@ -415,7 +451,9 @@ def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int
     train_tok, train_off = tokenize_split(builder, "train", tokenizer)
     val_tok, val_off = tokenize_split(builder, "validation", tokenizer)
     train_iter = PackedBatches(train_tok, train_off, seq_len, global_batch, seed, process_index,
-                               process_count, document_masking, fim_rate)
+                               process_count, document_masking, fim_rate, passkey_rate,
+                               encode=lambda text: np.asarray(tokenizer.encode(text).ids,
+                                                              np.int32))
 
     def val_batches_fn(num_batches: int | None = None):
         return validation_batches(val_tok, val_off, seq_len, global_batch, num_batches,

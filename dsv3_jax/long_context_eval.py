@@ -8,7 +8,8 @@ context length x needle depth.
                      depths=(0, .25, .5, .75, 1), trials=4)     # [lengths, depths] exact match
 
 The passkey is code-flavoured (a Python-only tokenizer): `secret = "4 8 2 1 3"` planted at a
-chosen depth of real validation code, the prompt ending in `assert secret == "`; a trial counts
+chosen depth of real validation code, the prompt ending in the needle's own opening
+`secret = "` (as the classic passkey prompt ends in "The pass key is"); a trial counts
 when the model's greedy continuation is exactly the 5 digits. Greedy exact match equals "the
 argmax at every answer position, given the right prefix, is the right token", so one forward
 pass per prompt scores it (no sampling loop). Both functions work on any ModelConfig, so an
@@ -26,7 +27,7 @@ from dsv3_jax import model
 from dsv3_jax.config import ModelConfig
 
 NEEDLE = '\nsecret = "{}"\n'
-QUERY = '\nassert secret == "'
+QUERY = '\nsecret = "'
 
 
 @functools.partial(jax.jit, static_argnums=0)

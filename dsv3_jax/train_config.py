@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # pre-trains without this masking (§4.1), SFT uses it
         fim_rate=0.0,             # share of documents in Fill-in-the-Middle's PSM form per epoch
                                   # (report §4.1: 0.1; dsv3_jax/fim.py); needs vocab >= 8198
+        passkey_rate=0.0,         # share of rows that are passkey retrieval samples (long-context
+                                  # stage; dsv3_jax/data.py)
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation
     ))
@@ -213,6 +215,8 @@ def validate(c) -> ModelConfig:
         else:   # the pipeline's micro-batches are the step's micro-batches
             d.micro_batch = d.global_batch // mbs
     need(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate must be in [0, 1], got {d.fim_rate}")
+    need(0.0 <= d.passkey_rate <= 1.0,
+         f"data.passkey_rate must be in [0, 1], got {d.passkey_rate}")
     if d.fim_rate > 0:
         from dsv3_jax import fim
         need(c.model.vocab_size >= fim.MIN_VOCAB,

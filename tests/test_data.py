@@ -91,6 +91,45 @@ def test_packing_without_document_masking(rng):
     assert all(set(np.unique(v["segment_ids"])) <= {0, 1} for v in val)
 
 
+def test_passkey_rows(rng):
+    """passkey_rate: a row is, with that probability from (seed, row), a whole passkey sample
+    (the key planted once in the filler, the row ending in the query and the same key; loss on
+    every token); every other row is the plain packing's, and a batch is still a pure function
+    of (seed, step)."""
+    from dsv3_jax import long_context_eval as lce
+    tokens, offsets = synthetic(rng, n_docs=300)
+    encode = lambda text: np.array([60000 + ord(ch) for ch in text], np.int32)
+    plain = data.PackedBatches(tokens, offsets, 64, 8, seed=4)
+    mixed = data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3, encode=encode)
+    again = data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3, encode=encode)
+    query = encode(lce.QUERY)
+    n_key = n_rows = 0
+    for step in range(40):
+        a, b = plain.batch(step), mixed.batch(step)
+        assert all(np.array_equal(b[k], again.batch(step)[k]) for k in KEYS)
+        full = np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
+        for r in range(8):
+            n_rows += 1
+            if np.array_equal(b["inputs"][r], a["inputs"][r]):
+                assert all(np.array_equal(a[k][r], b[k][r]) for k in KEYS)
+                continue
+            n_key += 1
+            np.testing.assert_array_equal(b["targets"][r, :-1], b["inputs"][r, 1:])
+            assert (b["segment_ids"][r] == 1).all() and (b["loss_mask"][r] == 1).all()
+            np.testing.assert_array_equal(b["positions"][r], np.arange(64))
+            text = "".join(chr(t - 60000) if t >= 60000 else "#" for t in full[r])
+            key = text[-9:]                              # "d d d d d"
+            assert all(ch.isdigit() for ch in key[::2]) and set(key[1::2]) == {" "}
+            assert text.count(lce.NEEDLE.format(key)) == 1
+            assert np.array_equal(full[r, -9 - len(query):-9], query)
+            filler = full[r][full[r] < 60000]                # the code around the needle
+            assert len(filler) == 65 - len(encode(lce.NEEDLE.format(key))) - len(query) - 9
+            assert (np.diff(filler.astype(int)) != 0).all()
+    assert 0.2 < n_key / n_rows < 0.4
+    with pytest.raises(ValueError, match="passkey_rate"):
+        data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3)
+
+
 def test_determinism_and_seeds(rng):
     tokens, offsets = synthetic(rng)
     make = lambda seed: data.PackedBatches(tokens, offsets, 16, 4, seed=seed)
