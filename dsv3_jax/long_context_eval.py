@@ -98,11 +98,17 @@ def passkey_grid(cfg: ModelConfig, variables, encode, filler: np.ndarray, length
                 ids, m = passkey_prompt(encode, filler, length, depth, digits, start)
                 rows.append(ids)
                 masks.append(m)
-        ids, masks = np.stack(rows), np.stack(masks)
-        pred = np.concatenate([np.asarray(jnp.argmax(_logits(cfg, variables,
-                                                             jnp.asarray(ids[i:i + 4])), -1))
-                               for i in range(0, len(ids), 4)])
-        # the token at t predicts t+1: answer token at t+1 must be argmax at t
-        ok = np.where(masks[:, 1:], pred[:, :-1] == ids[:, 1:], True).all(1)
+        ok = greedy_reproduces(cfg, variables, np.stack(rows), np.stack(masks))
         acc[li] = ok.reshape(len(depths), trials).mean(1)
     return acc
+
+
+def greedy_reproduces(cfg: ModelConfig, variables, ids: np.ndarray, is_answer: np.ndarray,
+                      batch: int = 4) -> np.ndarray:
+    """[N] bool: would greedy decoding from each row's prompt (the tokens before its answer
+    positions) produce exactly the answer tokens? True iff the answer token at every answer
+    position t is the argmax of the logits at t - 1, given the true prefix: one forward pass."""
+    pred = np.concatenate([np.asarray(jnp.argmax(_logits(cfg, variables,
+                                                         jnp.asarray(ids[i:i + batch])), -1))
+                           for i in range(0, len(ids), batch)])
+    return np.where(is_answer[:, 1:], pred[:, :-1] == ids[:, 1:], True).all(1)

@@ -1,0 +1,58 @@
+"""Long-context evaluation: the passkey's one-forward scoring against the KV-cache decoder's
+greedy continuation, the passkey prompt's layout, and loss by position against a direct NLL."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import config, long_context_eval as lce, model
+from dsv3_jax.rollout import rollout
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = config.tiny(num_hidden_layers=2, num_nextn_predict_layers=0, vocab_size=512)
+    return cfg, model.init(cfg, jax.random.key(0))
+
+
+def test_greedy_scoring_equals_decoding(tiny, rng):
+    cfg, variables = tiny
+    prompts = rng.integers(2, cfg.vocab_size, (6, 20))
+    r = rollout(cfg, variables, [p.tolist() for p in prompts], 5, temperature=0.0, eos_id=None)
+    greedy = r.tokens[:, :5]
+    ids = np.concatenate([prompts, greedy], 1).astype(np.int32)
+    is_answer = np.zeros(ids.shape, bool)
+    is_answer[:, 20:] = True
+    assert lce.greedy_reproduces(cfg, variables, ids, is_answer).all()
+    wrong = ids.copy()
+    k = rng.integers(20, 25, len(ids))                   # one answer token changed per row
+    wrong[np.arange(len(ids)), k] = (wrong[np.arange(len(ids)), k] + 1) % cfg.vocab_size
+    wrong[:2] = ids[:2]                                  # two rows stay right
+    assert lce.greedy_reproduces(cfg, variables, wrong, is_answer).tolist() == [True] * 2 + [
+        False] * 4
+
+
+def test_passkey_prompt_layout(rng):
+    encode = lambda text: np.array([1000 + ord(c) for c in text], np.int32)
+    filler = rng.integers(0, 900, 5000).astype(np.int32)
+    for depth in (0.0, 0.4, 1.0):
+        ids, is_answer = lce.passkey_prompt(encode, filler, 300, depth, "1 2 3 4 5", 77)
+        text = "".join(chr(t - 1000) if t >= 1000 else "." for t in ids)
+        assert len(ids) == 300 and is_answer.sum() == 9 and text.endswith('secret = "1 2 3 4 5')
+        needle = text.index('\nsecret = "1 2 3 4 5"\n')
+        n_fill = 300 - 22 - 11 - 9
+        assert needle == round(depth * n_fill)
+        np.testing.assert_array_equal(ids[ids < 1000], filler[77:77 + n_fill])
+
+
+def test_loss_by_position_is_the_mean_token_nll(tiny, rng):
+    cfg, variables = tiny
+    docs = [rng.integers(2, cfg.vocab_size, n).astype(np.int32) for n in (40, 25, 33, 10)]
+    got = lce.loss_by_position(cfg, variables, docs, 24, batch=2)
+    rows = np.stack([d[:25] for d in docs if len(d) >= 25])
+    logits = np.asarray(model.forward(cfg, variables, jnp.asarray(rows[:, :-1]),
+                                      with_mtp=False).logits, np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, rows[:, 1:, None], -1)[..., 0].mean(0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
