@@ -2,7 +2,6 @@
 
   python experiments/mtp.py --size full       # experiments/results/mtp/
   python experiments/mtp.py --size smoke      # seconds; a temporary directory
-  python experiments/mtp.py --size full --steps 600 --seeds 0,1,2    # the size
 
 1. Training: the same main model (tiny preset), data, seeds and steps with
    model.num_nextn_predict_layers = 0, 1, 2 (equal main-model compute: the MTP modules only add
@@ -42,8 +41,8 @@ SIZES = {
               "eval_every": 1, "eval_batches": 1, "domain_rows": 1, "prompts": 1,
               "prompt_len": 16, "new_tokens": 8, "cost_layers": [1, 2], "cost_new_tokens": 4,
               "cost_repeats": 1, "depths": [0, 1], "mtp_depth": 1, "moe_impl": "gather"},
-    "full": {"steps": 150, "seeds": [0, 1, 2], "seq_len": 128, "batch": 8, "layers": 4,
-             "log_every": 5, "eval_every": 50, "eval_batches": 4, "domain_rows": 8, "prompts": 8,
+    "full": {"steps": 600, "seeds": [0, 1, 2], "seq_len": 128, "batch": 8, "layers": 4,
+             "log_every": 5, "eval_every": 150, "eval_batches": 4, "domain_rows": 8, "prompts": 8,
              "prompt_len": 32, "new_tokens": 48, "cost_layers": [4, 8, 16],
              "cost_new_tokens": 64, "cost_repeats": 3, "depths": list(DEPTHS), "mtp_depth": 1,
              "moe_impl": "auto"},
