@@ -32,10 +32,13 @@ uses masking. Batch step s holds global rows
 [s*B, (s+1)*B), so a batch is a pure function of (seed, step): the iterator state is just the step.
 
 Retrieval samples. With `passkey_rate` p > 0, each global row is, with probability p (drawn from
-(seed, row)), replaced by a passkey sample of the same length (`long_context_eval.passkey_prompt`:
-a 5-digit key planted at a uniform depth of training code, the row ending in the query and the
-key), one segment with loss on every token: the long-context stage's way to teach retrieval to a
-model too small to have learned it (the evaluation uses validation code and other keys).
+(seed, row)), replaced by passkey samples (`long_context_eval.passkey_prompt`: a 5-digit key
+planted at a uniform depth of training code, the sample ending in the query and the key):
+seq_len // passkey_len samples of passkey_len tokens (0: one of the whole row), each its own
+segment whatever document_masking says, the rest of the row padding; the loss is on every token
+(`passkey_loss="all"`) or on the key only ("answer"). The long-context stage's way to teach
+retrieval to a model too small to have learned it (the evaluation uses validation code and
+other keys).
 """
 from __future__ import annotations
 
@@ -351,12 +354,17 @@ class PackedBatches:
 
     def __init__(self, tokens, offsets, seq_len: int, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1, document_masking: bool = True,
-                 fim_rate: float = 0.0, passkey_rate: float = 0.0, encode=None):
+                 fim_rate: float = 0.0, passkey_rate: float = 0.0, encode=None,
+                 passkey_len: int = 0, passkey_loss: str = "all"):
         _check_batching(seq_len, global_batch, process_index, process_count)
         if not 0.0 <= passkey_rate <= 1.0 or (passkey_rate and encode is None):
             raise DataError(f"passkey_rate must be in [0, 1] (with a tokenizer), got "
                             f"{passkey_rate!r}")
+        if not 0 <= passkey_len <= seq_len or passkey_loss not in ("all", "answer"):
+            raise DataError(f"passkey_len must be in [0, seq_len={seq_len}] and passkey_loss "
+                            f"'all' or 'answer', got {passkey_len!r}, {passkey_loss!r}")
         self.passkey_rate, self._encode = float(passkey_rate), encode
+        self.passkey_len, self.passkey_loss = int(passkey_len or seq_len), passkey_loss
         self._filler = tokens[tokens != EOS_ID] if passkey_rate else None
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
@@ -379,18 +387,28 @@ class PackedBatches:
         return out
 
     def _passkey_row(self, row: int) -> dict[str, np.ndarray] | None:
-        """Global row `row`'s passkey sample, or None if the row stays code."""
+        """Global row `row`'s passkey samples, or None if the row stays code."""
         from dsv3_jax.long_context_eval import passkey_prompt
         rng = np.random.default_rng([self.seed, _PASSKEY_SALT, row])
         if rng.random() >= self.passkey_rate:
             return None
-        digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
-        depth = float(rng.random())
-        start = int(rng.integers(0, len(self._filler) - self.seq_len - 1))
-        ids, _ = passkey_prompt(self._encode, self._filler, self.seq_len + 1, depth, digits, start)
-        t = np.arange(self.seq_len)
-        return {"inputs": ids[:-1], "targets": ids[1:], "segment_ids": np.ones_like(t),
-                "positions": t, "loss_mask": np.ones(self.seq_len, np.float32)}
+        n = self.passkey_len
+        out = {"inputs": np.zeros(self.seq_len, np.int32),
+               "targets": np.zeros(self.seq_len, np.int32),
+               "segment_ids": np.zeros(self.seq_len, np.int32),
+               "positions": np.zeros(self.seq_len, np.int32),
+               "loss_mask": np.zeros(self.seq_len, np.float32)}
+        for k in range(self.seq_len // n):
+            digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
+            depth = float(rng.random())
+            start = int(rng.integers(0, len(self._filler) - n - 1))
+            ids, is_answer = passkey_prompt(self._encode, self._filler, n + 1, depth, digits,
+                                            start)
+            at = slice(k * n, (k + 1) * n)
+            out["inputs"][at], out["targets"][at] = ids[:-1], ids[1:]
+            out["segment_ids"][at], out["positions"][at] = k + 1, np.arange(n)
+            out["loss_mask"][at] = is_answer[1:] if self.passkey_loss == "answer" else 1.0
+        return out
 
     def __iter__(self):
         return self
@@ -437,7 +455,7 @@ def validation_batches(tokens, offsets, seq_len: int, global_batch: int,
 def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int = 0,
                   process_count: int = 1, data_dir=None, config: str = "stdlib",
                   tokenizer_path=None, document_masking: bool = True, fim_rate: float = 0.0,
-                  passkey_rate: float = 0.0):
+                  passkey_rate: float = 0.0, passkey_len: int = 0, passkey_loss: str = "all"):
     """Prepares (once) and returns (train_iter, val_batches_fn, tokenizer, info).
 
     train_iter: `PackedBatches`, yields this process's [global_batch/process_count, seq_len] slice.
@@ -453,7 +471,8 @@ def make_datasets(seq_len: int, global_batch: int, seed: int, process_index: int
     train_iter = PackedBatches(train_tok, train_off, seq_len, global_batch, seed, process_index,
                                process_count, document_masking, fim_rate, passkey_rate,
                                encode=lambda text: np.asarray(tokenizer.encode(text).ids,
-                                                              np.int32))
+                                                              np.int32),
+                               passkey_len=passkey_len, passkey_loss=passkey_loss)
 
     def val_batches_fn(num_batches: int | None = None):
         return validation_batches(val_tok, val_off, seq_len, global_batch, num_batches,

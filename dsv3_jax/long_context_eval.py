@@ -13,7 +13,10 @@ chosen depth of real validation code, the prompt ending in the needle's own open
 when the model's greedy continuation is exactly the 5 digits. Greedy exact match equals "the
 argmax at every answer position, given the right prefix, is the right token", so one forward
 pass per prompt scores it (no sampling loop). Both functions work on any ModelConfig, so an
-`evaluate` CLI can call them with a loaded checkpoint.
+`evaluate` CLI can call them with a loaded checkpoint. `passkey_digits` is the finer view: per
+key position, how often the right digit is the argmax and its NLL given the true prefix.
+
+  python -m dsv3_jax.long_context_eval --checkpoint DIR [--lengths 64,256 --trials 4]
 """
 from __future__ import annotations
 
@@ -112,3 +115,66 @@ def greedy_reproduces(cfg: ModelConfig, variables, ids: np.ndarray, is_answer: n
                                                          jnp.asarray(ids[i:i + batch])), -1))
                            for i in range(0, len(ids), batch)])
     return np.where(is_answer[:, 1:], pred[:, :-1] == ids[:, 1:], True).all(1)
+
+
+def passkey_digits(cfg: ModelConfig, variables, encode, filler: np.ndarray, length: int,
+                   n: int = 32, seed: int = 0) -> dict:
+    """Per key position (5 digits) over n passkey prompts of `length` tokens at uniform depths:
+    the argmax accuracy and the mean NLL (nats; chance is ln 10 = 2.30) given the true prefix."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
+        start = int(rng.integers(0, max(1, len(filler) - length)))
+        rows.append(passkey_prompt(encode, filler, length, float(rng.random()), digits, start)[0])
+    hit, nll = key_scores(cfg, variables, np.stack(rows))
+    return {"length": length, "n": n, "accuracy": hit.mean(0).tolist(),
+            "nll": nll.mean(0).tolist()}
+
+
+def key_scores(cfg: ModelConfig, variables, ids: np.ndarray, key_len: int = 5,
+               batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """([N, key_len] bool, [N, key_len] NLL): for the last key_len tokens of each row, whether
+    each is the argmax given the true prefix, and its negative log-probability."""
+    hit, nll = [], []
+    for i in range(0, len(ids), batch):
+        logits = _logits(cfg, variables, jnp.asarray(ids[i:i + batch])).astype(jnp.float32)
+        logp = np.asarray(jax.nn.log_softmax(logits[:, -key_len - 1:-1], -1))
+        key = ids[i:i + batch, -key_len:]
+        hit.append(logp.argmax(-1) == key)
+        nll.append(-np.take_along_axis(logp, key[..., None], -1)[..., 0])
+    return np.concatenate(hit), np.concatenate(nll)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from dsv3_jax import data
+    from dsv3_jax.generate import load_checkpoint
+    ap = argparse.ArgumentParser(prog="python -m dsv3_jax.long_context_eval",
+                                 description="passkey exact match and per-digit scores of a "
+                                             "checkpoint, on validation code")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--lengths", default="256,1024,4096")
+    ap.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
+    a = ap.parse_args(argv)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    cfg, variables, _ = load_checkpoint(a.checkpoint)
+    variables = {"params": variables["params"], "router_bias": variables["router_bias"]}
+    tok = data.load_tokenizer()
+    vt, _ = data.tokenize_split(data.prepare_corpus(), "validation", tok)
+    filler = vt[vt != data.EOS_ID]
+    encode = lambda text: np.asarray(tok.encode(text).ids, np.int32)
+    depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    grid = passkey_grid(cfg, variables, encode, filler, lengths, depths, a.trials)
+    for length, row in zip(lengths, grid):
+        d = passkey_digits(cfg, variables, encode, filler, length, 8 * a.trials)
+        print(json.dumps({"length": length, "exact_match_by_depth": dict(zip(depths, row)),
+                          "digit_accuracy": [round(x, 3) for x in d["accuracy"]],
+                          "digit_nll": [round(x, 3) for x in d["nll"]]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -197,7 +197,8 @@ def load_data(s: Setup) -> Data:
         c.data.seq_len, schedule.micro_batch, c.data.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), data_dir=c.data.data_dir or None,
         document_masking=c.data.document_masking, fim_rate=c.data.fim_rate,
-        passkey_rate=c.data.passkey_rate)
+        passkey_rate=c.data.passkey_rate, passkey_len=c.data.passkey_len,
+        passkey_loss=c.data.passkey_loss)
     if info["vocab_size"] > s.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {info['vocab_size']} tokens but model.vocab_size "
                           f"is {s.cfg.vocab_size}: set --config.model.vocab_size="

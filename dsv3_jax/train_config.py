@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (report §4.1: 0.1; dsv3_jax/fim.py); needs vocab >= 8198
         passkey_rate=0.0,         # share of rows that are passkey retrieval samples (long-context
                                   # stage; dsv3_jax/data.py)
+        passkey_len=0,            # tokens per passkey sample (0 = the row), packed in the row
+        passkey_loss="all",       # loss on every token of a passkey sample, or "answer" (the key)
         data_dir="",              # TFDS data dir; "" = $DSV3_DATA_DIR or ~/.cache/dsv3_jax/tfds
         eval_batches=8,           # validation batches per evaluation
     ))
@@ -217,6 +219,11 @@ def validate(c) -> ModelConfig:
     need(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate must be in [0, 1], got {d.fim_rate}")
     need(0.0 <= d.passkey_rate <= 1.0,
          f"data.passkey_rate must be in [0, 1], got {d.passkey_rate}")
+    need(0 <= d.passkey_len <= d.seq_len and (d.passkey_len == 0 or d.passkey_len >= 48),
+         f"data.passkey_len must be 0 (the row) or in [48, data.seq_len={d.seq_len}], got "
+         f"{d.passkey_len}")
+    need(d.passkey_loss in ("all", "answer"),
+         f"data.passkey_loss must be 'all' or 'answer', got {d.passkey_loss!r}")
     if d.fim_rate > 0:
         from dsv3_jax import fim
         need(c.model.vocab_size >= fim.MIN_VOCAB,

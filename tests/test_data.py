@@ -130,6 +130,35 @@ def test_passkey_rows(rng):
         data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3)
 
 
+def test_short_passkey_samples_and_answer_loss(rng):
+    """passkey_len packs seq_len // passkey_len samples per passkey row (own segments, positions
+    from 0, the remainder padding); passkey_loss="answer" keeps the loss on the 5 key tokens."""
+    from dsv3_jax import long_context_eval as lce
+    tokens, offsets = synthetic(rng, n_docs=300)
+    encode = lambda text: np.array([60000 + ord(ch) for ch in text], np.int32)
+    it = data.PackedBatches(tokens, offsets, 160, 4, seed=1, passkey_rate=1.0, encode=encode,
+                            passkey_len=50, passkey_loss="answer")
+    b = it.batch(3)
+    for r in range(4):
+        seg, pos, lm = b["segment_ids"][r], b["positions"][r], b["loss_mask"][r]
+        np.testing.assert_array_equal(seg, np.repeat([1, 2, 3, 0], [50, 50, 50, 10]))
+        np.testing.assert_array_equal(pos[:150], np.tile(np.arange(50), 3))
+        assert (pos[150:] == 0).all() and (lm[150:] == 0).all()
+        keys = []
+        for k in range(3):
+            x, y = b["inputs"][r, 50 * k:50 * k + 50], b["targets"][r, 50 * k:50 * k + 50]
+            text = "".join(chr(t - 60000) if t >= 60000 else "#" for t in np.r_[x, y[-1:]])
+            key = text[-9:]
+            assert text.count(lce.NEEDLE.format(key)) == 1 and text.endswith(lce.QUERY + key)
+            np.testing.assert_array_equal(lm[50 * k:50 * k + 50], np.arange(50) >= 41)
+            np.testing.assert_array_equal(y[41:], encode(key))
+            keys.append(key)
+        assert len(set(keys)) == 3
+    with pytest.raises(ValueError, match="passkey_len"):
+        data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3, encode=encode,
+                           passkey_len=65)
+
+
 def test_determinism_and_seeds(rng):
     tokens, offsets = synthetic(rng)
     make = lambda seed: data.PackedBatches(tokens, offsets, 16, 4, seed=seed)

@@ -56,3 +56,18 @@ def test_loss_by_position_is_the_mean_token_nll(tiny, rng):
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, rows[:, 1:, None], -1)[..., 0].mean(0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_key_scores_against_float64(tiny, rng):
+    cfg, variables = tiny
+    ids = rng.integers(2, cfg.vocab_size, (5, 30)).astype(np.int32)
+    hit, nll = lce.key_scores(cfg, variables, ids, key_len=5, batch=2)
+    logits = np.asarray(model.forward(cfg, variables, jnp.asarray(ids), with_mtp=False).logits,
+                        np.float64)[:, -6:-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    np.testing.assert_allclose(nll, -np.take_along_axis(logp, ids[:, -5:, None], -1)[..., 0],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(hit, logp.argmax(-1) == ids[:, -5:])
+    ids[:, -5] = logp[:, 0].argmax(-1)      # the argmax as the key's first token: a hit there
+    assert lce.key_scores(cfg, variables, ids)[0][:, 0].all()

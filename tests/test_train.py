@@ -358,11 +358,13 @@ def test_bad_config_values_are_reported_together():
     c.model.n_group = 3
     c.eval.ema = True                    # without train.ema_decay there is no EMA to evaluate
     c.data.fim_rate = 1.5
+    c.data.passkey_rate, c.data.passkey_len, c.data.passkey_loss = -0.1, 20, "key"
     with pytest.raises(ConfigError) as err:
         train_config.validate(c)
     msg = str(err.value)
     assert "seq_len" in msg and "peak_lr" in msg and "n_group" in msg
     assert "train.ema_decay" in msg and "data.fim_rate" in msg
+    assert all(f"data.passkey_{k}" in msg for k in ("rate", "len", "loss"))
 
 
 def test_unknown_cli_key_is_an_error(tmp_path):
