@@ -51,6 +51,8 @@ T_SWIGLU8 = ("tests/test_fp8.py::"
 T_XCACHE = "tests/test_fp8.py::test_cached_x_keeps_fprop_tiles_and_wgrad_retiles_them"
 T_EXCHANGE = "tests/test_fp8.py::test_fp8_exchanges_on_one_shard"
 T_FIM = "tests/test_fim.py::test_token_at_is_the_vectorised_psm"
+T_PASSKEY = "tests/test_data.py::test_short_passkey_samples_and_answer_loss"
+T_KEYSCORE = "tests/test_long_context_eval.py::test_key_scores_against_float64"
 T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
                 "test_device_table_runs_every_op_once_and_routes_every_transfer")
 
@@ -134,6 +136,12 @@ MUTATIONS = [
      "p *= one_minus_d", "p *= d", [T_HOST_EMA]),
     ("FIM: the suffix runs one token into <|fim_end|>", "dsv3_jax/fim.py",
      "suffix_end = i + 2 + (n - j)", "suffix_end = i + 3 + (n - j)", [T_FIM]),
+    ("passkey rows: the key's loss mask one token early", "dsv3_jax/data.py",
+     'out["loss_mask"][at] = is_answer[1:] if', 'out["loss_mask"][at] = is_answer[:-1] if',
+     [T_PASSKEY]),
+    ("passkey scores: the logits one position late", "dsv3_jax/long_context_eval.py",
+     "logp = np.asarray(jax.nn.log_softmax(logits[:, -key_len - 1:-1], -1))",
+     "logp = np.asarray(jax.nn.log_softmax(logits[:, -key_len:], -1))", [T_KEYSCORE]),
     # FP8 caching and dispatch (report §3.3.3)
     ("FP8 SwiGLU backward: gate and up caches swapped", "dsv3_jax/fp8.py",
      "(gate, like), (up, _) = _uncache_x(gate_c), _uncache_x(up_c)",
