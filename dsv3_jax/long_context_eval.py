@@ -146,6 +146,17 @@ def key_scores(cfg: ModelConfig, variables, ids: np.ndarray, key_len: int = 5,
     return np.concatenate(hit), np.concatenate(nll)
 
 
+def induction_accuracy(cfg: ModelConfig, variables, n: int = 8, length: int = 60,
+                       seed: int = 0, low: int = 100) -> float:
+    """Copying from context at all: n random token sequences of `length` ids in [low, vocab),
+    each followed by itself; the share of the second copy's tokens (after its first) that are
+    the argmax given the true prefix. An induction head gets ~1, a model without one ~0."""
+    seq = np.random.default_rng(seed).integers(low, cfg.vocab_size, (n, length))
+    ids = np.concatenate([seq, seq], 1).astype(np.int32)
+    pred = np.asarray(jnp.argmax(_logits(cfg, variables, jnp.asarray(ids)), -1))
+    return float((pred[:, length:-1] == ids[:, length + 1:]).mean())
+
+
 def main(argv=None) -> int:
     import argparse
     import json
@@ -167,6 +178,7 @@ def main(argv=None) -> int:
     filler = vt[vt != data.EOS_ID]
     encode = lambda text: np.asarray(tok.encode(text).ids, np.int32)
     depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    print(json.dumps({"induction_accuracy": induction_accuracy(cfg, variables)}))
     grid = passkey_grid(cfg, variables, encode, filler, lengths, depths, a.trials)
     for length, row in zip(lengths, grid):
         d = passkey_digits(cfg, variables, encode, filler, length, 8 * a.trials)

@@ -71,3 +71,19 @@ def test_key_scores_against_float64(tiny, rng):
     np.testing.assert_array_equal(hit, logp.argmax(-1) == ids[:, -5:])
     ids[:, -5] = logp[:, 0].argmax(-1)      # the argmax as the key's first token: a hit there
     assert lce.key_scores(cfg, variables, ids)[0][:, 0].all()
+
+
+def test_induction_accuracy_counts_copied_tokens(tiny, monkeypatch):
+    """A stand-in model whose logits put the argmax on the token `length` places back (a perfect
+    induction head) scores 1; one that always predicts token 0 (never drawn) scores 0."""
+    cfg, variables = tiny
+
+    def copier(back):
+        def logits(cfg_, variables_, ids):
+            src = jnp.roll(ids, back - 1, axis=1) if back else jnp.zeros_like(ids)
+            return jax.nn.one_hot(src, cfg.vocab_size)
+        return logits
+    monkeypatch.setattr(lce, "_logits", copier(60))
+    assert lce.induction_accuracy(cfg, variables, length=60) == 1.0
+    monkeypatch.setattr(lce, "_logits", copier(0))
+    assert lce.induction_accuracy(cfg, variables, length=60) == 0.0
