@@ -1,7 +1,7 @@
 """FP8 vs BF16 training, side by side (report §3.3.4: relative loss error below 0.25%).
 
   python experiments/fp8_vs_bf16.py                    # full: seeds 0,1,2 + yardsticks, ~1.5 h
-  python experiments/fp8_vs_bf16.py --seeds 3          # other init seeds (own results.json)
+  python experiments/fp8_vs_bf16.py --seeds 3          # other seeds: results.json in a subfolder
   python experiments/fp8_vs_bf16.py --size smoke       # the code path, seconds
 
 Trains experiments/configs/fp8_vs_bf16.py (600 steps of 8 x 128 tokens) with dsv3_jax.train.run
@@ -148,17 +148,23 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
     """Train (or reuse) BF16 and FP8 for every seed (full: 0, 1, 2 at the config's 600 steps,
     plus the yardsticks on the first seed: BF16 from another init, FP32 compute) and write
     results.json: curves, per-seed relative errors, their mean ± std. Finished runs under the
-    workdir (full: runs/fp8_vs_bf16/s<seed>/<name>) are reused."""
+    workdir (full: runs/fp8_vs_bf16/s<seed>/<name>) are reused. Another choice of seeds, noise
+    or `last` writes its results.json in a subfolder named after it, beside the default's."""
     from experiments import common
-    d = pathlib.Path(results_dir or common.results_dir(QUESTION, size))
-    seeds = list(seeds if seeds is not None else (FULL_SEEDS if size == "full" else (0,)))
+    default_seeds = list(FULL_SEEDS if size == "full" else (0,))
+    seeds = list(seeds if seeds is not None else default_seeds)
     noise = size == "full" if noise is None else noise
+    variant = "" if (seeds, noise, last) == (default_seeds, size == "full", 20) else (
+        f"seeds_{'_'.join(map(str, seeds))}{'' if noise else '_no_noise'}_last{last}")
+    # the committed results are the default sweep's; another sweep writes beside them
+    d = pathlib.Path(results_dir or common.results_dir(QUESTION, size)) / variant
+    d.mkdir(parents=True, exist_ok=True)
     workdir = workdir or str(ROOT / "runs" / QUESTION if size == "full" else d / "work")
     plan = {}
     for i, seed in enumerate(seeds):
         plan[seed] = (configs(quick=False, noise=noise and i == 0, seed=seed) if size == "full"
                       else smoke_configs(seed))
-    key = {"size": size, "seeds": seeds,
+    key = {"size": size, "seeds": seeds, "last": last,
            "configs": {f"s{seed}/{k}": c.to_dict() for seed, runs in plan.items()
                        for k, c in runs.items()}}
     hit = common.cached(d / "results.json", key)
@@ -166,7 +172,10 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
         return hit
     curves, per_seed = {}, {}
     for seed, runs in plan.items():
-        cur = {name: train_once(f"seed {seed} {name}", c, os.path.join(workdir, f"s{seed}", name),
+        # BF16 from the next init is the next seed's BF16 run when that is in the sweep
+        where = {name: (f"s{seed + 1}", "bf16") if name == "bf16_other_init"
+                 and seed + 1 in seeds else (f"s{seed}", name) for name in runs}
+        cur = {name: train_once(f"seed {seed} {name}", c, os.path.join(workdir, *where[name]),
                                 reuse=True) for name, c in runs.items()}
         n_last = min(last, len(cur["bf16"]["step"]))
         per_seed[seed] = {
@@ -187,8 +196,12 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
                - per_seed[s]["compare"]["loss"]["mean_base"])
               / per_seed[s]["compare"]["loss"]["mean_base"] for s in seeds]
     cmd = f"python experiments/fp8_vs_bf16.py --size {size}"
-    if list(seeds) != list(FULL_SEEDS if size == "full" else (0,)):
+    if seeds != default_seeds:
         cmd += f" --seeds {','.join(map(str, seeds))}"
+    if noise != (size == "full"):
+        cmd += " --no-noise" if size == "full" else ""
+    if last != 20:
+        cmd += f" --last {last}"
     out = {"config": key, "provenance": common.provenance(cmd),
            "claim_relative_error": CLAIM, "last": min(last, len(curves[seeds[0]]["bf16"]["step"])),
            "curves": {str(s): v for s, v in curves.items()},
@@ -303,8 +316,9 @@ def main():
     out = run(args.size, workdir=args.workdir, last=args.last, seeds=seeds,
               noise=False if args.no_noise else None)
     print(report(out))
-    print(f"\n({time.time() - t0:.0f} s in all; results: "
-          f"{'experiments/results/' + QUESTION if args.size == 'full' else 'a temporary dir'})")
+    where = (f"experiments/results/{QUESTION}/ (a subfolder for other seeds, noise or --last)"
+             if args.size == "full" else "a temporary directory")
+    print(f"\n({time.time() - t0:.0f} s in all; results.json in {where})")
 
 
 if __name__ == "__main__":
