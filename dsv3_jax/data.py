@@ -360,9 +360,15 @@ class PackedBatches:
         if not 0.0 <= passkey_rate <= 1.0 or (passkey_rate and encode is None):
             raise DataError(f"passkey_rate must be in [0, 1] (with a tokenizer), got "
                             f"{passkey_rate!r}")
-        if not 0 <= passkey_len <= seq_len or passkey_loss not in ("all", "answer"):
-            raise DataError(f"passkey_len must be in [0, seq_len={seq_len}] and passkey_loss "
-                            f"'all' or 'answer', got {passkey_len!r}, {passkey_loss!r}")
+        from dsv3_jax.long_context_eval import MIN_LEN
+        if (passkey_len and not MIN_LEN <= passkey_len <= seq_len
+                or passkey_loss not in ("all", "answer")):
+            raise DataError(f"passkey_len must be 0 (the row) or in [{MIN_LEN}, seq_len="
+                            f"{seq_len}] and passkey_loss 'all' or 'answer', got "
+                            f"{passkey_len!r}, {passkey_loss!r}")
+        if passkey_rate and not passkey_len and seq_len < MIN_LEN:
+            raise DataError(f"passkey samples need rows of {MIN_LEN} tokens or more, got "
+                            f"seq_len={seq_len}")
         self.passkey_rate, self._encode = float(passkey_rate), encode
         self.passkey_len, self.passkey_loss = int(passkey_len or seq_len), passkey_loss
         self._filler = tokens[tokens != EOS_ID] if passkey_rate else None
@@ -420,11 +426,16 @@ class PackedBatches:
 
     def get_state(self) -> dict:
         return {"step": self.step, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "fim_rate": self._stream.fim_rate,
+                "passkey_rate": self.passkey_rate, "passkey_len": self.passkey_len,
+                "passkey_loss": self.passkey_loss}
 
     def set_state(self, state: dict) -> None:
+        """Resume at state["step"]; the stream's settings must be the ones that saved it (a
+        state without a setting, from an older checkpoint, accepts this run's)."""
         mine = self.get_state()
-        for k in ("seed", "seq_len", "global_batch"):
+        for k in ("seed", "seq_len", "global_batch", "fim_rate", "passkey_rate", "passkey_len",
+                  "passkey_loss"):
             if state.get(k, mine[k]) != mine[k]:
                 raise DataError(f"the checkpoint's data position was saved with {k}="
                                 f"{state[k]}, this run has data.{k}={mine[k]}: use the config "

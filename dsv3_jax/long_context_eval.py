@@ -30,6 +30,7 @@ from dsv3_jax import model
 from dsv3_jax.config import ModelConfig
 
 NEEDLE = '\nsecret = "{}"\n'
+MIN_LEN = 48            # passkey samples shorter than this leave too little filler to hide in
 QUERY = '\nsecret = "'
 
 

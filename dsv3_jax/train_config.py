@@ -219,9 +219,10 @@ def validate(c) -> ModelConfig:
     need(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate must be in [0, 1], got {d.fim_rate}")
     need(0.0 <= d.passkey_rate <= 1.0,
          f"data.passkey_rate must be in [0, 1], got {d.passkey_rate}")
-    need(0 <= d.passkey_len <= d.seq_len and (d.passkey_len == 0 or d.passkey_len >= 48),
-         f"data.passkey_len must be 0 (the row) or in [48, data.seq_len={d.seq_len}], got "
-         f"{d.passkey_len}")
+    from dsv3_jax.long_context_eval import MIN_LEN
+    need(d.passkey_len == 0 or MIN_LEN <= d.passkey_len <= d.seq_len,
+         f"data.passkey_len must be 0 (the row) or in [{MIN_LEN}, data.seq_len={d.seq_len}], "
+         f"got {d.passkey_len}")
     need(d.passkey_loss in ("all", "answer"),
          f"data.passkey_loss must be 'all' or 'answer', got {d.passkey_loss!r}")
     if d.fim_rate > 0:

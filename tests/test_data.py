@@ -154,9 +154,21 @@ def test_short_passkey_samples_and_answer_loss(rng):
             np.testing.assert_array_equal(y[41:], encode(key))
             keys.append(key)
         assert len(set(keys)) == 3
-    with pytest.raises(ValueError, match="passkey_len"):
-        data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3, encode=encode,
-                           passkey_len=65)
+    for bad in (65, 20):                  # longer than the row; too short to hide a key in
+        with pytest.raises(ValueError, match="passkey_len"):
+            data.PackedBatches(tokens, offsets, 64, 8, seed=4, passkey_rate=0.3, encode=encode,
+                               passkey_len=bad)
+    # a resumed stream must mix in the same samples
+    other = data.PackedBatches(tokens, offsets, 160, 4, seed=1, passkey_rate=0.5, encode=encode,
+                               passkey_len=50, passkey_loss="answer")
+    with pytest.raises(ValueError, match="passkey_rate"):
+        other.set_state(it.get_state())
+    again = data.PackedBatches(tokens, offsets, 160, 4, seed=1, passkey_rate=1.0, encode=encode,
+                               passkey_len=50, passkey_loss="answer")
+    it.step = 3
+    again.set_state(json.loads(json.dumps(it.get_state())))
+    got = next(again)
+    assert all(np.array_equal(got[k], b[k]) for k in KEYS)
 
 
 def test_determinism_and_seeds(rng):
