@@ -169,6 +169,13 @@ def test_short_passkey_samples_and_answer_loss(rng):
     again.set_state(json.loads(json.dumps(it.get_state())))
     got = next(again)
     assert all(np.array_equal(got[k], b[k]) for k in KEYS)
+    # two processes' slices of a step are the one-process batch: the draws follow the global row
+    mixed = dict(passkey_rate=0.5, encode=encode, passkey_len=50)
+    whole = data.PackedBatches(tokens, offsets, 160, 4, seed=1, **mixed).batch(5)
+    parts = [data.PackedBatches(tokens, offsets, 160, 4, seed=1, process_index=i,
+                                process_count=2, **mixed).batch(5) for i in (0, 1)]
+    for k in KEYS:
+        np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), whole[k])
 
 
 def test_determinism_and_seeds(rng):

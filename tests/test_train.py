@@ -257,7 +257,9 @@ def test_restore_checks_shapes_seeds_and_data_position(tmp_path):
     assert int(state["step"]) == 2
     assert data.train_iter.get_state() == {"step": 4, "seed": c.data.seed,
                                            "seq_len": c.data.seq_len,
-                                           "global_batch": c.data.micro_batch}
+                                           "global_batch": c.data.micro_batch,
+                                           "fim_rate": 0.0, "passkey_rate": 0.0,
+                                           "passkey_len": c.data.seq_len, "passkey_loss": "all"}
 
     def other_config(**overrides):
         o = micro_config(**{"train.steps": 4})
@@ -276,6 +278,8 @@ def test_restore_checks_shapes_seeds_and_data_position(tmp_path):
         train.run(other_config(**{"train.seed": 7}), str(tmp_path))
     with pytest.raises(data_lib.DataError, match=r"seed=0.*data.seed=5"):
         train.run(other_config(**{"data.seed": 5}), str(tmp_path))
+    with pytest.raises(data_lib.DataError, match=r"passkey_rate=0.0.*data.passkey_rate=0.5"):
+        train.run(other_config(**{"data.passkey_rate": 0.5}), str(tmp_path))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
