@@ -1,6 +1,6 @@
 """FP8 vs BF16 training, side by side (report §3.3.4: relative loss error below 0.25%).
 
-  python experiments/fp8_vs_bf16.py                    # full: seeds 0,1,2 + yardsticks, ~1.5 h
+  python experiments/fp8_vs_bf16.py                    # full: seeds 0,1,2 + yardsticks (7 runs)
   python experiments/fp8_vs_bf16.py --seeds 3          # other seeds: results.json in a subfolder
   python experiments/fp8_vs_bf16.py --size smoke       # the code path, seconds
 
