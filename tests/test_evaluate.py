@@ -48,6 +48,18 @@ def test_arithmetic_cli_json(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["task"] == "arithmetic" and res["n"] == 8 and res["format"] == "chat"
     assert 0 <= res["accuracy"] <= 1 and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
+    assert res["breakdown"]["within_10"] >= res["accuracy"]
+
+
+def test_answer_breakdown_by_hand():
+    answers = ["579", " -12 ", "1855", "The answer is 7", "408", "-95"]
+    golds = [579, 12, 1875, 7, 418, -382]
+    b = evaluate.answer_breakdown(answers, golds)
+    # formatted: all but the sentence; units digit: 579, -12 (|-12| ends in 2), 1855, 408;
+    # sign: 579, 1855, 408, -95; within 10: 579, 408 (off by 10); within 100: 579, -12 (24),
+    # 1855 (20), 408
+    assert b == {"formatted": 5 / 6, "units_digit": 4 / 6, "sign": 4 / 6,
+                 "within_10": 2 / 6, "within_100": 4 / 6}
 
 
 def test_user_errors(capsys):
