@@ -102,6 +102,14 @@ def cached(path: pathlib.Path, config: dict):
     return out if out.get("config") == json.loads(json.dumps(config, default=float)) else None
 
 
+def stat(values) -> dict:
+    """{"values", "mean", "std"} over seeds; std is the sample std (ddof=1), 0 for one value."""
+    import numpy as np
+    v = np.asarray(values, float)
+    return {"values": v.tolist(), "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
 def mean_spread(values) -> str:
     """'m ± s (n=k)': mean and sample standard deviation (ddof=1) over seeds."""
     import numpy as np

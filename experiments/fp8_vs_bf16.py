@@ -137,12 +137,6 @@ def smoke_configs(seed: int = 0) -> dict:
     return runs
 
 
-def _stats(v) -> dict:
-    v = np.asarray(v, float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "per_seed": v.tolist()}
-
-
 def run(size: str = "full", results_dir=None, workdir: str | None = None, last: int = 20,
         seeds=None, noise: bool | None = None) -> dict:
     """Train (or reuse) BF16 and FP8 for every seed (full: 0, 1, 2 at the config's 600 steps,
@@ -206,10 +200,11 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
            "claim_relative_error": CLAIM, "last": min(last, len(curves[seeds[0]]["bf16"]["step"])),
            "curves": {str(s): v for s, v in curves.items()},
            "per_seed": {str(s): v for s, v in per_seed.items()},
-           "train_relative_error": _stats(train_err),
-           "train_signed_error": _stats(signed),
-           "ce_relative_error": _stats([per_seed[s]["compare"]["ce"]["rel_mean"] for s in seeds]),
-           "val_relative_error": _stats([per_seed[s]["val_relative_error"] for s in seeds]),
+           "train_relative_error": common.stat(train_err),
+           "train_signed_error": common.stat(signed),
+           "ce_relative_error": common.stat(
+               [per_seed[s]["compare"]["ce"]["rel_mean"] for s in seeds]),
+           "val_relative_error": common.stat([per_seed[s]["val_relative_error"] for s in seeds]),
            "below_claim": float(np.mean(train_err)) < CLAIM,
            "seeds_below_claim": int(sum(e < CLAIM for e in train_err)),
            "recorded_300_steps": RECORDED_300}
@@ -289,7 +284,7 @@ def plot_results(out, size: str):
     ys = out["per_seed"][seeds[0]]["yardsticks"]
     names = ["FP8 vs BF16\n(per seed)"] + [k.replace("_", " ").replace(" vs ", "\nvs ")
                                             for k in ys]
-    vals = [[100 * e for e in out["train_relative_error"]["per_seed"]]] + [
+    vals = [[100 * e for e in out["train_relative_error"]["values"]]] + [
         [100 * y["train"]] for y in ys.values()]
     for i, v in enumerate(vals):
         ax_bar.scatter([i] * len(v), v, color="C1" if i == 0 else "C7", zorder=3)

@@ -225,23 +225,18 @@ def summarise(runs: dict) -> dict:
     for arm, per_seed in runs.items():
         row = {}
         for k in ("final_val_loss", "final_val_maxvio", "specialisation_js"):
-            v = np.array([r[k] for r in per_seed])
-            row[k] = {"values": v.tolist(), "mean": float(v.mean()),
-                      "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
-        v = np.array([np.mean(r["metrics"]["maxvio"][-max(1, len(r["metrics"]["maxvio"]) // 5):])
-                      for r in per_seed])
-        row["batch_maxvio_last20pct"] = {"values": v.tolist(), "mean": float(v.mean()),
-                                         "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+            row[k] = common.stat([r[k] for r in per_seed])
+        row["batch_maxvio_last20pct"] = common.stat(
+            [np.mean(r["metrics"]["maxvio"][-max(1, len(r["metrics"]["maxvio"]) // 5):])
+             for r in per_seed])
         out[arm] = row
     if "aux_free" in runs:
         for arm in runs:
             if arm == "aux_free":
                 continue
-            diff = np.array([b["final_val_loss"] - a["final_val_loss"]
-                             for a, b in zip(runs["aux_free"], runs[arm])])
-            out[arm]["val_loss_minus_aux_free"] = {
-                "values": diff.tolist(), "mean": float(diff.mean()),
-                "std": float(diff.std(ddof=1)) if diff.size > 1 else 0.0}
+            out[arm]["val_loss_minus_aux_free"] = common.stat(
+                [b["final_val_loss"] - a["final_val_loss"]
+                 for a, b in zip(runs["aux_free"], runs[arm])])
     return out
 
 

@@ -153,12 +153,6 @@ def run_one(depth: int, seed: int, s: dict, d: pathlib.Path, workroot: pathlib.P
     return summary
 
 
-def _stat(v) -> dict:
-    v = np.asarray(v, float)
-    return {"values": v.tolist(), "mean": float(v.mean()),
-            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
-
-
 def run(size: str = "full", results_dir=None, steps: int | None = None,
         seeds: list[int] | None = None) -> dict:
     d = pathlib.Path(results_dir or common.results_dir(QUESTION, size))
@@ -175,13 +169,13 @@ def run(size: str = "full", results_dir=None, steps: int | None = None,
             for depth in s["depths"]}
     summary = {}
     for depth, per_seed in runs.items():
-        row = {"final_val_loss": _stat([r["final_val_loss"] for r in per_seed]),
-               "train_seconds": _stat([r["seconds"] for r in per_seed])}
+        row = {"final_val_loss": common.stat([r["final_val_loss"] for r in per_seed]),
+               "train_seconds": common.stat([r["seconds"] for r in per_seed])}
         if depth:
-            row["val_loss_minus_depth0"] = _stat([r["final_val_loss"] - b["final_val_loss"]
+            row["val_loss_minus_depth0"] = common.stat([r["final_val_loss"] - b["final_val_loss"]
                                                   for r, b in zip(per_seed, runs[0])])
             for k in ("acceptance_rate", "tokens_per_forward", "speedup"):
-                row[k] = _stat([r["acceptance"][k] for r in per_seed])
+                row[k] = common.stat([r["acceptance"][k] for r in per_seed])
             row["acceptance_by_depth"] = np.mean([r["acceptance"]["acceptance_by_depth"]
                                                   for r in per_seed], 0).tolist()
             row["all_identical_to_plain"] = all(r["acceptance"]["identical_to_plain"]
