@@ -32,7 +32,7 @@ uses masking. Batch step s holds global rows
 [s*B, (s+1)*B), so a batch is a pure function of (seed, step): the iterator state is just the step.
 
 Retrieval samples. With `passkey_rate` p > 0, each global row is, with probability p (drawn from
-(seed, row)), replaced by passkey samples (`long_context_eval.passkey_prompt`: a 5-digit key
+(seed, row)), replaced by passkey samples (`long_context_eval.random_passkey`: a 5-digit key
 planted at a uniform depth of training code, the sample ending in the query and the key):
 seq_len // passkey_len samples of passkey_len tokens (0: one of the whole row), each its own
 segment whatever document_masking says, the rest of the row padding; the loss is on every token
@@ -394,7 +394,7 @@ class PackedBatches:
 
     def _passkey_row(self, row: int) -> dict[str, np.ndarray] | None:
         """Global row `row`'s passkey samples, or None if the row stays code."""
-        from dsv3_jax.long_context_eval import passkey_prompt
+        from dsv3_jax.long_context_eval import random_passkey
         rng = np.random.default_rng([self.seed, _PASSKEY_SALT, row])
         if rng.random() >= self.passkey_rate:
             return None
@@ -405,11 +405,7 @@ class PackedBatches:
                "positions": np.zeros(self.seq_len, np.int32),
                "loss_mask": np.zeros(self.seq_len, np.float32)}
         for k in range(self.seq_len // n):
-            digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
-            depth = float(rng.random())
-            start = int(rng.integers(0, len(self._filler) - n - 1))
-            ids, is_answer = passkey_prompt(self._encode, self._filler, n + 1, depth, digits,
-                                            start)
+            ids, is_answer = random_passkey(rng, self._encode, self._filler, n + 1)
             at = slice(k * n, (k + 1) * n)
             out["inputs"][at], out["targets"][at] = ids[:-1], ids[1:]
             out["segment_ids"][at], out["positions"][at] = k + 1, np.arange(n)

@@ -11,8 +11,8 @@ The passkey is code-flavoured (a Python-only tokenizer): `secret = "4 8 2 1 3"` 
 chosen depth of real validation code, the prompt ending in the needle's own opening
 `secret = "` (as the classic passkey prompt ends in "The pass key is"); a trial counts
 when the model's greedy continuation is exactly the 5 digits. Greedy exact match equals "the
-argmax at every answer position, given the right prefix, is the right token", so one forward
-pass per prompt scores it (no sampling loop). Both functions work on any ModelConfig, so an
+argmax at every key position, given the right prefix, is the right token", so one forward
+pass per prompt scores it (`key_scores`, no sampling loop). Both functions work on any ModelConfig, so an
 `evaluate` CLI can call them with a loaded checkpoint. `passkey_digits` is the finer view: per
 key position, how often the right digit is the argmax and its NLL given the true prefix.
 
@@ -87,35 +87,30 @@ def passkey_prompt(encode, filler: np.ndarray, length: int, depth: float, digits
     return ids, is_answer
 
 
+def random_passkey(rng: np.random.Generator, encode, filler: np.ndarray, length: int,
+                   depth: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A passkey prompt of `length` tokens (`passkey_prompt`) with a random 5-digit key, at a
+    random place in `filler`, at `depth` (uniform when None). Draws from rng: the key, the
+    depth (if drawn), the filler start."""
+    digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
+    depth = float(rng.random()) if depth is None else depth
+    start = int(rng.integers(0, max(1, len(filler) - length)))
+    return passkey_prompt(encode, filler, length, depth, digits, start)
+
+
 def passkey_grid(cfg: ModelConfig, variables, encode, filler: np.ndarray, lengths, depths,
                  trials: int = 4, seed: int = 0) -> np.ndarray:
     """Exact-match rate [len(lengths), len(depths)] of the greedy 5-digit answer. `encode`:
-    text -> token ids (list/array); `filler`: a long token stream of real code."""
+    text -> token ids (list/array); `filler`: a long token stream of real code. Greedy decoding
+    reproduces the key iff every key token is the argmax given the true prefix (`key_scores`)."""
     rng = np.random.default_rng(seed)
     acc = np.zeros((len(lengths), len(depths)))
     for li, length in enumerate(lengths):
-        rows, masks = [], []
-        for depth in depths:
-            for _ in range(trials):
-                digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
-                start = int(rng.integers(0, max(1, len(filler) - length)))
-                ids, m = passkey_prompt(encode, filler, length, depth, digits, start)
-                rows.append(ids)
-                masks.append(m)
-        ok = greedy_reproduces(cfg, variables, np.stack(rows), np.stack(masks))
+        rows = [random_passkey(rng, encode, filler, length, depth)[0]
+                for depth in depths for _ in range(trials)]
+        ok = key_scores(cfg, variables, np.stack(rows))[0].all(1)
         acc[li] = ok.reshape(len(depths), trials).mean(1)
     return acc
-
-
-def greedy_reproduces(cfg: ModelConfig, variables, ids: np.ndarray, is_answer: np.ndarray,
-                      batch: int = 4) -> np.ndarray:
-    """[N] bool: would greedy decoding from each row's prompt (the tokens before its answer
-    positions) produce exactly the answer tokens? True iff the answer token at every answer
-    position t is the argmax of the logits at t - 1, given the true prefix: one forward pass."""
-    pred = np.concatenate([np.asarray(jnp.argmax(_logits(cfg, variables,
-                                                         jnp.asarray(ids[i:i + batch])), -1))
-                           for i in range(0, len(ids), batch)])
-    return np.where(is_answer[:, 1:], pred[:, :-1] == ids[:, 1:], True).all(1)
 
 
 def passkey_digits(cfg: ModelConfig, variables, encode, filler: np.ndarray, length: int,
@@ -123,11 +118,7 @@ def passkey_digits(cfg: ModelConfig, variables, encode, filler: np.ndarray, leng
     """Per key position (5 digits) over n passkey prompts of `length` tokens at uniform depths:
     the argmax accuracy and the mean NLL (nats; chance is ln 10 = 2.30) given the true prefix."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        digits = " ".join(str(d) for d in rng.integers(0, 10, 5))
-        start = int(rng.integers(0, max(1, len(filler) - length)))
-        rows.append(passkey_prompt(encode, filler, length, float(rng.random()), digits, start)[0])
+    rows = [random_passkey(rng, encode, filler, length)[0] for _ in range(n)]
     hit, nll = key_scores(cfg, variables, np.stack(rows))
     return {"length": length, "n": n, "accuracy": hit.mean(0).tolist(),
             "nll": nll.mean(0).tolist()}

@@ -15,21 +15,19 @@ def tiny():
     return cfg, model.init(cfg, jax.random.key(0))
 
 
-def test_greedy_scoring_equals_decoding(tiny, rng):
+def test_key_hits_equal_greedy_decoding(tiny, rng):
+    """A row's key tokens are all argmax hits (the passkey's exact match) iff the KV-cache
+    decoder's greedy continuation of the prompt is the key."""
     cfg, variables = tiny
     prompts = rng.integers(2, cfg.vocab_size, (6, 20))
     r = rollout(cfg, variables, [p.tolist() for p in prompts], 5, temperature=0.0, eos_id=None)
-    greedy = r.tokens[:, :5]
-    ids = np.concatenate([prompts, greedy], 1).astype(np.int32)
-    is_answer = np.zeros(ids.shape, bool)
-    is_answer[:, 20:] = True
-    assert lce.greedy_reproduces(cfg, variables, ids, is_answer).all()
+    ids = np.concatenate([prompts, r.tokens[:, :5]], 1).astype(np.int32)
+    assert lce.key_scores(cfg, variables, ids)[0].all()
     wrong = ids.copy()
-    k = rng.integers(20, 25, len(ids))                   # one answer token changed per row
+    k = rng.integers(20, 25, len(ids))                   # one key token changed per row
     wrong[np.arange(len(ids)), k] = (wrong[np.arange(len(ids)), k] + 1) % cfg.vocab_size
     wrong[:2] = ids[:2]                                  # two rows stay right
-    assert lce.greedy_reproduces(cfg, variables, wrong, is_answer).tolist() == [True] * 2 + [
-        False] * 4
+    assert lce.key_scores(cfg, variables, wrong)[0].all(1).tolist() == [True] * 2 + [False] * 4
 
 
 def test_passkey_prompt_layout(rng):
