@@ -6,13 +6,18 @@
 1. F, B, W of one stage chunk are measured on this machine (one device, the small config of
    tests/multidevice/pipeline_equivalence.py): the stage's forward, its VJP for the input only
    (B - W) and for the parameters only (W).
-2. For each schedule: the simulator's MPMD and lockstep step times from those costs, the
-   executor's step (the pipelined value-and-grad, compiled on the fake-device mesh) timed as the
-   median of 3 runs, its tick count, and the collective-permutes in the compiled program (the
-   loop body runs once per tick) against the schedule's own cross-rank transfers.
+2. The report's PP (16) with those costs: the bubble as scheduled (MPMD), packed into lockstep
+   ticks, and as this executor runs its tick table (`executor.tick_costs`), branch-free and
+   branched.
+3. For each schedule on the fake-device mesh: the simulator's MPMD and lockstep step times from
+   those costs, the executor's step (the pipelined value-and-grad) timed as the median of 3 runs
+   with branch-free and with branched ticks, its tick count, and the collective-permutes in the
+   compiled program (the loop body runs once per tick) against the schedule's own cross-rank
+   transfers.
 
 On fake CPU devices all "devices" share this machine's cores, so the executed time is the sum of
-every rank's work, not the slowest rank's; the ratio column says how far that is from lockstep.
+every rank's work, not the slowest rank's: branched / branch-free is compared with the ratio of
+all ranks' op costs in the two modes.
 """
 from __future__ import annotations
 
@@ -80,13 +85,14 @@ def main(argv=None):
           f"W {W * 1e3:.1f} ms")
 
     # 2. the report's PP with these costs: bubble fractions as scheduled (MPMD), packed in
-    # lockstep ticks, and as this executor runs the ticks (branch-free: every tick costs a
-    # forward, a backward that re-runs the forward and, for split schedules, a W that re-runs
-    # forward and backward: F + (F + B) or F + (F + B - W) + (F + B), on every rank)
+    # lockstep ticks, and as this executor runs its tick table (executor.tick_costs: B and W
+    # re-run the stage's forward; branch-free, every tick costs every op on every rank;
+    # branched, each tick costs its slowest rank's ops)
     print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, stage costs as measured above "
           "(one stage = one chunk)")
-    print("| schedule | MPMD bubble | lockstep bubble | executor bubble (ticks x tick cost) |")
-    print("|---|---|---|---|")
+    print("| schedule | MPMD bubble | lockstep bubble | executor, branch-free | executor, "
+          "branched |")
+    print("|---|---|---|---|---|")
     from dsv3_jax.pipeline import schedules as sched_lib
     for name in a.schedules.split(","):
         m_ = 2 * a.table_pp
@@ -94,21 +100,27 @@ def main(argv=None):
         own = sched_lib.make(name, a.table_pp, m_)
         mpmd = simulate.simulate(own, F=F, B=B, W=W)
         lock = simulate.simulate_lockstep(sch, F=F, B=B, W=W)
-        ticks = simulate.lockstep(sch, F=F, B=B, W=W).table.shape[0]
-        tick = F + (F + B - W) + (F + B) if sch.split_w else F + (F + B)
+        _, plan = executor.build(name, a.table_pp, m_, sch.n_stages)   # the table it runs
         work = m_ * sch.n_stages / a.table_pp * (F + B)      # useful work per rank
-        executed = ticks * tick
+        cells = []
+        for branched in (False, True):
+            executed = executor.tick_costs(plan, F, B, W, branched).sum()
+            cells.append(f"{1 - work / executed:.1%}")
         print(f"| {name}{' (eager)' if name == '1f1b' else ''} | {mpmd.bubble_fraction:.1%} | "
-              f"{lock.bubble_fraction:.1%} | {1 - work / executed:.1%} ({ticks} ticks) |")
+              f"{lock.bubble_fraction:.1%} | {cells[0]} | {cells[1]} "
+              f"({plan.table.shape[0]} ticks) |")
     print()
 
     shape = sharding.resolve_mesh_shape(dict(pipeline=a.pp, data=a.data, expert=-1),
                                         jax.device_count())
     mesh = sharding.make_mesh(shape)
-    print(f"# mesh {shape}, {micro} micro-batches, jax {jax.__version__}")
-    print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed (ms) | executed / "
-          "lockstep | collective-permutes compiled | schedule transfers |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"# mesh {shape}, {micro} micro-batches, jax {jax.__version__}; executed: median of 3 "
+          "steps, branch-free vs branched ticks; on fake devices a step's time is all devices' "
+          "work on this machine's cores, so the predicted ratio sums every rank's ops")
+    print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed branch-free (ms) | "
+          "executed branched (ms) | branched / branch-free | predicted (all ranks' ops) | "
+          "collective-permutes compiled | schedule transfers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in a.schedules.split(","):
         schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
                                         executor.layer_costs(cfg))
@@ -116,23 +128,28 @@ def main(argv=None):
         cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
         mpmd = simulate.simulate(schedule, **cost).time
         lock = simulate.simulate_lockstep(schedule, **cost).time
-        with jax.set_mesh(mesh):
-            step = jax.jit(lambda p, b, x: executor.value_and_grad(
-                fns.objective, p, b, x, 0, schedule, plan))
-            compiled = step.lower(state["params"], state["router_bias"], batch).compile()
-            hlo = compiled.as_text()
-            t_exec = timed(step, state["params"], state["router_bias"], batch)
-        # the tick loop's body holds the executor's two ppermutes (right, left); XLA runs the
-        # body once per tick
-        body = len(re.findall(r"collective-permute(?:-start)?\(", hlo))
-        ticks = plan.table.shape[0]
-        transfers = int(sum(((plan.table[..., executor.C["f_dir"]] == d).sum()
-                             + (plan.table[..., executor.C["b_dir"]] == d).sum())
+        times, permutes = {}, None
+        for branched in (False, True):
+            with jax.set_mesh(mesh):
+                step = jax.jit(lambda p, b, x: executor.value_and_grad(
+                    fns.objective, p, b, x, 0, schedule, plan, branched=branched))
+                compiled = step.lower(state["params"], state["router_bias"], batch).compile()
+                if branched:
+                    # the tick loop's body holds the executor's two ppermutes (right, left);
+                    # XLA runs the body once per tick
+                    permutes = len(re.findall(r"collective-permute(?:-start)?\(",
+                                              compiled.as_text()))
+                times[branched] = timed(step, state["params"], state["router_bias"], batch)
+        ops = executor.op_costs(1.0, B / F, W / F, plan.split_w)
+        cols = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
+        t = plan.table
+        done = sum(ops[o] * (t[:, :, executor.C[c]] > 0).sum() for o, c in cols)
+        every = t.shape[0] * t.shape[1] * sum(ops[o] for o, _ in cols)
+        ticks = t.shape[0]
+        transfers = int(sum(((t[..., executor.C["f_dir"]] == d).sum()
+                             + (t[..., executor.C["b_dir"]] == d).sum())
                             for d in (executor.RIGHT, executor.LEFT)))
-        print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | {t_exec * 1e3:.0f} | "
-              f"{t_exec / lock:.2f} | {body} in the program, x {ticks} ticks | "
-              f"{transfers} |", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | "
+              f"{times[False] * 1e3:.0f} | {times[True] * 1e3:.0f} | "
+              f"{times[True] / times[False]:.2f} | {done / every:.2f} | "
+              f"{permutes} in the program, x {ticks} ticks | {transfers} |", flush=True)

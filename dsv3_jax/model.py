@@ -19,12 +19,14 @@ not a parameter, so no optimizer ever touches it; `update_router_bias` applies t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
@@ -55,6 +57,53 @@ def _empty_stats(cfg: ModelConfig) -> RouterStats:
                        jnp.zeros((0,), jnp.float32))
 
 
+LOCAL_EMBED_GRAD = False   # set by `local_embed_grad()`
+
+
+@contextlib.contextmanager
+def local_embed_grad():
+    """While tracing inside, the embedding's gradient is a scatter-add on each device's own
+    rows, summed over the batch axes with one all-reduce (`_embed_local_grad`), instead of the
+    scatter GSPMD partitions itself. The pipeline executor's branched ticks need it: GSPMD's
+    scatter reorders its rows with a collective-permute over all devices, which deadlocks (CPU)
+    when only one pipeline rank runs the branch holding it."""
+    global LOCAL_EMBED_GRAD
+    old, LOCAL_EMBED_GRAD = LOCAL_EMBED_GRAD, True
+    try:
+        yield
+    finally:
+        LOCAL_EMBED_GRAD = old
+
+
+@jax.custom_vjp
+def _embed_local_grad(table_VD, ids_BT):
+    return jnp.take(table_VD, ids_BT, axis=0)
+
+
+def _embed_fwd(table_VD, ids_BT):
+    return jnp.take(table_VD, ids_BT, axis=0), (ids_BT, jnp.zeros((0,), table_VD.dtype),
+                                                table_VD.shape)
+
+
+def _embed_bwd(res, g_BTD):
+    ids_BT, like, shape = res
+    from dsv3_jax.layers.moe import _active_mesh
+    from dsv3_jax.sharding import BATCH_AXES
+    scatter = lambda ids, g: jnp.zeros(shape, g.dtype).at[ids].add(g)
+    mesh = _active_mesh()
+    if mesh is None:
+        d = scatter(ids_BT, g_BTD)
+    else:
+        axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+        row = P(axes)
+        d = jax.shard_map(lambda i, g: jax.lax.psum(scatter(i, g), axes), in_specs=(row, row),
+                          out_specs=P(), axis_names=set(axes), check_vma=False)(ids_BT, g_BTD)
+    return d.astype(like.dtype), None
+
+
+_embed_local_grad.defvjp(_embed_fwd, _embed_bwd)
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -73,6 +122,8 @@ class Transformer(nn.Module):
         self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
 
     def embed_tokens(self, ids_BT):
+        if LOCAL_EMBED_GRAD:
+            return _embed_local_grad(self.embed, ids_BT).astype(dtype_of(self.cfg.dtype))
         return jnp.take(self.embed, ids_BT, axis=0).astype(dtype_of(self.cfg.dtype))
 
     def head(self, h_BTD):

@@ -49,7 +49,8 @@ class StepFns:
     lr: object
     gamma: object
     ema_decay: float
-    pipeline: tuple | None = None   # (schedule name, ranks) when mesh.pipeline > 1
+    pipeline: tuple | None = None   # (schedule name, ranks, branched, recompute, split_w) when
+                                    # mesh.pipeline > 1 (c.pipeline; executor.value_and_grad)
 
 
 def make_step_fns(c, cfg: ModelConfig, objective: objectives.Objective | None = None) -> StepFns:
@@ -71,8 +72,10 @@ def train_step(state: dict, batch: dict, fns: StepFns):
     grad_fn = jax.value_and_grad(fns.objective.loss, has_aux=True)
     if fns.pipeline is not None:   # the micro-batches go through the pipeline schedule
         from dsv3_jax.pipeline import executor
+        name, ranks, *opts = fns.pipeline
         (loss, aux), grads = executor.step_value_and_grad(
-            fns.objective, *fns.pipeline, state["params"], state["router_bias"], batch, step)
+            fns.objective, name, ranks, state["params"], state["router_bias"], batch, step,
+            **dict(zip(("branched", "recompute", "split_w"), opts)))
         return _apply(state, fns, step, loss, aux, grads)
 
     def micro(acc, mb):
@@ -155,7 +158,9 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
                                 cfg, fns.objective)
         if bad:
             raise ConfigError("pipeline does not fit:\n  - " + "\n  - ".join(bad))
-        fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks))
+        fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks,
+                                                 c.pipeline.branched, c.pipeline.recompute,
+                                                 c.pipeline.split_w))
     os.makedirs(workdir, exist_ok=True)
     s = Setup(c=c, cfg=cfg, fns=fns, workdir=workdir, mesh_shape=mesh_shape,
               mesh=sharding.make_mesh(mesh_shape), main_process=jax.process_index() == 0,

@@ -133,6 +133,13 @@ def base_config() -> ml_collections.ConfigDict:
         microbatches=0,           # micro-batches per step through the pipeline; 0: the step's
                                   # micro-batches (global_batch / data.micro_batch); > 0 sets
                                   # data.micro_batch = global_batch / microbatches
+        branched=True,            # each rank runs only its own ops in a tick (lax.cond per op
+                                  # and stage kind); False: every rank runs every op, masked
+        recompute=False,          # B and W re-run the stage's forward from its saved input
+                                  # (less memory); False: F keeps the stage's VJP residuals
+        split_w=False,            # zb1p / dualpipe(v): W as its own op (a VJP for the
+                                  # parameters, which repeats B's input-gradient chain); False:
+                                  # W runs with its B (measured cheaper: benchmarks/pipeline.py)
     ))
     return c
 

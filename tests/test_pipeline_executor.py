@@ -24,12 +24,14 @@ def test_stage_layers_cover_the_stack_within_the_cap(layers, stages, first, last
 
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks):
+@pytest.mark.parametrize("split_w", [True, False])
+def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, split_w):
     m = 2 * ranks
     layers = 3 * 2 * ranks + 1
     schedule = sched_lib.make(name, ranks, m, eager=name == "1f1b")
     counts = executor.stage_layers(layers, schedule.n_stages, 1, 1)
-    plan = executor.make_plan(schedule, simulate.lockstep(schedule), counts)
+    plan = executor.make_plan(schedule, simulate.lockstep(schedule), counts, split_w)
+    assert plan.split_w == (split_w and schedule.split_w)
     t = plan.table
     C = executor.C
     for op in ("f", "b") + (("w",) if plan.split_w else ()):
@@ -57,6 +59,36 @@ def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks):
     assert np.array_equal(np.bincount(held, minlength=layers),
                           np.full(layers, schedule.param_copies))
     assert plan.slots >= 1
+    _replay_buffers(plan, ranks)
+
+
+def _replay_buffers(plan, ranks):
+    """Run the tick table over the executor's buffers (slot, mb % K) in the executor's order:
+    within a tick F, then B and W read; at the tick's end F's residuals and the arrived
+    activations and gradients are written. Every read must find its own micro-batch."""
+    t, C, k = plan.table, executor.C, plan.slots
+    bufs = {name: {} for name in ("act", "grad", "res")}
+    for i in range(t.shape[0]):
+        writes = []
+        for r in range(ranks):
+            g = lambda col: int(t[i, r, C[col]])
+            if g("f_kind") > 0:
+                if g("f_kind") != executor.FIRST:   # the first stage reads the batch instead
+                    assert bufs["act"].get((r, g("f_slot"), g("f_mb") % k)) == g("f_mb")
+                writes.append(("res", (r, g("f_slot"), g("f_mb") % k), g("f_mb")))
+            for op in ("b", "w") if plan.split_w else ("b",):
+                if g(f"{op}_kind") > 0:
+                    key = (r, g(f"{op}_slot"), g(f"{op}_mb") % k)
+                    assert bufs["res"].get(key) == g(f"{op}_mb"), (i, r, op)
+                    if g(f"{op}_kind") != executor.LAST:   # the last stage seeds its own
+                        assert bufs["grad"].get(key) == g(f"{op}_mb"), (i, r, op)
+            for prefix, name in (("ra", "act"), ("la", "act"), ("oa", "act"),
+                                 ("rg", "grad"), ("lg", "grad"), ("og", "grad")):
+                if g(f"{prefix}_slot") >= 0:
+                    writes.append((name, (r, g(f"{prefix}_slot"), g(f"{prefix}_mb") % k),
+                                   g(f"{prefix}_mb")))
+        for name, key, mb in writes:
+            bufs[name][key] = mb
 
 
 def test_pipeline_problems_are_reported_before_compile():
@@ -94,3 +126,42 @@ def test_unknown_schedule_is_a_config_error_with_a_suggestion():
     c.pipeline.schedule = "dualpipv"
     with pytest.raises(config_lib.ConfigError, match="did you mean 'dualpipev'"):
         train_config.validate(c)
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipev"])
+def test_tick_costs_follow_the_busiest_rank(name):
+    schedule = sched_lib.make(name, 4, 8, eager=name == "1f1b")
+    plan = executor.make_plan(schedule, simulate.lockstep(schedule),
+                              [1] * schedule.n_stages)
+    F, B, W = 1.0, 2.5, 0.75
+    cost = executor.op_costs(F, B, W, plan.split_w, recompute=True)
+    t, C = plan.table, executor.C
+    cols = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
+    per_rank = sum(cost[o] * (t[:, :, C[c]] > 0) for o, c in cols)     # [T, P]
+    branched = executor.tick_costs(plan, F, B, W, branched=True, recompute=True)
+    free = executor.tick_costs(plan, F, B, W, branched=False, recompute=True)
+    np.testing.assert_allclose(branched, per_rank.max(1))
+    np.testing.assert_allclose(free, sum(cost[o] for o, _ in cols))
+    assert (branched <= free).all() and branched.sum() < free.sum()
+    # every rank does its stages' F, B (and W) for every micro-batch, once
+    work = 8 * schedule.n_stages / 4 * sum(cost[o] for o, _ in cols)
+    np.testing.assert_allclose(per_rank.sum(0), work)
+    # recompute: B re-runs the forward; split W also runs the input-gradient chain
+    assert cost["B"] == (F + B - W if plan.split_w else F + B)
+    kept = executor.op_costs(F, B, W, plan.split_w)   # B and W call the VJP that F kept
+    assert kept["B"] == cost["B"] - F and kept["F"] == F
+
+
+def test_local_embedding_gradient_equals_the_gather_gradient():
+    import jax
+    import jax.numpy as jnp
+    from dsv3_jax import model
+    rng = np.random.default_rng(3)
+    table = jnp.asarray(rng.normal(size=(11, 6)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 11, (3, 7)), jnp.int32)      # repeated ids accumulate
+    w = jnp.asarray(rng.normal(size=(3, 7, 6)), jnp.float32)
+    loss = lambda f: lambda t: (f(t, ids) * w).sum()
+    want = jax.grad(loss(lambda t, i: jnp.take(t, i, axis=0)))(table)
+    got = jax.grad(loss(model._embed_local_grad))(table)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model._embed_local_grad(table, ids), jnp.take(table, ids, axis=0))

@@ -40,6 +40,7 @@ How the program is laid out (one SPMD program; every rank runs the same code):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -106,9 +107,10 @@ def layer_costs(cfg) -> tuple[float, float]:
     return float(cfg.num_dense_layers), float(cfg.num_nextn_predict_layers)
 
 
-def make_plan(schedule, ticks, counts: list[int]) -> Plan:
+def make_plan(schedule, ticks, counts: list[int], split_w: bool = True) -> Plan:
     """The device table from a schedule, its lockstep ticks (dsv3_jax.pipeline.simulate) and
-    the MoE layers per stage (`stage_layers`); shorter stages are padded with skipped layers."""
+    the MoE layers per stage (`stage_layers`); shorter stages are padded with skipped layers.
+    split_w=False runs a zero-bubble schedule's W with its B (one VJP; the W ops are dropped)."""
     p, s_n = schedule.ranks, schedule.n_stages
     if len(counts) != s_n:
         raise ValueError(f"{len(counts)} stage sizes for {s_n} stages")
@@ -118,9 +120,9 @@ def make_plan(schedule, ticks, counts: list[int]) -> Plan:
     table = np.full((t_n, p, len(COLS)), -1, np.int32)
     for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
         table[:, :, C[col]] = 0
-    split = bool(schedule.split_w)
+    split = bool(schedule.split_w) and split_w
     # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K
-    act_live, grad_live = {}, {}
+    act_live, grad_live, res_live = {}, {}, {}
     last_use = {}
     for t in range(t_n):
         for r in range(p):
@@ -146,6 +148,8 @@ def make_plan(schedule, ticks, counts: list[int]) -> Plan:
                 table[t, r, C[f"{o}_mb"]] = mb
                 if op == "W":
                     continue
+                if op == "F":   # its residuals, written at the end of this tick
+                    res_live[(r, slot, mb)] = (t, last_use[(r, slot, mb)])
                 nxt = stage + 1 if op == "F" else stage - 1
                 if not 0 <= nxt < s_n:
                     continue
@@ -162,11 +166,36 @@ def make_plan(schedule, ticks, counts: list[int]) -> Plan:
                 (act_live if op == "F" else grad_live)[(r2, slot2, mb)] = (
                     t, last_use[(r2, slot2, mb)])
     slots = 1
-    while not (_fits(act_live, slots) and _fits(grad_live, slots)):
+    while not all(_fits(live, slots) for live in (act_live, grad_live, res_live)):
         slots += 1
     index = np.array([[[start[stage] + i if i < counts[stage] else -1 for i in range(n)]
                        for stage in placement] for placement in schedule.placement], np.int32)
     return Plan(table, slots, index, split)
+
+
+def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = False) -> dict:
+    """What each op costs in this executor, from a stage's forward F, full backward B and its
+    weight part W. With `recompute`, B and W first re-run the stage's forward under `jax.vjp`;
+    without, they call the VJP F kept. A split W is a VJP for the parameters: it also runs the
+    input-gradient chain through the stage (only a per-Linear W from saved output gradients
+    would not)."""
+    f = F if recompute else 0.0
+    if split_w:
+        return {"F": F, "B": f + B - W, "W": f + B}
+    return {"F": F, "B": f + B, "W": 0.0}
+
+
+def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
+               recompute: bool = False) -> np.ndarray:
+    """[T] time of each tick of `plan` as this executor runs it (`op_costs`): branched, the
+    slowest rank's ops of that tick (an idle op costs nothing); branch-free, every op of a
+    tick on every rank, idle or not."""
+    cost = op_costs(F, B, W, plan.split_w, recompute)
+    ops = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
+    if not branched:
+        return np.full(plan.table.shape[0], sum(cost[o] for o, _ in ops))
+    busy = sum(cost[o] * (plan.table[:, :, C[col]] > 0) for o, col in ops)   # [T, P]
+    return busy.max(axis=1).astype(float)
 
 
 def _fits(live: dict, k: int) -> bool:
@@ -204,7 +233,7 @@ def _write(buf, slot, mb, k, value):
 
 
 def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step, schedule,
-                   plan: Plan):
+                   plan: Plan, branched: bool = True, recompute: bool = False):
     cfg = objective.cfg
     p, chunks = schedule.ranks, schedule.chunks
     m_n = batch["inputs"].shape[0]
@@ -264,16 +293,37 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             y, stats = jax.lax.scan(layer, x, (jp, jb, ok))
             return y, stats
 
-        def stage(first, last, jp, rp_, x, jb, ok, mb):
-            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage. Every
-            stage runs the same program (embedding and head included) and keeps what its kind
-            uses: no collective ever sits in a branch that another rank skips."""
-            x0 = model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
-                                     mb["positions"], mb["segment_ids"])
-            x = jnp.where(first, x0.astype(act_dtype), x.astype(act_dtype))
-            y, stats = chunk_fn(jp, jb, ok, x, mb)
+        def front(rp_, x, mb):
+            return model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
+                                       mb["positions"], mb["segment_ids"]).astype(act_dtype)
+
+        def tail_fn(rp_, y, mb):
             t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
-            tail = {k: jnp.where(last, v, 0).astype(tail_dtypes[k]) for k, v in tail.items()}
+            return (t_loss.astype(jnp.float32),
+                    {k: v.astype(tail_dtypes[k]) for k, v in tail.items()})
+
+        def tail_zeros(rp_, y, mb):
+            shapes = jax.eval_shape(tail_fn, rp_, y, mb)
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def stage(first, last, jp, rp_, x, jb, ok, mb):
+            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage: the
+            embedding and dense layers on the first stage, the head, MTP modules and loss on the
+            last. Branched: each rank runs its kind's part only (`lax.cond` on the rank's own
+            op; a collective inside, the expert all-to-all, involves only devices of the same
+            pipeline rank, which take the same branch). Branch-free: every stage runs all parts
+            and keeps what its kind uses."""
+            x = x.astype(act_dtype)
+            if branched:
+                x = jax.lax.cond(first, front, lambda rp_, x, mb: x, rp_, x, mb)
+            else:
+                x = jnp.where(first, front(rp_, x, mb), x)
+            y, stats = chunk_fn(jp, jb, ok, x, mb)
+            if branched:
+                t_loss, tail = jax.lax.cond(last, tail_fn, tail_zeros, rp_, y, mb)
+            else:
+                t_loss, tail = tail_fn(rp_, y, mb)
+                tail = {k: jnp.where(last, v, 0).astype(v.dtype) for k, v in tail.items()}
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), (
@@ -283,53 +333,125 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
         masked = lambda on, t: jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), t)
 
-        def operands(kind, slot, mbi, xin, gin):
+        def operands(kind, slot, mbi, xin, gin, res):
             slot, mbi = jnp.maximum(slot, 0), jnp.maximum(mbi, 0)
-            return (kind == FIRST, kind == LAST, _take(cp, slot), _take(cb, slot),
-                    valid[slot], xin[slot, mbi % k_slots], gin[slot, mbi % k_slots],
-                    _take(batch, mbi))
+            i = mbi % k_slots
+            return (kind == FIRST, kind == LAST, _take(cp, slot), rp, _take(cb, slot),
+                    valid[slot], xin[slot, i], gin[slot, i], _take(batch, mbi),
+                    [buf[slot, i] for buf in res])
 
-        def forward(kind, slot, mbi, xin, gin):
-            first, last, jp, jb, ok, x, _, mb = operands(kind, slot, mbi, xin, gin)
-            (y, term), aux = stage(first, last, jp, rp, x, jb, ok, mb)
-            return masked(kind != NONE, (y, term, aux))
+        def idle(fn):
+            """fn(*operands) where the rank has an op this tick, zeros where it is idle: a branch
+            (`lax.cond`; the operands are gathered outside it, as the gathers of a stage's
+            parameters may be collective-permutes over all devices) or a mask over work done
+            anyway (branch-free)."""
+            def run(kind, slot, mbi, xin, gin, res):
+                on = kind != NONE
+                ops = operands(kind, slot, mbi, xin, gin, res)
+                if branched:
+                    zeros = lambda *a: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
+                                                    jax.eval_shape(fn, *a))
+                    return jax.lax.cond(on, fn, zeros, *ops)
+                return masked(on, fn(*ops))
+            return run
 
-        def backward(kind, slot, mbi, xin, gin, wrt):
+        def stage_vjp(first, last, jp, rp_, jb, ok, x, mb):
+            """The stage's outputs, aux and its VJP's leaves: the residuals, among them the
+            stage's parameters themselves, marked in `where` by their index in (jp, rp_)'s
+            leaves (-1: a residual to keep per micro-batch)."""
+            f = lambda jp_, rp2, x_: stage(first, last, jp_, rp2, x_, jb, ok, mb)
+            out, vjp, aux = jax.vjp(f, jp, rp_, x, has_aux=True)
+            leaves, tdef = jax.tree.flatten(vjp)
+            params = jax.tree.leaves((jp, rp_))
+            where = tuple(next((i for i, q in enumerate(params) if leaf is q), -1)
+                          for leaf in leaves)
+            return out, aux, leaves, tdef, where
+
+        if recompute:
+            vjp_def = None
+            res0 = []
+        else:
+            # the residuals' layout, from one trace of a stage (XLA drops its unused work); F
+            # keeps those that are not parameters, B and W rebuild the VJP from them. Every
+            # operand of this trace is traced, as in F: a concrete one (a Python bool for
+            # `first`) would be baked into the VJP's static part that B reuses.
+            buf0 = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
+            kind0 = table[0, r, C["f_kind"]]
+            ops0 = operands(kind0, jnp.maximum(table[0, r, C["f_slot"]], 0), kind0 * 0, buf0,
+                            buf0, [])
+            _, _, leaves0, tdef0, where0 = stage_vjp(*ops0[:7], ops0[8])
+            vjp_def = (tdef0, where0, [(a.shape, a.dtype) for a in leaves0])
+            res0 = [jnp.zeros((chunks, k_slots) + a.shape, a.dtype)
+                    for a, w in zip(leaves0, where0) if w < 0]
+
+        @idle
+        def forward(first, last, jp, rp_, jb, ok, x, _, mb, _res):
+            if recompute:
+                (y, term), aux = stage(first, last, jp, rp_, x, jb, ok, mb)
+                return y, term, aux, []
+            (y, term), aux, leaves, tdef, where = stage_vjp(first, last, jp, rp_, jb, ok, x, mb)
+            if where != vjp_def[1] or [(a.shape, a.dtype) for a in leaves] != vjp_def[2]:
+                raise AssertionError("a stage's VJP residuals differ between traces")
+            return y, term, aux, [a for a, w in zip(leaves, where) if w < 0]
+
+        def backward(kind, slot, mbi, xin, gin, res, wrt):
             """wrt: "all" (B of a non-split schedule), "x" (B) or "params" (W).
             Returns (dx, d chunk params, d rest params), zero where the op is idle."""
-            first, last, jp, jb, ok, x, dy, mb = operands(kind, slot, mbi, xin, gin)
-            f = lambda jp_, rp_, x_: stage(first, last, jp_, rp_, x_, jb, ok, mb)[0]
-            cot = (dy, jnp.asarray(inv_m, jnp.float32))
-            on = kind != NONE
+            @idle
+            def op(first, last, jp, rp_, jb, ok, x, dy, mb, kept):
+                cot = (dy, jnp.asarray(inv_m, jnp.float32))
+                if recompute:
+                    f = lambda jp_, rp2, x_: stage(first, last, jp_, rp2, x_, jb, ok, mb)[0]
+                    if wrt == "x":
+                        _, vjp = jax.vjp(lambda x_: f(jp, rp_, x_), x)
+                        return vjp(cot)[0].astype(act_dtype)
+                    if wrt == "params":
+                        _, vjp = jax.vjp(lambda jp_, rp2: f(jp_, rp2, x), jp, rp_)
+                        return f32(vjp(cot))
+                    _, vjp = jax.vjp(f, jp, rp_, x)
+                    djp, drp, dx = vjp(cot)
+                else:   # the VJP F kept: its parameters from this op's own, the rest from F
+                    tdef, where, _ = vjp_def
+                    params, kept = jax.tree.leaves((jp, rp_)), iter(kept)
+                    vjp = jax.tree.unflatten(
+                        tdef, [params[w] if w >= 0 else next(kept) for w in where])
+                    djp, drp, dx = vjp(cot)   # XLA drops what the op does not return
+                    if wrt == "x":
+                        return dx.astype(act_dtype)
+                    if wrt == "params":
+                        return f32((djp, drp))
+                return dx.astype(act_dtype), f32(djp), f32(drp)
+            out = op(kind, slot, mbi, xin, gin, res)
             if wrt == "x":
-                _, vjp = jax.vjp(lambda x_: f(jp, rp, x_), x)
-                return masked(on, vjp(cot)[0].astype(act_dtype)), None, None
+                return out, None, None
             if wrt == "params":
-                _, vjp = jax.vjp(lambda jp_, rp_: f(jp_, rp_, x), jp, rp)
-                djp, drp = vjp(cot)
-                return None, masked(on, f32(djp)), masked(on, f32(drp))
-            _, vjp = jax.vjp(f, jp, rp, x)
-            djp, drp, dx = vjp(cot)
-            return masked(on, dx.astype(act_dtype)), masked(on, f32(djp)), masked(on, f32(drp))
+                return (None,) + tuple(out)
+            return out
 
         def tick(carry, rows_all):
-            xin, gin, dcp, drp, sums, counts, mtp_counts = carry
+            xin, gin, res, dcp, drp, sums, counts, mtp_counts = carry
             row = rows_all[r]
             g = lambda name: row[C[name]]
-            # F
-            y, term, (cts, bal, tail) = forward(g("f_kind"), g("f_slot"), g("f_mb"), xin, gin)
+            # F (and what its B and W will need: its VJP's residuals, unless they recompute)
+            y, term, (cts, bal, tail), kept = forward(g("f_kind"), g("f_slot"), g("f_mb"),
+                                                      xin, gin, res)
             sums = sums + jnp.stack(
                 [term, tail["ce"], tail["mtp_ce"], bal + tail["balance"], tail["mtp_weight"]])
             counts = _add_at(counts, jnp.maximum(g("f_slot"), 0), cts)
             mtp_counts = mtp_counts + tail["mtp_counts"]
             # B (and W)
             if plan.split_w:
-                dx, _, _ = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, "x")
-                _, dj, dr = backward(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, "params")
+                dx, _, _ = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, res, "x")
+                _, dj, dr = backward(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, res,
+                                     "params")
                 slot_w = g("w_slot")
             else:
-                dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, "all")
+                dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, res,
+                                      "all")
                 slot_w = g("b_slot")
+            # F's residuals, once this tick's B and W have read theirs (make_plan's slot sizing)
+            f_slot = jnp.where(g("f_kind") != NONE, g("f_slot"), -1)
+            res = [_write(buf, f_slot, g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
             dcp = _add_at(dcp, jnp.maximum(slot_w, 0), dj)
             drp = jax.tree.map(jnp.add, drp, dr)
             # outputs: right- and left-moving (activation, gradient) pairs, and local turns
@@ -343,15 +465,16 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             gin = _write(gin, g("rg_slot"), g("rg_mb"), k_slots, from_left[1])
             gin = _write(gin, g("lg_slot"), g("lg_mb"), k_slots, from_right[1])
             gin = _write(gin, g("og_slot"), g("og_mb"), k_slots, dx)
-            return (xin, gin, dcp, drp, sums, counts, mtp_counts), None
+            return (xin, gin, res, dcp, drp, sums, counts, mtp_counts), None
 
         zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
         buf = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
-        carry = (buf, buf, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp), zeros_rp,
+        carry = (buf, buf, res0, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp),
+                 zeros_rp,
                  jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
                  jnp.zeros((depth, n_e), jnp.int32))
         carry, _ = jax.lax.scan(tick, carry, table)
-        _, _, dcp, drp, sums, counts, mtp_counts = carry
+        _, _, _, dcp, drp, sums, counts, mtp_counts = carry
         sums, drp, mtp_counts = jax.lax.psum((sums, drp, mtp_counts), AXIS)
         expand = lambda t: jax.tree.map(lambda a: a[None], t)
         return sums, mtp_counts, drp, expand(dcp), counts[None]
@@ -363,7 +486,12 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                   spec(rest_b, P()), spec(batch, P()), P(), P()),
         out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
         axis_names={AXIS}, check_vma=False)
-    with moe_lib.synced_over(AXIS):
+    # branch-free, every rank runs every MoE layer each tick, so the EP capacity branch inside
+    # must be the same on all pipeline ranks; branched, only the devices of one rank do
+    # the embedding's gradient as a local scatter + all-reduce (model.local_embed_grad): GSPMD's
+    # own scatter holds a collective-permute over all devices, which must not sit in a branch
+    with moe_lib.synced_over(*(() if branched else (AXIS,))), (
+            model.local_embed_grad() if branched else contextlib.nullcontext()):
         sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
                                                 step, jnp.asarray(plan.table))
     grads = dict(drp)
@@ -378,15 +506,16 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
 
 @functools.lru_cache(maxsize=64)
 def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
-          extras: tuple[float, float] = (0.0, 0.0)):
-    """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid."""
+          extras: tuple[float, float] = (0.0, 0.0), split_w: bool = False):
+    """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid.
+    split_w: run zb1p / dualpipev / dualpipe's W ops apart from their B (`make_plan`)."""
     from dsv3_jax.pipeline import schedules, simulate
     # 1F1B runs its eager variant: the standard one packs into lockstep ticks badly (a rank's F
     # and the B it waits for land in different ticks); eager warm-up reaches the MPMD time at
     # 2(P-1-r)+1 activations on rank r (dsv3_jax/pipeline/simulate.py)
     schedule = schedules.make(name, ranks, microbatches, eager=name == "1f1b")
     counts = stage_layers(num_moe_layers, schedule.n_stages, *extras)
-    return schedule, make_plan(schedule, simulate.lockstep(schedule), counts)
+    return schedule, make_plan(schedule, simulate.lockstep(schedule), counts, split_w)
 
 
 def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]:
@@ -411,10 +540,12 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]
     return out
 
 
-def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, batch, step):
+def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, batch, step, *,
+                        branched: bool = True, recompute: bool = False, split_w: bool = False):
     """The train step's (loss, aux), grads through the pipeline (micro-batches from the batch's
     leading axis; the schedule and its table are built once per micro-batch count)."""
     cfg = objective.cfg
     schedule, plan = build(name, ranks, int(batch["inputs"].shape[0]), cfg.num_moe_layers,
-                           layer_costs(cfg))
-    return value_and_grad(objective, params, router_bias, batch, step, schedule, plan)
+                           layer_costs(cfg), split_w)
+    return value_and_grad(objective, params, router_bias, batch, step, schedule, plan,
+                          branched=branched, recompute=recompute)

@@ -6,7 +6,7 @@ within 1e-5 relative: a small config with MTP on, 16 MoE layers (so that DualPip
 has its 16 stages) and every schedule on the meshes of the issue. Prints one JSON line per case;
 exits 1 on failure.
 
-  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven
+  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven|modes
   python tests/multidevice/pipeline_equivalence.py cases dualpipev@8 dualpipe@8
 """
 import json
@@ -62,7 +62,8 @@ def leaf(tree, path):
     return np.asarray(tree)
 
 
-def run(c, mesh_sizes=None, schedule=None, micro=1):
+def run(c, mesh_sizes=None, schedule=None, micro=1, branched=True, recompute=False,
+        split_w=False):
     cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
     init = lambda: train_state.init_state(cfg, fns.optimizer, 0, ema=False)
@@ -75,7 +76,8 @@ def run(c, mesh_sizes=None, schedule=None, micro=1):
     else:
         shape = sharding.resolve_mesh_shape(mesh_sizes, jax.device_count())
         sharding.validate_mesh(shape, cfg, ROWS // micro)
-        fns = train.dataclasses.replace(fns, pipeline=(schedule, shape["pipeline"]))
+        fns = train.dataclasses.replace(fns, pipeline=(schedule, shape["pipeline"], branched,
+                                                       recompute, split_w))
         mesh = sharding.make_mesh(shape)
         specs = train_state.state_specs(jax.eval_shape(init), cfg, fns.optimizer, shape)
         shard = sharding.named(mesh, specs)
@@ -88,7 +90,8 @@ def run(c, mesh_sizes=None, schedule=None, micro=1):
                        out_shardings=(shard, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())),
                        donate_argnums=0)
         grad_fn = jax.jit(lambda s, b: executor.step_value_and_grad(
-            fns.objective, *fns.pipeline, s["params"], s["router_bias"], b, s["step"])[1],
+            fns.objective, schedule, shape["pipeline"], s["params"], s["router_bias"], b,
+            s["step"], branched=branched, recompute=recompute, split_w=split_w)[1],
             in_shardings=(shard, micro_sh))
     grads = [leaf(grad_fn(state, data[0]), p) for p in LEAVES]
     losses, norms = [], []
@@ -119,6 +122,11 @@ def main():
         cases = [("dualpipe", MESHES[0])]
     elif which == "uneven":   # 3 MoE layers over the 4 stages of DualPipeV on 2 ranks: padded
         cases = [("dualpipev", MESHES[0]), ("1f1b", MESHES[0])]
+    elif which == "modes":   # the other modes (default: branched, residuals kept, W with B)
+        cases = [(s, MESHES[0], mode) for s in ("1f1b", "dualpipev")
+                 for mode in ((False, True, False), (True, True, False), (False, False, False))]
+        cases += [(s, MESHES[0], mode) for s in ("zb1p", "dualpipev")
+                  for mode in ((True, False, True), (True, True, True), (False, True, True))]
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
@@ -126,7 +134,7 @@ def main():
         cases = [("dualpipev", MESHES[0])]
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
-    moe_layers = {"uneven": 5, "quick": 4}.get(which, 16)
+    moe_layers = {"uneven": 5, "quick": 4, "modes": 4}.get(which, 16)
     c = config(fp8, moe_layers)
     # FP8's 1x128 activation and 128x1 Wgrad tiles follow each micro-batch's rows, so with FP8
     # the reference accumulates over the same 4 micro-batches the pipeline runs (the others take
@@ -134,9 +142,10 @@ def main():
     ref = run(c, micro=2 * MESHES[0]["pipeline"] if fp8 else 1)
     rtol = 1e-3 if fp8 else 1e-5
     ok = True
-    for schedule, sizes in cases:
+    for schedule, sizes, *mode in cases:
         micro = 2 * sizes["pipeline"]          # the smallest count every schedule accepts
-        got = run(config(fp8, moe_layers), sizes, schedule, micro)
+        branched, recompute, split_w = mode[0] if mode else (True, False, False)
+        got = run(config(fp8, moe_layers), sizes, schedule, micro, branched, recompute, split_w)
         checks = {
             "losses": close(got["losses"], ref["losses"], rtol),
             # FP8: each device quantises its own rows' 1x128 tiles, so even a plain expert-
@@ -150,6 +159,7 @@ def main():
         }
         ok &= all(checks.values())
         print(json.dumps({"schedule": schedule, "mesh": sizes, "microbatches": micro,
+                          "branched": branched, "recompute": recompute, "split_w": split_w,
                           "losses": got["losses"], "grad_norms": got["grad_norms"],
                           "reference_grad_norms": ref["grad_norms"], **checks}), flush=True)
     print("reference losses", ref["losses"])
