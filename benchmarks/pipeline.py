@@ -7,17 +7,18 @@
    tests/multidevice/pipeline_equivalence.py): the stage's forward, its VJP for the input only
    (B - W) and for the parameters only (W).
 2. The report's PP (16) with those costs: the bubble as scheduled (MPMD), packed into lockstep
-   ticks, and as this executor runs its tick table (`executor.tick_costs`), branch-free and
-   branched.
+   ticks, and as this executor runs its tick table (`executor.tick_costs`) in each of its
+   modes (MODES: branch-free or branched ticks; stage recompute or the forward's VJP residuals
+   kept; a zero-bubble W apart or with its B).
 3. For each schedule on the fake-device mesh: the simulator's MPMD and lockstep step times from
    those costs, the executor's step (the pipelined value-and-grad) timed as the median of 3 runs
-   with branch-free and with branched ticks, its tick count, and the collective-permutes in the
+   in the first mode, with residuals kept and in the default one, its tick count, and the collective-permutes in the
    compiled program (the loop body runs once per tick) against the schedule's own cross-rank
    transfers.
 
 On fake CPU devices all "devices" share this machine's cores, so the executed time is the sum of
-every rank's work, not the slowest rank's: branched / branch-free is compared with the ratio of
-all ranks' op costs in the two modes.
+every rank's work, not the slowest rank's: each mode's time over the first mode's is compared
+with the ratio of all ranks' op costs (in brackets).
 """
 from __future__ import annotations
 
@@ -85,14 +86,12 @@ def main(argv=None):
           f"W {W * 1e3:.1f} ms")
 
     # 2. the report's PP with these costs: bubble fractions as scheduled (MPMD), packed in
-    # lockstep ticks, and as this executor runs its tick table (executor.tick_costs: B and W
-    # re-run the stage's forward; branch-free, every tick costs every op on every rank;
-    # branched, each tick costs its slowest rank's ops)
+    # lockstep ticks, and as this executor runs its tick table (executor.tick_costs) in each
+    # mode: branch-free or branched ticks, stage recompute or kept residuals, W apart or with B
     print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, stage costs as measured above "
           "(one stage = one chunk)")
-    print("| schedule | MPMD bubble | lockstep bubble | executor, branch-free | executor, "
-          "branched |")
-    print("|---|---|---|---|---|")
+    print("| schedule | MPMD bubble | lockstep bubble | " + " | ".join(m for m, _ in MODES) + " |")
+    print("|---|---|---|" + "---|" * len(MODES))
     from dsv3_jax.pipeline import schedules as sched_lib
     for name in a.schedules.split(","):
         m_ = 2 * a.table_pp
@@ -100,56 +99,73 @@ def main(argv=None):
         own = sched_lib.make(name, a.table_pp, m_)
         mpmd = simulate.simulate(own, F=F, B=B, W=W)
         lock = simulate.simulate_lockstep(sch, F=F, B=B, W=W)
-        _, plan = executor.build(name, a.table_pp, m_, sch.n_stages)   # the table it runs
         work = m_ * sch.n_stages / a.table_pp * (F + B)      # useful work per rank
         cells = []
-        for branched in (False, True):
-            executed = executor.tick_costs(plan, F, B, W, branched).sum()
+        for _, (branched, recompute, split_w) in MODES:
+            _, plan = executor.build(name, a.table_pp, m_, sch.n_stages, split_w=split_w)
+            executed = executor.tick_costs(plan, F, B, W, branched, recompute).sum()
             cells.append(f"{1 - work / executed:.1%}")
         print(f"| {name}{' (eager)' if name == '1f1b' else ''} | {mpmd.bubble_fraction:.1%} | "
-              f"{lock.bubble_fraction:.1%} | {cells[0]} | {cells[1]} "
-              f"({plan.table.shape[0]} ticks) |")
+              f"{lock.bubble_fraction:.1%} | " + " | ".join(cells) + " |")
     print()
 
     shape = sharding.resolve_mesh_shape(dict(pipeline=a.pp, data=a.data, expert=-1),
                                         jax.device_count())
     mesh = sharding.make_mesh(shape)
+    old, kept, new = MODES[0], MODES[3], MODES[-1]
     print(f"# mesh {shape}, {micro} micro-batches, jax {jax.__version__}; executed: median of 3 "
-          "steps, branch-free vs branched ticks; on fake devices a step's time is all devices' "
-          "work on this machine's cores, so the predicted ratio sums every rank's ops")
-    print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed branch-free (ms) | "
-          "executed branched (ms) | branched / branch-free | predicted (all ranks' ops) | "
+          f"steps in three modes: A = {old[0]}, K = {kept[0]}, D = {new[0]}; on fake devices a "
+          "step's time is all devices' work on this machine's cores, so the predicted ratios "
+          "sum every rank's ops")
+    print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed A (ms) | "
+          "executed K (ms) | executed D (ms) | K / A (predicted) | D / A (predicted) | "
           "collective-permutes compiled | schedule transfers |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in a.schedules.split(","):
-        schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
-                                        executor.layer_costs(cfg))
-        per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
-        cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
-        mpmd = simulate.simulate(schedule, **cost).time
-        lock = simulate.simulate_lockstep(schedule, **cost).time
-        times, permutes = {}, None
-        for branched in (False, True):
+        times, work, permutes = {}, {}, None
+        for label, (branched, recompute, split_w) in (old, kept, new):
+            schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
+                                            executor.layer_costs(cfg), split_w)
             with jax.set_mesh(mesh):
                 step = jax.jit(lambda p, b, x: executor.value_and_grad(
-                    fns.objective, p, b, x, 0, schedule, plan, branched=branched))
+                    fns.objective, p, b, x, 0, schedule, plan, branched=branched,
+                    recompute=recompute))
                 compiled = step.lower(state["params"], state["router_bias"], batch).compile()
-                if branched:
+                if label == new[0]:
                     # the tick loop's body holds the executor's two ppermutes (right, left);
                     # XLA runs the body once per tick
                     permutes = len(re.findall(r"collective-permute(?:-start)?\(",
                                               compiled.as_text()))
-                times[branched] = timed(step, state["params"], state["router_bias"], batch)
-        ops = executor.op_costs(1.0, B / F, W / F, plan.split_w)
-        cols = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
-        t = plan.table
-        done = sum(ops[o] * (t[:, :, executor.C[c]] > 0).sum() for o, c in cols)
-        every = t.shape[0] * t.shape[1] * sum(ops[o] for o, _ in cols)
-        ticks = t.shape[0]
-        transfers = int(sum(((t[..., executor.C["f_dir"]] == d).sum()
-                             + (t[..., executor.C["b_dir"]] == d).sum())
+                times[label] = timed(step, state["params"], state["router_bias"], batch)
+            ops = executor.op_costs(F, B, W, plan.split_w, recompute)
+            cols = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w
+                                                          else [])
+            t = plan.table
+            work[label] = (sum(ops[o] * (t[:, :, executor.C[c]] > 0).sum() for o, c in cols)
+                           if branched else t.shape[0] * t.shape[1] * sum(ops[o] for o, _ in cols))
+        per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
+        cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
+        mpmd = simulate.simulate(schedule, **cost).time
+        lock = simulate.simulate_lockstep(schedule, **cost).time
+        ticks = plan.table.shape[0]
+        transfers = int(sum(((plan.table[..., executor.C["f_dir"]] == d).sum()
+                             + (plan.table[..., executor.C["b_dir"]] == d).sum())
                             for d in (executor.RIGHT, executor.LEFT)))
+        ratio = lambda m: (f"{times[m[0]] / times[old[0]]:.2f} "
+                           f"({work[m[0]] / work[old[0]]:.2f})")
         print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | "
-              f"{times[False] * 1e3:.0f} | {times[True] * 1e3:.0f} | "
-              f"{times[True] / times[False]:.2f} | {done / every:.2f} | "
+              f"{times[old[0]] * 1e3:.0f} | {times[kept[0]] * 1e3:.0f} | "
+              f"{times[new[0]] * 1e3:.0f} | {ratio(kept)} | {ratio(new)} | "
               f"{permutes} in the program, x {ticks} ticks | {transfers} |", flush=True)
+
+# (label, (branched, recompute, split_w)): the executor's modes, the first the original one
+# (every op on every rank, B and W re-run the forward, W apart), the last the default
+MODES = [("branch-free, recompute, W apart", (False, True, True)),
+         ("branched, recompute, W apart", (True, True, True)),
+         ("branched, residuals kept, W apart", (True, False, True)),
+         ("branched, residuals kept, W with B", (True, False, False)),
+         ("branched, recompute, W with B (default)", (True, True, False))]
+
+
+if __name__ == "__main__":
+    main()

@@ -203,9 +203,11 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
 
     The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
     holds): the rank with the most stage chunks in flight (simulate.peak_inflight) x the MoE
-    layers per chunk x the tokens of a micro-batch. The executor here keeps less between ops
-    (stage inputs and output gradients in K slots per chunk, then one stage's residuals while
-    its backward runs): `executor_GiB` gives that figure too."""
+    layers per chunk x the tokens of a micro-batch. `executor_GiB` is what the executor here
+    keeps between ops: stage inputs and output gradients in K slots per chunk, and the stage's
+    residuals while its backward runs (c.pipeline.recompute, the default) or, with
+    recompute=False, every stage's residuals in the same K slots (room for the dense layers and
+    MTP modules in each, as one SPMD program has one layout)."""
     from dsv3_jax.pipeline import executor, schedules, simulate
     m = max(1, (c.data.global_batch // (c.data.micro_batch or c.data.global_batch)))
     note = ""
@@ -227,11 +229,13 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
         cfg.num_nextn_predict_layers if st == sched.n_stages - 1 else 0)
     in_flight = max(peak[r] * float(np.mean([counts[st] + extra(st) for st in stages]))
                     for r, stages in enumerate(sched.placement))
-    slots = executor.build(sched.name, pp, m, cfg.num_moe_layers,
-                           executor.layer_costs(cfg))[1].slots   # what the executor runs
+    recompute = c.pipeline.get("recompute", True)
+    slots = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
+                           c.pipeline.get("split_w", False))[1].slots   # what the executor runs
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
+    stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
     exec_bytes = (2 * sched.chunks * slots * tokens * d_bytes
-                  + (per_chunk + dense_mtp) * tokens * bytes_token_layer)
+                  + (1 if recompute else sched.chunks * slots) * stage_res)
     return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,

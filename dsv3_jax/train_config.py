@@ -135,8 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # data.micro_batch = global_batch / microbatches
         branched=True,            # each rank runs only its own ops in a tick (lax.cond per op
                                   # and stage kind); False: every rank runs every op, masked
-        recompute=False,          # B and W re-run the stage's forward from its saved input
-                                  # (less memory); False: F keeps the stage's VJP residuals
+        recompute=True,           # B and W re-run the stage's forward from its saved input;
+                                  # False: F keeps the stage's VJP residuals per micro-batch
+                                  # (more memory; slower on CPU: benchmarks/pipeline.py)
         split_w=False,            # zb1p / dualpipe(v): W as its own op (a VJP for the
                                   # parameters, which repeats B's input-gradient chain); False:
                                   # W runs with its B (measured cheaper: benchmarks/pipeline.py)

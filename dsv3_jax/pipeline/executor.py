@@ -173,7 +173,7 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = True) -> Plan:
     return Plan(table, slots, index, split)
 
 
-def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = False) -> dict:
+def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = True) -> dict:
     """What each op costs in this executor, from a stage's forward F, full backward B and its
     weight part W. With `recompute`, B and W first re-run the stage's forward under `jax.vjp`;
     without, they call the VJP F kept. A split W is a VJP for the parameters: it also runs the
@@ -186,7 +186,7 @@ def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = Fals
 
 
 def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
-               recompute: bool = False) -> np.ndarray:
+               recompute: bool = True) -> np.ndarray:
     """[T] time of each tick of `plan` as this executor runs it (`op_costs`): branched, the
     slowest rank's ops of that tick (an idle op costs nothing); branch-free, every op of a
     tick on every rank, idle or not."""
@@ -225,15 +225,15 @@ def _add_at(tree, i, value):
 
 
 def _write(buf, slot, mb, k, value):
-    """buf[slot, mb % k] = value where slot >= 0 (a no-op write otherwise)."""
+    """buf[slot, mb % k] = value where slot >= 0, else into the scratch row buf[0, k]: a plain
+    in-place update either way (no read of what was there)."""
     ok = slot >= 0
-    s, i = jnp.maximum(slot, 0), jnp.maximum(mb, 0) % k
-    cur = buf[s, i]
-    return buf.at[s, i].set(jnp.where(ok, value.astype(buf.dtype), cur))
+    i = jnp.where(ok, jnp.maximum(mb, 0) % k, k)
+    return buf.at[jnp.maximum(slot, 0), i].set(value.astype(buf.dtype))
 
 
 def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step, schedule,
-                   plan: Plan, branched: bool = True, recompute: bool = False):
+                   plan: Plan, branched: bool = True, recompute: bool = True):
     cfg = objective.cfg
     p, chunks = schedule.ranks, schedule.chunks
     m_n = batch["inputs"].shape[0]
@@ -319,10 +319,13 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             else:
                 x = jnp.where(first, front(rp_, x, mb), x)
             y, stats = chunk_fn(jp, jb, ok, x, mb)
+            # with the VJP's residuals kept per micro-batch, the head's (logits-sized) are not:
+            # B re-runs the tail from its input
+            tail_op = tail_fn if recompute else jax.checkpoint(tail_fn)
             if branched:
-                t_loss, tail = jax.lax.cond(last, tail_fn, tail_zeros, rp_, y, mb)
+                t_loss, tail = jax.lax.cond(last, tail_op, tail_zeros, rp_, y, mb)
             else:
-                t_loss, tail = tail_fn(rp_, y, mb)
+                t_loss, tail = tail_op(rp_, y, mb)
                 tail = {k: jnp.where(last, v, 0).astype(v.dtype) for k, v in tail.items()}
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
@@ -375,13 +378,13 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             # keeps those that are not parameters, B and W rebuild the VJP from them. Every
             # operand of this trace is traced, as in F: a concrete one (a Python bool for
             # `first`) would be baked into the VJP's static part that B reuses.
-            buf0 = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
+            buf0 = jnp.zeros((chunks, k_slots + 1) + x_shape, act_dtype)
             kind0 = table[0, r, C["f_kind"]]
             ops0 = operands(kind0, jnp.maximum(table[0, r, C["f_slot"]], 0), kind0 * 0, buf0,
                             buf0, [])
             _, _, leaves0, tdef0, where0 = stage_vjp(*ops0[:7], ops0[8])
             vjp_def = (tdef0, where0, [(a.shape, a.dtype) for a in leaves0])
-            res0 = [jnp.zeros((chunks, k_slots) + a.shape, a.dtype)
+            res0 = [jnp.zeros((chunks, k_slots + 1) + a.shape, a.dtype)
                     for a, w in zip(leaves0, where0) if w < 0]
 
         @idle
@@ -468,7 +471,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             return (xin, gin, res, dcp, drp, sums, counts, mtp_counts), None
 
         zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
-        buf = jnp.zeros((chunks, k_slots) + x_shape, act_dtype)
+        buf = jnp.zeros((chunks, k_slots + 1) + x_shape, act_dtype)   # + a scratch row
         carry = (buf, buf, res0, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp),
                  zeros_rp,
                  jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
@@ -541,7 +544,7 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]
 
 
 def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, batch, step, *,
-                        branched: bool = True, recompute: bool = False, split_w: bool = False):
+                        branched: bool = True, recompute: bool = True, split_w: bool = False):
     """The train step's (loss, aux), grads through the pipeline (micro-batches from the batch's
     leading axis; the schedule and its table are built once per micro-batch count)."""
     cfg = objective.cfg

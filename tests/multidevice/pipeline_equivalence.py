@@ -62,7 +62,7 @@ def leaf(tree, path):
     return np.asarray(tree)
 
 
-def run(c, mesh_sizes=None, schedule=None, micro=1, branched=True, recompute=False,
+def run(c, mesh_sizes=None, schedule=None, micro=1, branched=True, recompute=True,
         split_w=False):
     cfg = train_config.validate(c)
     fns = train.make_step_fns(c, cfg)
@@ -122,11 +122,11 @@ def main():
         cases = [("dualpipe", MESHES[0])]
     elif which == "uneven":   # 3 MoE layers over the 4 stages of DualPipeV on 2 ranks: padded
         cases = [("dualpipev", MESHES[0]), ("1f1b", MESHES[0])]
-    elif which == "modes":   # the other modes (default: branched, residuals kept, W with B)
+    elif which == "modes":   # the other modes (default: branched, stage recompute, W with B)
         cases = [(s, MESHES[0], mode) for s in ("1f1b", "dualpipev")
-                 for mode in ((False, True, False), (True, True, False), (False, False, False))]
+                 for mode in ((True, False, False), (False, True, False), (False, False, False))]
         cases += [(s, MESHES[0], mode) for s in ("zb1p", "dualpipev")
-                  for mode in ((True, False, True), (True, True, True), (False, True, True))]
+                  for mode in ((True, True, True), (True, False, True), (False, True, True))]
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
@@ -144,7 +144,7 @@ def main():
     ok = True
     for schedule, sizes, *mode in cases:
         micro = 2 * sizes["pipeline"]          # the smallest count every schedule accepts
-        branched, recompute, split_w = mode[0] if mode else (True, False, False)
+        branched, recompute, split_w = mode[0] if mode else (True, True, False)
         got = run(config(fp8, moe_layers), sizes, schedule, micro, branched, recompute, split_w)
         checks = {
             "losses": close(got["losses"], ref["losses"], rtol),
