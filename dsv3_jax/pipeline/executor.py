@@ -20,20 +20,25 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   sharded over `pipeline` (for the V placement of dualpipev a static permutation of the layer
   axis; for dualpipe each stage appears on two ranks and its two gradients are summed).
 * Ticks. `lax.scan` over the lockstep tick table of `simulate.lockstep`: in each tick a rank
-  runs one F, one B and (zero-bubble schedules) one W, then two `ppermute`s move activations
-  and input gradients one rank right and one rank left (each carrying both); a V turn (the same
-  rank holds the next stage) is a local write. The tick is branch-free: every rank runs the
-  same program every tick (a stage computes the embedding + dense layers and the head + MTP
-  too, and keeps what its kind uses; an idle op's results are masked to zero), so no
-  collective (the MoE's expert all-to-all, GSPMD's gathers) ever sits in a branch that another
-  rank skips, which deadlocks CPU collectives and costs a host sync on GPU. A tick therefore
-  costs F + B (+ W) of a full stage everywhere: the executed time is ticks x that, which
-  `benchmarks/pipeline.py` reports next to the simulator's MPMD and lockstep predictions.
+  runs one F, one B and (split W) one W, then two `ppermute`s move activations and input
+  gradients one rank right and one rank left (each carrying both); a V turn (the same rank
+  holds the next stage) is a local write. Branched (default): each op is a `lax.cond` on the
+  rank's own table entry and, inside a stage, the embedding + dense layers and the head + MTP
+  are `lax.cond`s on the stage's kind, so a tick costs its slowest rank's own ops. Every
+  collective inside a branch involves only the devices of one pipeline rank, which all take
+  the same branch; the operands (the stage's parameter slices) are gathered outside the
+  branches, and the embedding's gradient is a local scatter + all-reduce
+  (`model.local_embed_grad`), as GSPMD's own scatter holds a collective-permute whose CPU
+  rendezvous waits for every device. Branch-free: every rank runs every op every tick and
+  masks what is idle (then the EP capacity branch is agreed over `pipeline` too).
+  `tick_costs` models both; `benchmarks/pipeline.py` measures them.
 * Residuals. A stage keeps its input activation per in-flight micro-batch (buffer slots
-  indexed by mb % K, K from the tick table) and B re-runs the stage's forward under `jax.vjp`
-  (stage-level recompute: exact, the forward runs twice). For schedules with a separate W
-  (zb1p, dualpipev, dualpipe), B takes the VJP with respect to the stage input only and W the
-  VJP with respect to the stage parameters from the same saved input and output gradient.
+  indexed by mb % K, K from the tick table, plus a scratch row for idle writes). With
+  recompute (default) B re-runs the stage's forward under `jax.vjp`; without, F keeps the
+  stage's VJP residuals (not its parameters, which B and W take from their own slot; not the
+  head's, recomputed) in the same slots and B calls it. With split_w (zb1p, dualpipev,
+  dualpipe) B takes the VJP with respect to the stage input only and W the one with respect
+  to the stage parameters; otherwise W runs with its B.
 * Loss. Each micro-batch's loss is the sum of its stages' terms: α·Σ L_bal of every stage's
   MoE layers plus the last stage's CE + λ·MTP + α·L_bal(MTP); B seeds every stage's term with
   the cotangent 1/M, so the gradient is the mean over micro-batches, as in train_step.
