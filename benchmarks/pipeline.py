@@ -102,7 +102,8 @@ def main(argv=None):
         work = m_ * sch.n_stages / a.table_pp * (F + B)      # useful work per rank
         cells = []
         for _, (branched, recompute, split_w) in MODES:
-            _, plan = executor.build(name, a.table_pp, m_, sch.n_stages, split_w=split_w)
+            _, plan = executor.build(name, a.table_pp, m_, sch.n_stages, split_w=split_w,
+                                     keep_residuals=not recompute)
             executed = executor.tick_costs(plan, F, B, W, branched, recompute).sum()
             cells.append(f"{1 - work / executed:.1%}")
         print(f"| {name}{' (eager)' if name == '1f1b' else ''} | {mpmd.bubble_fraction:.1%} | "
@@ -125,7 +126,7 @@ def main(argv=None):
         times, work, permutes = {}, {}, None
         for label, (branched, recompute, split_w) in (old, kept, new):
             schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
-                                            executor.layer_costs(cfg), split_w)
+                                            executor.layer_costs(cfg), split_w, not recompute)
             with jax.set_mesh(mesh):
                 step = jax.jit(lambda p, b, x: executor.value_and_grad(
                     fns.objective, p, b, x, 0, schedule, plan, branched=branched,

@@ -231,11 +231,12 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
                     for r, stages in enumerate(sched.placement))
     recompute = c.pipeline.get("recompute", True)
     slots = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
-                           c.pipeline.get("split_w", False))[1].slots   # what the executor runs
+                           c.pipeline.get("split_w", False),
+                           not recompute)[1].slots   # what the executor runs
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
-    exec_bytes = (2 * sched.chunks * slots * tokens * d_bytes
-                  + (1 if recompute else sched.chunks * slots) * stage_res)
+    buf_rows = sched.chunks * (slots + 1)   # + the scratch row idle writes go to
+    exec_bytes = 2 * buf_rows * tokens * d_bytes + (1 if recompute else buf_rows) * stage_res
     return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,

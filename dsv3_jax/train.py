@@ -49,8 +49,7 @@ class StepFns:
     lr: object
     gamma: object
     ema_decay: float
-    pipeline: tuple | None = None   # (schedule name, ranks, branched, recompute, split_w) when
-                                    # mesh.pipeline > 1 (c.pipeline; executor.value_and_grad)
+    pipeline: tuple | None = None   # (schedule, ranks, branched, recompute, split_w); P > 1
 
 
 def make_step_fns(c, cfg: ModelConfig, objective: objectives.Objective | None = None) -> StepFns:
@@ -72,10 +71,9 @@ def train_step(state: dict, batch: dict, fns: StepFns):
     grad_fn = jax.value_and_grad(fns.objective.loss, has_aux=True)
     if fns.pipeline is not None:   # the micro-batches go through the pipeline schedule
         from dsv3_jax.pipeline import executor
-        name, ranks, *opts = fns.pipeline
         (loss, aux), grads = executor.step_value_and_grad(
-            fns.objective, name, ranks, state["params"], state["router_bias"], batch, step,
-            **dict(zip(("branched", "recompute", "split_w"), opts)))
+            fns.objective, *fns.pipeline[:2], state["params"], state["router_bias"], batch, step,
+            **dict(zip(executor.MODE_OPTIONS, fns.pipeline[2:])))
         return _apply(state, fns, step, loss, aux, grads)
 
     def micro(acc, mb):
@@ -158,9 +156,8 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
                                 cfg, fns.objective)
         if bad:
             raise ConfigError("pipeline does not fit:\n  - " + "\n  - ".join(bad))
-        fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks,
-                                                 c.pipeline.branched, c.pipeline.recompute,
-                                                 c.pipeline.split_w))
+        fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks, *(
+            c.pipeline[k] for k in executor.MODE_OPTIONS)))
     os.makedirs(workdir, exist_ok=True)
     s = Setup(c=c, cfg=cfg, fns=fns, workdir=workdir, mesh_shape=mesh_shape,
               mesh=sharding.make_mesh(mesh_shape), main_process=jax.process_index() == 0,

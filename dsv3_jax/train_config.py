@@ -138,9 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
         recompute=True,           # B and W re-run the stage's forward from its saved input;
                                   # False: F keeps the stage's VJP residuals per micro-batch
                                   # (more memory; slower on CPU: benchmarks/pipeline.py)
-        split_w=False,            # zb1p / dualpipe(v): W as its own op (a VJP for the
-                                  # parameters, which repeats B's input-gradient chain); False:
-                                  # W runs with its B (measured cheaper: benchmarks/pipeline.py)
+        split_w=False,            # zb1p / dualpipe(v): False: W runs with its B (one VJP);
+                                  # True: W is its own op, a VJP for the parameters that repeats
+                                  # B's input-gradient chain (dearer: benchmarks/pipeline.py)
     ))
     return c
 

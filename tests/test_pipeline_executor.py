@@ -24,13 +24,14 @@ def test_stage_layers_cover_the_stack_within_the_cap(layers, stages, first, last
 
 @pytest.mark.parametrize("name", SCHEDULES)
 @pytest.mark.parametrize("ranks", [2, 4])
-@pytest.mark.parametrize("split_w", [True, False])
-def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, split_w):
+@pytest.mark.parametrize("split_w,keep", [(True, False), (False, False), (True, True),
+                                          (False, True)])
+def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, split_w, keep):
     m = 2 * ranks
     layers = 3 * 2 * ranks + 1
     schedule = sched_lib.make(name, ranks, m, eager=name == "1f1b")
     counts = executor.stage_layers(layers, schedule.n_stages, 1, 1)
-    plan = executor.make_plan(schedule, simulate.lockstep(schedule), counts, split_w)
+    plan = executor.make_plan(schedule, simulate.lockstep(schedule), counts, split_w, keep)
     assert plan.split_w == (split_w and schedule.split_w)
     t = plan.table
     C = executor.C
@@ -65,7 +66,8 @@ def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, 
 def _replay_buffers(plan, ranks):
     """Run the tick table over the executor's buffers (slot, mb % K) in the executor's order:
     within a tick F, then B and W read; at the tick's end F's residuals and the arrived
-    activations and gradients are written. Every read must find its own micro-batch."""
+    activations and gradients are written. Every read must find its own micro-batch: B and W
+    read F's residuals (plan.keep_residuals) or the stage input (recompute)."""
     t, C, k = plan.table, executor.C, plan.slots
     bufs = {name: {} for name in ("act", "grad", "res")}
     for i in range(t.shape[0]):
@@ -79,7 +81,10 @@ def _replay_buffers(plan, ranks):
             for op in ("b", "w") if plan.split_w else ("b",):
                 if g(f"{op}_kind") > 0:
                     key = (r, g(f"{op}_slot"), g(f"{op}_mb") % k)
-                    assert bufs["res"].get(key) == g(f"{op}_mb"), (i, r, op)
+                    if plan.keep_residuals:
+                        assert bufs["res"].get(key) == g(f"{op}_mb"), (i, r, op)
+                    elif g(f"{op}_kind") != executor.FIRST:
+                        assert bufs["act"].get(key) == g(f"{op}_mb"), (i, r, op)
                     if g(f"{op}_kind") != executor.LAST:   # the last stage seeds its own
                         assert bufs["grad"].get(key) == g(f"{op}_mb"), (i, r, op)
             for prefix, name in (("ra", "act"), ("la", "act"), ("oa", "act"),
@@ -132,7 +137,7 @@ def test_unknown_schedule_is_a_config_error_with_a_suggestion():
 def test_tick_costs_follow_the_busiest_rank(name):
     schedule = sched_lib.make(name, 4, 8, eager=name == "1f1b")
     plan = executor.make_plan(schedule, simulate.lockstep(schedule),
-                              [1] * schedule.n_stages)
+                              [1] * schedule.n_stages, split_w=True)
     F, B, W = 1.0, 2.5, 0.75
     cost = executor.op_costs(F, B, W, plan.split_w, recompute=True)
     t, C = plan.table, executor.C

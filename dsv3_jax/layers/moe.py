@@ -355,7 +355,8 @@ SYNC_AXES: tuple = ()   # extra manual axes the capacity decision is agreed over
 @contextlib.contextmanager
 def synced_over(*axes: str):
     """While tracing inside, the EP capacity branch is agreed over `axes` too (the pipeline
-    executor: every pipeline rank must take the same branch, as all run every tick's ops)."""
+    executor's branch-free ticks: every pipeline rank must take the same branch, as all run
+    every tick's ops)."""
     global SYNC_AXES
     old, SYNC_AXES = SYNC_AXES, SYNC_AXES + tuple(axes)
     try:

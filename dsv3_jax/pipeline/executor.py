@@ -1,6 +1,7 @@
 """The pipeline executor: a schedule run inside the jitted train step over the `pipeline` axis.
 
-  (loss, aux), grads = value_and_grad(objective, params, router_bias, batch, step, schedule)
+  (loss, aux), grads = value_and_grad(objective, params, router_bias, batch, step, schedule,
+                                      plan, branched=True, recompute=True)
 
 It returns what `jax.value_and_grad(objective.loss, has_aux=True)` accumulated over the batch's
 micro-batches returns in `train.train_step`: the mean loss and aux over micro-batches, the loads
@@ -46,7 +47,6 @@ How the program is laid out (one SPMD program; every rank runs the same code):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -57,166 +57,12 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax import model
 from dsv3_jax.layers import moe as moe_lib
 from dsv3_jax.layers.common import dtype_of
+from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
+    C, COLS, FIRST, LAST, LEFT, LOCAL, MID, NONE, RIGHT, STAY, Plan, layer_costs, make_plan,
+    op_costs, stage_layers, tick_costs)
 
 AXIS = "pipeline"
-NONE, FIRST, MID, LAST = 0, 1, 2, 3          # stage kinds (the branch index of a tick's op)
-STAY, RIGHT, LEFT, LOCAL = 0, 1, 2, 3        # where an op's output goes
-# columns of the device table, per tick and rank
-COLS = ("f_kind", "f_slot", "f_mb", "f_dir", "b_kind", "b_slot", "b_mb", "b_dir",
-        "w_kind", "w_slot", "w_mb",
-        "ra_slot", "ra_mb", "la_slot", "la_mb", "oa_slot", "oa_mb",    # activations in
-        "rg_slot", "rg_mb", "lg_slot", "lg_mb", "og_slot", "og_mb")    # output grads in
-C = {name: i for i, name in enumerate(COLS)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """The static program of one schedule: the device table and buffer sizes."""
-    table: np.ndarray        # int32 [T, P, len(COLS)]
-    slots: int               # K: buffer slots per chunk (an mb lives in slot mb % K)
-    layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i); -1 pad
-    split_w: bool
-
-
-def _kind(stage: int, n_stages: int) -> int:
-    return FIRST if stage == 0 else LAST if stage == n_stages - 1 else MID
-
-
-def stage_layers(num_moe_layers: int, n_stages: int, first_extra: float = 0.0,
-                 last_extra: float = 0.0) -> list[int]:
-    """MoE layers per stage, balanced by cost: the first stage also runs the embedding and the
-    dense layers (`first_extra` MoE-layer equivalents), the last the head and MTP modules
-    (`last_extra`). No stage gets more than ceil(layers / stages) (in one SPMD program every
-    stage computes as many layer slots as the longest; shorter ones are padding); within that
-    cap each layer goes to the currently cheapest stage (ties: the earliest), so a stage with
-    extras holds fewer MoE layers, possibly none."""
-    extra = [0.0] * n_stages
-    extra[0] += first_extra
-    extra[-1] += last_extra
-    counts = [0 if e else 1 for e in extra]   # the first/last stage may hold only its extras
-    if num_moe_layers < max(sum(counts), 1):
-        raise ValueError(f"{num_moe_layers} MoE layers do not split into {n_stages} stages (each "
-                         "stage without the embedding/dense layers or the head/MTP needs at "
-                         "least one)")
-    cap = -(-num_moe_layers // n_stages)   # every rank computes the longest stage's layers
-    for _ in range(num_moe_layers - sum(counts)):
-        s = min((i for i in range(n_stages) if counts[i] < cap),
-                key=lambda i: (extra[i] + counts[i], i))
-        counts[s] += 1
-    return counts
-
-
-def layer_costs(cfg) -> tuple[float, float]:
-    """(first, last) stage extras in MoE-layer equivalents: a dense layer or an MTP module
-    counts as one MoE layer (the release's dense FFN width equals the MoE's active width)."""
-    return float(cfg.num_dense_layers), float(cfg.num_nextn_predict_layers)
-
-
-def make_plan(schedule, ticks, counts: list[int], split_w: bool = True) -> Plan:
-    """The device table from a schedule, its lockstep ticks (dsv3_jax.pipeline.simulate) and
-    the MoE layers per stage (`stage_layers`); shorter stages are padded with skipped layers.
-    split_w=False runs a zero-bubble schedule's W with its B (one VJP; the W ops are dropped)."""
-    p, s_n = schedule.ranks, schedule.n_stages
-    if len(counts) != s_n:
-        raise ValueError(f"{len(counts)} stage sizes for {s_n} stages")
-    n = max(counts)
-    start = np.concatenate([[0], np.cumsum(counts)])
-    t_n = ticks.table.shape[0]
-    table = np.full((t_n, p, len(COLS)), -1, np.int32)
-    for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
-        table[:, :, C[col]] = 0
-    split = bool(schedule.split_w) and split_w
-    # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K
-    act_live, grad_live, res_live = {}, {}, {}
-    last_use = {}
-    for t in range(t_n):
-        for r in range(p):
-            for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
-                if mb < 0:
-                    continue
-                rank, slot = schedule.route(int(stage), int(mb))
-                if rank != r:
-                    raise ValueError(f"tick {t}: rank {r} runs {op}({stage},{mb}) held by {rank}")
-                last = (op == "W") if split else (op == "B")
-                if last:
-                    last_use[(r, slot, int(mb))] = t
-    for t in range(t_n):
-        for r in range(p):
-            for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
-                stage, mb = int(stage), int(mb)
-                if mb < 0 or (op == "W" and not split):
-                    continue
-                _, slot = schedule.route(stage, mb)
-                o = op.lower()
-                table[t, r, C[f"{o}_kind"]] = _kind(stage, s_n)
-                table[t, r, C[f"{o}_slot"]] = slot
-                table[t, r, C[f"{o}_mb"]] = mb
-                if op == "W":
-                    continue
-                if op == "F":   # its residuals, written at the end of this tick
-                    res_live[(r, slot, mb)] = (t, last_use[(r, slot, mb)])
-                nxt = stage + 1 if op == "F" else stage - 1
-                if not 0 <= nxt < s_n:
-                    continue
-                r2, slot2 = schedule.route(nxt, mb)
-                d = {r: LOCAL, r + 1: RIGHT, r - 1: LEFT}.get(r2)
-                if d is None:
-                    raise ValueError(f"{op}({stage},{mb}) on rank {r} feeds rank {r2}, "
-                                     "not a neighbour")
-                table[t, r, C[f"{o}_dir"]] = d
-                a_or_g = "a" if op == "F" else "g"
-                prefix = {RIGHT: "r", LEFT: "l", LOCAL: "o"}[d]
-                table[t, r2, C[f"{prefix}{a_or_g}_slot"]] = slot2
-                table[t, r2, C[f"{prefix}{a_or_g}_mb"]] = mb
-                (act_live if op == "F" else grad_live)[(r2, slot2, mb)] = (
-                    t, last_use[(r2, slot2, mb)])
-    slots = 1
-    while not all(_fits(live, slots) for live in (act_live, grad_live, res_live)):
-        slots += 1
-    index = np.array([[[start[stage] + i if i < counts[stage] else -1 for i in range(n)]
-                       for stage in placement] for placement in schedule.placement], np.int32)
-    return Plan(table, slots, index, split)
-
-
-def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = True) -> dict:
-    """What each op costs in this executor, from a stage's forward F, full backward B and its
-    weight part W. With `recompute`, B and W first re-run the stage's forward under `jax.vjp`;
-    without, they call the VJP F kept. A split W is a VJP for the parameters: it also runs the
-    input-gradient chain through the stage (only a per-Linear W from saved output gradients
-    would not)."""
-    f = F if recompute else 0.0
-    if split_w:
-        return {"F": F, "B": f + B - W, "W": f + B}
-    return {"F": F, "B": f + B, "W": 0.0}
-
-
-def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
-               recompute: bool = True) -> np.ndarray:
-    """[T] time of each tick of `plan` as this executor runs it (`op_costs`): branched, the
-    slowest rank's ops of that tick (an idle op costs nothing); branch-free, every op of a
-    tick on every rank, idle or not."""
-    cost = op_costs(F, B, W, plan.split_w, recompute)
-    ops = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
-    if not branched:
-        return np.full(plan.table.shape[0], sum(cost[o] for o, _ in ops))
-    busy = sum(cost[o] * (plan.table[:, :, C[col]] > 0) for o, col in ops)   # [T, P]
-    return busy.max(axis=1).astype(float)
-
-
-def _fits(live: dict, k: int) -> bool:
-    """No two buffered micro-batches of one (rank, slot) share mb % k while both are live: a
-    value written at the end of tick w is read up to tick u; a later write at the end of tick
-    w2 may reuse the slot if w2 >= u."""
-    by_slot = {}
-    for (r, slot, mb), (w, u) in live.items():
-        by_slot.setdefault((r, slot, mb % k), []).append((w, u))
-    for spans in by_slot.values():
-        spans.sort()
-        for (w1, u1), (w2, _) in zip(spans, spans[1:]):
-            if w2 < u1:
-                return False
-    return True
-
+MODE_OPTIONS = ("branched", "recompute", "split_w")   # c.pipeline's executor modes, in order
 
 def _take(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
@@ -244,6 +90,9 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     m_n = batch["inputs"].shape[0]
     if m_n != schedule.microbatches:
         raise ValueError(f"the batch has {m_n} micro-batches, the schedule {schedule.microbatches}")
+    if not recompute and not plan.keep_residuals:
+        raise ValueError("recompute=False needs a plan with slots for the residuals "
+                         "(make_plan(..., keep_residuals=True))")
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
@@ -319,19 +168,28 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             pipeline rank, which take the same branch). Branch-free: every stage runs all parts
             and keeps what its kind uses."""
             x = x.astype(act_dtype)
-            if branched:
-                x = jax.lax.cond(first, front, lambda rp_, x, mb: x, rp_, x, mb)
-            else:
-                x = jnp.where(first, front(rp_, x, mb), x)
+
+            def front_part(rp_, x, mb):
+                if branched:
+                    return jax.lax.cond(first, front, lambda rp_, x, mb: x, rp_, x, mb)
+                return jnp.where(first, front(rp_, x, mb), x)
+
+            def tail_part(rp_, y, mb):
+                if branched:
+                    return jax.lax.cond(last, tail_fn, tail_zeros, rp_, y, mb)
+                t_loss, tail = tail_fn(rp_, y, mb)
+                return t_loss, {k: jnp.where(last, v, 0).astype(v.dtype) for k, v in tail.items()}
+
+            if not recompute:
+                # the VJP kept per micro-batch holds the MoE chunk's residuals only: B re-runs
+                # the embedding + dense layers and the head + MTP from their inputs. (A
+                # `lax.cond`'s linearisation returns every residual it needs as a new output,
+                # parameters included, so their VJPs would keep a copy of the embedding, head
+                # and dense weights per micro-batch.)
+                front_part, tail_part = jax.checkpoint(front_part), jax.checkpoint(tail_part)
+            x = front_part(rp_, x, mb)
             y, stats = chunk_fn(jp, jb, ok, x, mb)
-            # with the VJP's residuals kept per micro-batch, the head's (logits-sized) are not:
-            # B re-runs the tail from its input
-            tail_op = tail_fn if recompute else jax.checkpoint(tail_fn)
-            if branched:
-                t_loss, tail = jax.lax.cond(last, tail_op, tail_zeros, rp_, y, mb)
-            else:
-                t_loss, tail = tail_op(rp_, y, mb)
-                tail = {k: jnp.where(last, v, 0).astype(v.dtype) for k, v in tail.items()}
+            t_loss, tail = tail_part(rp_, y, mb)
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), (
@@ -458,8 +316,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                                       "all")
                 slot_w = g("b_slot")
             # F's residuals, once this tick's B and W have read theirs (make_plan's slot sizing)
-            f_slot = jnp.where(g("f_kind") != NONE, g("f_slot"), -1)
-            res = [_write(buf, f_slot, g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
+            res = [_write(buf, g("f_slot"), g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
             dcp = _add_at(dcp, jnp.maximum(slot_w, 0), dj)
             drp = jax.tree.map(jnp.add, drp, dr)
             # outputs: right- and left-moving (activation, gradient) pairs, and local turns
@@ -494,10 +351,11 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                   spec(rest_b, P()), spec(batch, P()), P(), P()),
         out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
         axis_names={AXIS}, check_vma=False)
-    # branch-free, every rank runs every MoE layer each tick, so the EP capacity branch inside
-    # must be the same on all pipeline ranks; branched, only the devices of one rank do
-    # the embedding's gradient as a local scatter + all-reduce (model.local_embed_grad): GSPMD's
-    # own scatter holds a collective-permute over all devices, which must not sit in a branch
+    # Branch-free, every rank runs every MoE layer each tick, so the EP capacity branch inside
+    # must be the same on all pipeline ranks (branched, only one rank's devices must agree).
+    # Branched, the embedding's gradient is a local scatter + all-reduce (model.local_embed_grad):
+    # GSPMD's own scatter holds a collective-permute over all devices, which must not sit in a
+    # branch.
     with moe_lib.synced_over(*(() if branched else (AXIS,))), (
             model.local_embed_grad() if branched else contextlib.nullcontext()):
         sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
@@ -514,16 +372,18 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
 
 @functools.lru_cache(maxsize=64)
 def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
-          extras: tuple[float, float] = (0.0, 0.0), split_w: bool = False):
+          extras: tuple[float, float] = (0.0, 0.0), split_w: bool = False,
+          keep_residuals: bool = False):
     """(schedule, plan) of a named schedule; raises ScheduleError / ValueError if invalid.
-    split_w: run zb1p / dualpipev / dualpipe's W ops apart from their B (`make_plan`)."""
+    split_w, keep_residuals: as in `make_plan`."""
     from dsv3_jax.pipeline import schedules, simulate
     # 1F1B runs its eager variant: the standard one packs into lockstep ticks badly (a rank's F
     # and the B it waits for land in different ticks); eager warm-up reaches the MPMD time at
     # 2(P-1-r)+1 activations on rank r (dsv3_jax/pipeline/simulate.py)
     schedule = schedules.make(name, ranks, microbatches, eager=name == "1f1b")
     counts = stage_layers(num_moe_layers, schedule.n_stages, *extras)
-    return schedule, make_plan(schedule, simulate.lockstep(schedule), counts, split_w)
+    return schedule, make_plan(schedule, simulate.lockstep(schedule), counts, split_w,
+                               keep_residuals)
 
 
 def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]:
@@ -554,6 +414,6 @@ def step_value_and_grad(objective, name: str, ranks: int, params, router_bias, b
     leading axis; the schedule and its table are built once per micro-batch count)."""
     cfg = objective.cfg
     schedule, plan = build(name, ranks, int(batch["inputs"].shape[0]), cfg.num_moe_layers,
-                           layer_costs(cfg), split_w)
+                           layer_costs(cfg), split_w, not recompute)
     return value_and_grad(objective, params, router_bias, batch, step, schedule, plan,
                           branched=branched, recompute=recompute)
