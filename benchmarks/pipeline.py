@@ -138,12 +138,7 @@ def main(argv=None):
                     permutes = len(re.findall(r"collective-permute(?:-start)?\(",
                                               compiled.as_text()))
                 times[label] = timed(step, state["params"], state["router_bias"], batch)
-            ops = executor.op_costs(F, B, W, plan.split_w, recompute)
-            cols = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w
-                                                          else [])
-            t = plan.table
-            work[label] = (sum(ops[o] * (t[:, :, executor.C[c]] > 0).sum() for o, c in cols)
-                           if branched else t.shape[0] * t.shape[1] * sum(ops[o] for o, _ in cols))
+            work[label] = executor.rank_costs(plan, F, B, W, branched, recompute).sum()
         per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
         cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
         mpmd = simulate.simulate(schedule, **cost).time

@@ -81,12 +81,11 @@ def _embed_local_grad(table_VD, ids_BT):
 
 
 def _embed_fwd(table_VD, ids_BT):
-    return jnp.take(table_VD, ids_BT, axis=0), (ids_BT, jnp.zeros((0,), table_VD.dtype),
-                                                table_VD.shape)
+    return jnp.take(table_VD, ids_BT, axis=0), (ids_BT, table_VD.shape)
 
 
 def _embed_bwd(res, g_BTD):
-    ids_BT, like, shape = res
+    ids_BT, shape = res   # g_BTD has the table's dtype (the gather's output)
     from dsv3_jax.layers.moe import _active_mesh
     from dsv3_jax.sharding import BATCH_AXES
     scatter = lambda ids, g: jnp.zeros(shape, g.dtype).at[ids].add(g)
@@ -98,7 +97,7 @@ def _embed_bwd(res, g_BTD):
         row = P(axes)
         d = jax.shard_map(lambda i, g: jax.lax.psum(scatter(i, g), axes), in_specs=(row, row),
                           out_specs=P(), axis_names=set(axes), check_vma=False)(ids_BT, g_BTD)
-    return d.astype(like.dtype), None
+    return d, None
 
 
 _embed_local_grad.defvjp(_embed_fwd, _embed_bwd)

@@ -151,6 +151,7 @@ def test_tick_costs_follow_the_busiest_rank(name):
     # every rank does its stages' F, B (and W) for every micro-batch, once
     work = 8 * schedule.n_stages / 4 * sum(cost[o] for o, _ in cols)
     np.testing.assert_allclose(per_rank.sum(0), work)
+    np.testing.assert_allclose(executor.rank_costs(plan, F, B, W, True, True), per_rank)
     # recompute: B re-runs the forward; split W also runs the input-gradient chain
     assert cost["B"] == (F + B - W if plan.split_w else F + B)
     kept = executor.op_costs(F, B, W, plan.split_w, recompute=False)   # the VJP F kept
@@ -170,3 +171,6 @@ def test_local_embedding_gradient_equals_the_gather_gradient():
     got = jax.grad(loss(model._embed_local_grad))(table)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(model._embed_local_grad(table, ids), jnp.take(table, ids, axis=0))
+    t16 = table.astype(jnp.bfloat16)                        # the gradient keeps the table's dtype
+    g16 = jax.grad(lambda t: (model._embed_local_grad(t, ids).astype(jnp.float32) * w).sum())(t16)
+    assert g16.dtype == jnp.bfloat16

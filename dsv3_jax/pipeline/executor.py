@@ -59,7 +59,7 @@ from dsv3_jax.layers import moe as moe_lib
 from dsv3_jax.layers.common import dtype_of
 from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
     C, COLS, FIRST, LAST, LEFT, LOCAL, MID, NONE, RIGHT, STAY, Plan, layer_costs, make_plan,
-    op_costs, stage_layers, tick_costs)
+    op_costs, rank_costs, stage_layers, tick_costs)
 
 AXIS = "pipeline"
 MODE_OPTIONS = ("branched", "recompute", "split_w")   # c.pipeline's executor modes, in order

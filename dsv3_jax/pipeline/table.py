@@ -142,17 +142,22 @@ def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = True
     return {"F": F, "B": f + B, "W": 0.0}
 
 
-def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
+def rank_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
                recompute: bool = True) -> np.ndarray:
-    """[T] time of each tick of `plan` as this executor runs it (`op_costs`): branched, the
-    slowest rank's ops of that tick (an idle op costs nothing); branch-free, every op of a
-    tick on every rank, idle or not."""
+    """[T, P] work of each rank in each tick of `plan` as this executor runs it (`op_costs`):
+    branched, the rank's own ops (an idle op costs nothing); branch-free, every op of the
+    plan, idle or not."""
     cost = op_costs(F, B, W, plan.split_w, recompute)
     ops = [("F", "f_kind"), ("B", "b_kind")] + ([("W", "w_kind")] if plan.split_w else [])
     if not branched:
-        return np.full(plan.table.shape[0], sum(cost[o] for o, _ in ops))
-    busy = sum(cost[o] * (plan.table[:, :, C[col]] > 0) for o, col in ops)   # [T, P]
-    return busy.max(axis=1).astype(float)
+        return np.full(plan.table.shape[:2], float(sum(cost[o] for o, _ in ops)))
+    return sum(cost[o] * (plan.table[:, :, C[col]] > 0) for o, col in ops).astype(float)
+
+
+def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
+               recompute: bool = True) -> np.ndarray:
+    """[T] time of each tick in lockstep: its slowest rank's work (`rank_costs`)."""
+    return rank_costs(plan, F, B, W, branched, recompute).max(axis=1)
 
 
 def _fits(live: dict, k: int) -> bool:
