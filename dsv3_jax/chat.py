@@ -18,6 +18,11 @@ pre-tokenizer before the byte-level one; the released DeepSeek-V3 tokenizer also
 in its pre-tokenizer). The stdlib BPE merges digits irregularly ("987654" -> 9|87|65|4, " 46"
 -> "Ġ4"|"6"), so the same digit would have a different token at a different place; one token per
 digit gives every number the same, aligned structure. Decoding is unchanged (byte-level).
+`digits="reversed"` (config `sft.digits`) also writes every number least-significant digit
+first in token space, the order that makes addition carry-local for small transformers (Lee et
+al. 2023, "Teaching Arithmetic to Small Transformers"); the text in and out is unchanged. The
+choice is recorded in the checkpoint (data_info `chat_digits`) and read back by `evaluate` and
+`grpo` (`checkpoint_digits`).
 
 Packing (report §5.1 "sample masking"): whole samples are packed into rows of seq_len, each its
 own segment (positions restart, attention never crosses segments: `segment_ids`), no loss where
@@ -26,19 +31,25 @@ the target is in another sample.
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 from tokenizers import pre_tokenizers
 
 from dsv3_jax import tokenizer as tok_lib
+from dsv3_jax.config import ConfigError
 
 CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 USER_ID, ASSISTANT_ID, END_ID = 8192, 8193, 8194
 CHAT_VOCAB = 8256
 ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
+DIGIT_ORDERS = ("split", "reversed")
 
 
-def chat_tokenizer(path=None):
+def chat_tokenizer(path=None, digits: str = "split"):
+    """The pre-trained tokenizer + chat tokens + one token per digit; digits="reversed" also
+    writes every number least-significant digit first in token space (`ReversedDigits`)."""
     tok = tok_lib.load_tokenizer(path)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -48,7 +59,50 @@ def chat_tokenizer(path=None):
         if tok.token_to_id(name) != want:
             raise ValueError(f"chat token {name} got id {tok.token_to_id(name)}, not {want}")
     tok.encode_special_tokens = True      # text spelling "<|end|>" stays text
-    return tok
+    if digits not in DIGIT_ORDERS:
+        raise ConfigError(f"sft.digits must be one of {DIGIT_ORDERS}, got {digits!r}")
+    return ReversedDigits(tok) if digits == "reversed" else tok
+
+
+def reverse_digit_runs(text: str) -> str:
+    """Every maximal run of ASCII digits written backwards ("x=473, 12" -> "x=374, 21"); its own
+    inverse, since the runs stay where they are."""
+    return re.sub("[0-9]+", lambda m: m.group(0)[::-1], text)
+
+
+class ReversedDigits:
+    """The chat tokenizer with every number least-significant digit first in token space: text
+    in and text out are unchanged (encode reverses each digit run, decode reverses it back), so
+    "What is 473 + 511?" is fed as ... 3|7|4 ... 1|1|5 and the answer 984 is generated 4, 8, 9."""
+
+    digits = "reversed"
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def encode(self, text, *a, **kw):
+        return self._tok.encode(reverse_digit_runs(text), *a, **kw)
+
+    def decode(self, ids, *a, **kw):
+        return reverse_digit_runs(self._tok.decode(ids, *a, **kw))
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def digits_of(tok) -> str:
+    return getattr(tok, "digits", "split")
+
+
+def checkpoint_digits(path: str) -> str:
+    """The digit order a chat checkpoint was trained with (its data_info's `chat_digits`;
+    "split" for other formats and for runs that did not record one)."""
+    from dsv3_jax import ckpt
+    from dsv3_jax.ckpt import load, trainer
+    path = os.path.expanduser(path or "")
+    if not path or ckpt.detect_format(path) != load.TRAINER:
+        return "split"
+    return trainer.read_meta(path).get("data_info", {}).get("chat_digits", "split")
 
 
 def render(tok, messages: list[dict], add_generation_prompt: bool = False):

@@ -75,14 +75,17 @@ def _load(path: str):
     return cfg, variables
 
 
-def eval_arithmetic(cfg, variables, n: int, seed: int, batch: int = 128) -> dict:
+def eval_arithmetic(cfg, variables, n: int, seed: int, batch: int = 128,
+                    digits: str = "split") -> dict:
+    """Greedy accuracy on n held-out problems; digits: the chat tokenizer's digit order (the
+    checkpoint's, `chat.checkpoint_digits`)."""
     from dsv3_jax import tokenizer as tok_lib
     from dsv3_jax.rewards import exact_answer
     from dsv3_jax.rollout import rollout
     probs = arithmetic.problems(seed, n, "eval")
     is_chat = cfg.vocab_size >= chat.END_ID + 1
     if is_chat:
-        tok = chat.chat_tokenizer()
+        tok = chat.chat_tokenizer(digits=digits)
         prompts = [chat.prompt_ids(tok, p["question"]) for p in probs]
         stops = (chat.END_ID, tok_lib.EOS_ID)
     else:
@@ -194,7 +197,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if a.task == "arithmetic":
         seed = arithmetic.EVAL_SEED if a.seed is None else a.seed
-        res = eval_arithmetic(cfg, variables, a.n or 500, seed)
+        res = eval_arithmetic(cfg, variables, a.n or 500, seed,
+                              digits=chat.checkpoint_digits(a.checkpoint))
     elif a.task == "ppl":
         res = eval_ppl(cfg, variables, a.n or 64, a.seed or 0)
     else:

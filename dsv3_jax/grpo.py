@@ -85,14 +85,14 @@ def run(c, workdir: str) -> dict:
         raise ConfigError(f"data.global_batch ({c.data.global_batch}) must be grpo.prompts_per_"
                           f"step x grpo.group ({g.prompts_per_step * g.group})")
     s = train.set_up(c, workdir)
-    tok = chat.chat_tokenizer()
+    tok = chat.chat_tokenizer(digits=chat.checkpoint_digits(c.train.init_from))
     if tok.get_vocab_size() > s.cfg.vocab_size:
         raise ConfigError(f"the chat tokenizer needs model.vocab_size >= {tok.get_vocab_size()}")
     position = _Position()
     rows = c.data.global_batch
     mb = c.data.micro_batch or rows
     data = train.Data(ts.BatchSchedule(rows, mb, "", c.train.steps), position, [], tok,
-                      {"grpo": True}, micro_sharding=s.sharding(sharding.batch_spec(3, lead=1)),
+                      {"grpo": True, "chat_digits": chat.digits_of(tok)}, micro_sharding=s.sharding(sharding.batch_spec(3, lead=1)),
                       row_sharding=s.sharding(sharding.batch_spec(2)))
     state, state_sharding, ckpt = train.restore_or_init(s, data)
     # the frozen reference: the init_from weights (also when resuming), else the initial state

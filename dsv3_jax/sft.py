@@ -84,7 +84,8 @@ def make_data_fn(c, tok, train_rows: dict, val_rows: dict):
         info = {"vocab_size": tok.get_vocab_size(), "train_rows": len(train_rows["inputs"]),
                 "train_tokens": int(train_rows["loss_mask"].sum()),
                 "val_tokens": int(val_rows["loss_mask"].sum()),
-                "unigram_entropy": float(-(p * np.log(p)).sum()), "sft": True}
+                "unigram_entropy": float(-(p * np.log(p)).sum()), "sft": True,
+                "chat_digits": chat.digits_of(tok)}
         if info["vocab_size"] > s.cfg.vocab_size:
             raise ConfigError(f"the chat tokenizer has {info['vocab_size']} tokens but "
                               f"model.vocab_size is {s.cfg.vocab_size}")
@@ -113,7 +114,7 @@ def grow_init_from(c, workdir: str) -> None:
 
 
 def run(c, workdir: str) -> dict:
-    tok = chat.chat_tokenizer()
+    tok = chat.chat_tokenizer(digits=c.sft.digits)
     train_rows, val_rows = packed(c, tok, "train"), packed(c, tok, "val")
     if c.sft.epochs > 0:    # the run's length in epochs of packed rows
         c.train.steps = max(1, math.ceil(c.sft.epochs * len(train_rows["inputs"]) /

@@ -44,6 +44,26 @@ def test_digits_are_one_token_each(tok):
     assert tok.get_vocab_size() == chat.END_ID + 1 <= chat.CHAT_VOCAB
 
 
+def test_reversed_digits_change_token_order_only(tok):
+    rev = chat.chat_tokenizer(digits="reversed")
+    assert rev.encode("987654 - 46").tokens == ["4", "5", "6", "7", "8", "9", "Ġ-", "Ġ", "6", "4"]
+    rng = np.random.default_rng(0)
+    alphabet = list("0123456789 +-?x\n") + ["é", "<|end|>"]
+    for _ in range(50):
+        text = "".join(rng.choice(alphabet, rng.integers(0, 40)))
+        assert chat.reverse_digit_runs(chat.reverse_digit_runs(text)) == text
+        assert rev.decode(rev.encode(text).ids) == text
+        # same tokens as the split tokenizer on the text with its digit runs reversed
+        assert rev.encode(text).ids == tok.encode(chat.reverse_digit_runs(text)).ids
+    q = "What is 473 + 511?"
+    ids = chat.prompt_ids(rev, q)
+    assert [rev.id_to_token(i) for i in ids[5:8]] == ["3", "7", "4"]
+    assert rev.decode(ids[1:-2]) == q and chat.digits_of(rev) == "reversed"
+    assert chat.digits_of(tok) == "split"
+    with pytest.raises(config.ConfigError, match="sft.digits"):
+        chat.chat_tokenizer(digits="spaced")
+
+
 def test_packing_masks_across_samples(tok):
     convs = arithmetic.conversations(arithmetic.problems(0, 9, "train"))
     samples = [chat.render(tok, c) for c in convs]
@@ -101,7 +121,8 @@ def test_sft_entry_point_from_a_checkpoint(tmp_path):
             f"--config.train.init_from={tmp_path / 'base'}", f"--workdir={tmp_path / 'run'}",
             f"--config.sft.train_jsonl={data}", f"--config.sft.val_jsonl={data}",
             "--config.sft.epochs=1", "--config.data.seq_len=64", "--config.data.global_batch=4",
-            "--config.train.sample_tokens=2", "--config.train.async_checkpoint=False"]
+            "--config.train.sample_tokens=2", "--config.train.async_checkpoint=False",
+            "--config.sft.digits=reversed"]
     args += [f"--config.model.{k}={v}" for k, v in MICRO.items()]
     assert sft.main(args) == 0
     res = json.load(open(tmp_path / "run" / "result.json"))
@@ -111,3 +132,7 @@ def test_sft_entry_point_from_a_checkpoint(tmp_path):
     cfg, v = ckpt.load_variables(str(tmp_path / "run"))
     assert cfg.vocab_size == chat.CHAT_VOCAB and v["params"]["embed"].shape[0] == chat.CHAT_VOCAB
     assert os.path.isdir(tmp_path / "run" / f"init_vocab{chat.CHAT_VOCAB}")
+    # the digit order travels with the checkpoint (evaluate and GRPO read it); other formats
+    # and the pre-trained run are "split"
+    assert chat.checkpoint_digits(str(tmp_path / "run")) == "reversed"
+    assert chat.checkpoint_digits(str(tmp_path / "base")) == "split"
