@@ -22,30 +22,15 @@ def _held_out(a: int, op: str, b: int) -> bool:
     return hashlib.sha256(f"{a}{op}{b}".encode()).digest()[0] < 26     # ~10% of problems
 
 
-def problems(seed: int, n: int, split: str, units_zero_rate: float = 0.0) -> list[dict]:
-    """n problems {question, answer, a, op, b} of split 'train' or 'eval', from `seed`.
-
-    units_zero_rate (training data only): the share of problems in which one operand (A or B,
-    even odds) has its units digit set to 0, so that the answer's units digit is the other
-    operand's. With uniform operands, the units digit of A +- B is independent of either
-    operand's units digit alone (it is their sum mod 10): no single lookup lowers the loss,
-    and a small model sits on that plateau (README, post-training). These problems give the
-    lookup a signal of its own."""
+def problems(seed: int, n: int, split: str) -> list[dict]:
+    """n problems {question, answer, a, op, b} of split 'train' or 'eval', from `seed`."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if not 0.0 <= units_zero_rate <= 1.0 or (units_zero_rate and split == "eval"):
-        raise ValueError(f"units_zero_rate must be in [0, 1] and 0 for 'eval', got "
-                         f"{units_zero_rate}")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     out = []
     while len(out) < n:
         a, b = (int(x) for x in rng.integers(0, 1000, 2))
         op = "+" if rng.random() < 0.5 else "-"
-        if units_zero_rate and rng.random() < units_zero_rate:
-            if rng.random() < 0.5:
-                a -= a % 10
-            else:
-                b -= b % 10
         if _held_out(a, op, b) != (split == "eval"):
             continue
         ans = a + b if op == "+" else a - b

@@ -52,9 +52,6 @@ class RowBatches:
 
 def conversations(c, split: str) -> list[list[dict]]:
     path = c.sft.train_jsonl if split == "train" else c.sft.val_jsonl
-    if c.sft.train_jsonl and c.sft.units_zero_rate:
-        raise ConfigError("sft.units_zero_rate shapes the built-in arithmetic task only; it "
-                          "has no meaning with sft.train_jsonl")
     if path:
         return chat.read_jsonl(path)
     if c.sft.task != "arithmetic":
@@ -63,9 +60,7 @@ def conversations(c, split: str) -> list[list[dict]]:
     n = c.sft.num_train if split == "train" else c.sft.num_val
     # validation = other training-split problems (evaluation's held-out problems stay unseen)
     seed = c.sft.seed if split == "train" else c.sft.seed + 10_000
-    # validation: uniform problems (the units_zero_rate share shapes training only)
-    rate = c.sft.units_zero_rate if split == "train" else 0.0
-    return arithmetic.conversations(arithmetic.problems(seed, n, "train", rate))
+    return arithmetic.conversations(arithmetic.problems(seed, n, "train"))
 
 
 def packed(c, tok, split: str) -> dict:

@@ -109,22 +109,6 @@ def test_arithmetic_splits_are_disjoint():
     assert p["answer"] == (p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"])
 
 
-def test_units_zero_problems():
-    ev = {(p["a"], p["op"], p["b"]) for p in arithmetic.problems(1, 3000, "eval")}
-    rate = 0.4
-    ps = arithmetic.problems(5, 4000, "train", units_zero_rate=rate)
-    assert not {(p["a"], p["op"], p["b"]) for p in ps} & ev
-    for p in ps:
-        assert p["answer"] == (p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"])
-        assert p["question"] == arithmetic.question(p["a"], p["op"], p["b"])
-    # a units digit is 0 by chance in 1 - 0.9^2 = 19% of uniform pairs
-    share = np.mean([p["a"] % 10 == 0 or p["b"] % 10 == 0 for p in ps])
-    assert abs(share - (rate + (1 - rate) * 0.19)) < 0.03
-    assert arithmetic.problems(5, 50, "train", 0.0) == arithmetic.problems(5, 50, "train")
-    with pytest.raises(ValueError, match="units_zero_rate"):
-        arithmetic.problems(5, 5, "eval", 0.1)
-
-
 def test_sft_entry_point_from_a_checkpoint(tmp_path):
     from dsv3_jax import ckpt, sft
     base_cfg = config.tiny(vocab_size=8192, **MICRO)

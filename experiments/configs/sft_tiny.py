@@ -7,8 +7,6 @@ The report's recipe (§5.1): 2 epochs, cosine LR 5e-6 -> 1e-6 (final_frac 0.2), 
 The peak LR is the tiny model's (a 12M model learning a new format in minutes), not 671B's.
 sft.digits: "split" (one token per digit, most significant first, as the release's tokenizer)
 or "reversed" (least significant first in token space; `dsv3_jax.chat.ReversedDigits`).
-sft.units_zero_rate: the share of training problems with one operand's units digit set to 0
-(`dsv3_jax.arithmetic.problems`; the README's post-training section says why).
 `:quick` is a smoke run.
 """
 import ml_collections
@@ -18,8 +16,7 @@ from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 def sft_block(**kw):
     d = dict(task="arithmetic", train_jsonl="", val_jsonl="", num_train=8000, num_val=256,
-             epochs=2.0, seed=1, digits="split",
-             units_zero_rate=0.0)
+             epochs=2.0, seed=1, digits="split")
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
