@@ -50,6 +50,8 @@ DIGIT_ORDERS = ("split", "reversed")
 def chat_tokenizer(path=None, digits: str = "split"):
     """The pre-trained tokenizer + chat tokens + one token per digit; digits="reversed" also
     writes every number least-significant digit first in token space (`ReversedDigits`)."""
+    if digits not in DIGIT_ORDERS:
+        raise ConfigError(f"sft.digits must be one of {DIGIT_ORDERS}, got {digits!r}")
     tok = tok_lib.load_tokenizer(path)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
@@ -59,8 +61,6 @@ def chat_tokenizer(path=None, digits: str = "split"):
         if tok.token_to_id(name) != want:
             raise ValueError(f"chat token {name} got id {tok.token_to_id(name)}, not {want}")
     tok.encode_special_tokens = True      # text spelling "<|end|>" stays text
-    if digits not in DIGIT_ORDERS:
-        raise ConfigError(f"sft.digits must be one of {DIGIT_ORDERS}, got {digits!r}")
     return ReversedDigits(tok) if digits == "reversed" else tok
 
 

@@ -91,8 +91,9 @@ def run(c, workdir: str) -> dict:
     position = _Position()
     rows = c.data.global_batch
     mb = c.data.micro_batch or rows
-    data = train.Data(ts.BatchSchedule(rows, mb, "", c.train.steps), position, [], tok,
-                      {"grpo": True, "chat_digits": chat.digits_of(tok)}, micro_sharding=s.sharding(sharding.batch_spec(3, lead=1)),
+    info = {"grpo": True, "chat_digits": chat.digits_of(tok)}
+    data = train.Data(ts.BatchSchedule(rows, mb, "", c.train.steps), position, [], tok, info,
+                      micro_sharding=s.sharding(sharding.batch_spec(3, lead=1)),
                       row_sharding=s.sharding(sharding.batch_spec(2)))
     state, state_sharding, ckpt = train.restore_or_init(s, data)
     # the frozen reference: the init_from weights (also when resuming), else the initial state

@@ -7,14 +7,14 @@ OUT=${2:-runs/post}
 mkdir -p "$OUT"
 ev() { python -m dsv3_jax.evaluate --checkpoint "$1" --task arithmetic --n 500 --json | tail -1; }
 ev "$BASE" > "$OUT/eval_base.json"
-# SFT in two rounds of 2 epochs over 30k generated conversations each (seeds 1 and 3)
+# SFT: 2 epochs over 90k generated conversations (938 steps of 32 rows), then GRPO; ~18 min on
+# 2 cores in all (README, post-training figures)
 python -m dsv3_jax.sft --config experiments/configs/sft_tiny.py --config.train.init_from="$BASE" \
-  --workdir "$OUT/sft1" --config.sft.num_train=30000 --config.optim.peak_lr=2e-3
-python -m dsv3_jax.sft --config experiments/configs/sft_tiny.py --config.train.init_from="$OUT/sft1" \
-  --workdir "$OUT/sft" --config.sft.num_train=30000 --config.sft.seed=3 --config.optim.peak_lr=2e-3
+  --workdir "$OUT/sft" --config.sft.num_train=90000 --config.optim.peak_lr=3e-3 \
+  --config.data.global_batch=32
 ev "$OUT/sft" > "$OUT/eval_sft.json"
 python -m dsv3_jax.grpo --config experiments/configs/grpo_tiny.py --config.train.init_from="$OUT/sft" \
-  --workdir "$OUT/grpo" --config.train.steps=60 --config.optim.peak_lr=2e-4 \
+  --workdir "$OUT/grpo" --config.train.steps=60 --config.optim.peak_lr=3e-5 \
   --config.grpo.group=16 --config.data.global_batch=256
 ev "$OUT/grpo" > "$OUT/eval_grpo.json"
 python scripts/plot_grpo.py "$OUT/grpo"
