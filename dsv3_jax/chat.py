@@ -97,12 +97,10 @@ def digits_of(tok) -> str:
 def checkpoint_digits(path: str) -> str:
     """The digit order a chat checkpoint was trained with (its data_info's `chat_digits`;
     "split" for other formats and for runs that did not record one)."""
-    from dsv3_jax import ckpt
-    from dsv3_jax.ckpt import load, trainer
-    path = os.path.expanduser(path or "")
-    if not path or ckpt.detect_format(path) != load.TRAINER:
+    from dsv3_jax.ckpt import load
+    if not path:
         return "split"
-    return trainer.read_meta(path).get("data_info", {}).get("chat_digits", "split")
+    return load.data_info(os.path.expanduser(path)).get("chat_digits", "split")
 
 
 def render(tok, messages: list[dict], add_generation_prompt: bool = False):

@@ -49,7 +49,6 @@ import numpy as np
 
 from dsv3_jax import ckpt, errors, kv_cache, model
 from dsv3_jax.ckpt import load as ckpt_load
-from dsv3_jax.ckpt import trainer as ckpt_trainer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import UserError
 
@@ -390,7 +389,7 @@ def load_checkpoint(path: str, use_ema: bool = False):
         tok = os.path.join(path, "tokenizer.json")
         return cfg, variables, (tok if os.path.isfile(tok) else None)
     from dsv3_jax import tokenizer as tok_lib
-    want = ckpt_trainer.read_meta(path).get("data_info", {}).get("tokenizer_sha256")
+    want = ckpt_load.data_info(path).get("tokenizer_sha256")
     if want and want != tok_lib.tokenizer_hash(tok_lib.load_tokenizer()):
         print("warning: the packaged tokenizer differs from the one this run trained with; "
               "pass --tokenizer", file=sys.stderr)

@@ -229,9 +229,9 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
         cfg.num_nextn_predict_layers if st == sched.n_stages - 1 else 0)
     in_flight = max(peak[r] * float(np.mean([counts[st] + extra(st) for st in stages]))
                     for r, stages in enumerate(sched.placement))
-    recompute = c.pipeline.get("recompute", True)
+    recompute = c.pipeline.recompute
     slots = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
-                           c.pipeline.get("split_w", False),
+                           c.pipeline.split_w,
                            not recompute)[1].slots   # what the executor runs
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer

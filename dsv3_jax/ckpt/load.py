@@ -40,6 +40,12 @@ def detect_format(path: str) -> str:
         "safetensors directory (config.json + *.safetensors)")
 
 
+def data_info(path: str) -> dict:
+    """The data info a trainer checkpoint was written with (tokenizer hash, chat digit order,
+    ...); {} for the other formats, which record none."""
+    return trainer.read_meta(path).get("data_info", {}) if detect_format(path) == TRAINER else {}
+
+
 def load_variables(path: str, use_ema: bool = False) -> tuple[ModelConfig, dict]:
     """(cfg, {"params": ..., "router_bias": ...}) from any checkpoint format (module doc).
 
