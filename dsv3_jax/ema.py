@@ -3,9 +3,12 @@ are updated asynchronously after each training step", so they cost no device mem
 
 Each process keeps, in NumPy float32, one copy of every distinct shard of the parameters that
 its devices hold (a replicated parameter: one copy; a sharded one: this process's slices). After
-each step the trainer hands over the new parameters: the device-to-host copy happens then (it must
-finish before the next step reuses those buffers: the step donates its state), and the update
-ema = d * ema + (1 - d) * params runs on a worker thread while the device computes the next step.
+each step the trainer hands over the new parameters and goes on at once: `update` only enqueues
+a device-to-host copy of them into the `pinned_host` memory space (`jax.device_put`, ordered
+before the next step, which donates and overwrites those buffers), and a worker thread waits for
+that copy and applies ema = d * ema + (1 - d) * params while the device computes the next step.
+The main loop never waits for a step to finish, and the device holds no second copy. Where a
+backend has no pinned host memory the copy is a blocking fetch instead (`staged` is False).
 `device_tree` builds the EMA back on the devices, with the parameters' shardings, only when it is
 needed: to evaluate it (eval.ema) and to write it into a checkpoint (the same "ema" entry an
 on-device EMA writes, so checkpoints do not depend on where the EMA lived).
@@ -23,13 +26,25 @@ def _key(index, shape) -> tuple:
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def _host_shards(x: jax.Array) -> dict:
-    """{shard key: float32 copy} of the distinct shards on this process's devices."""
+def _pinned_host(sharding):
+    """The sharding in the pinned_host memory space, or None where its devices have none."""
+    try:
+        if not all(any(m.kind == "pinned_host" for m in d.addressable_memories())
+                   for d in sharding.addressable_devices):
+            return None
+        return sharding.with_memory_kind("pinned_host")
+    except (AttributeError, NotImplementedError, ValueError):   # no memory kinds here
+        return None
+
+
+def _host_shards(x: jax.Array, copy: bool = False) -> dict:
+    """{shard key: float32 array} of the distinct shards on this process's devices (copy: a
+    writable copy; else possibly a read-only view of a host buffer)."""
     out = {}
     for shard in x.addressable_shards:
         k = _key(shard.index, x.shape)
         if k not in out:
-            out[k] = np.array(shard.data, np.float32)
+            out[k] = (np.array if copy else np.asarray)(shard.data, np.float32)
     return out
 
 
@@ -42,31 +57,41 @@ class HostEMA:
         self.decay = float(decay)
         leaves, self.treedef = jax.tree.flatten(params)
         self.avals = [(x.shape, x.dtype, x.sharding) for x in leaves]
-        self.host = [_host_shards(x) for x in leaves]
+        self.host = [_host_shards(x, copy=True) for x in leaves]
+        staging = [_pinned_host(x.sharding) for x in leaves]
+        self.staging = None if any(s is None for s in staging) else staging
+        self.staged = self.staging is not None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host-ema")
-        self._pending: concurrent.futures.Future | None = None
+        self._pending: list[concurrent.futures.Future] = []
 
     def update(self, params) -> None:
-        """ema = d * ema + (1 - d) * params: copies params to the host now (blocking until the
-        step that produced them is done), then updates on the worker thread."""
-        fetched = [_host_shards(x) for x in jax.tree.leaves(params)]
-        self.wait()
-        self._pending = self._pool.submit(self._apply, fetched)
+        """ema = d * ema + (1 - d) * params. Staged: enqueues the copy of params to pinned host
+        memory and returns (the worker waits for it); else copies them now, blocking until the
+        step that produced them is done. Waits only for the previous update."""
+        leaves = jax.tree.leaves(params)
+        if self.staged:
+            copies = jax.device_put(leaves, self.staging)
+            fetch = lambda: [_host_shards(x) for x in copies]
+        else:
+            fetched = [_host_shards(x) for x in leaves]
+            fetch = lambda: fetched
+        # at most two updates in flight (the worker applies them in order): the loop may queue
+        # the next step while the worker still waits for the one before
+        if len(self._pending) == 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(lambda: self._apply(fetch())))
 
     def _apply(self, fetched) -> None:
         d, one_minus_d = np.float32(self.decay), np.float32(1.0 - self.decay)
         for host, new in zip(self.host, fetched):
             for k, e in host.items():      # in place: d * e + (1 - d) * p, rounded as XLA does
                 e *= d
-                p = new[k]
-                p *= one_minus_d
-                e += p
+                e += one_minus_d * new[k]
 
     def wait(self) -> None:
         """Until the last update has been applied (re-raises its error, if any)."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        while self._pending:
+            self._pending.pop(0).result()
 
     def device_tree(self):
         """The EMA as device arrays with the parameters' shardings and dtypes."""

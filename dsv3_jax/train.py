@@ -395,7 +395,7 @@ def train_loop(s: Setup, data: Data, state: dict, state_sharding: dict, ckpt,
                                    s.pad_rows // jax.process_count(), 1), data.micro_sharding, 1)
         with jax.set_mesh(s.mesh):
             state, metrics = step_fn(state, batch)
-        if ema is not None:   # copies the new params to the host before the next step
+        if ema is not None:   # enqueues the new params' copy to host memory (ema.py)
             ema.update(state["params"])
         data.train_iter.set_state({"step": int(sched.first_micro[step + 1])})
         done = step + 1
