@@ -4,6 +4,11 @@ the number alone.
 Problems come from a seed. Held-out problems are a fixed 10% of the whole problem space (by a
 hash of (A, op, B)): evaluation draws only from it and training (SFT, GRPO) never does, so the
 two are disjoint whatever seeds they use; the default seeds differ as well.
+
+`lengths="balanced"` (training data only; config `sft.lengths`) draws each operand's number of
+digits uniformly from 1, 2, 3 before its value, instead of the value uniformly from 0..999 (where
+1% of operands have one digit): the balanced sampling of Lee et al. 2023. Problems whose
+operands are single digits are decided by the units digits alone.
 """
 from __future__ import annotations
 
@@ -22,14 +27,25 @@ def _held_out(a: int, op: str, b: int) -> bool:
     return hashlib.sha256(f"{a}{op}{b}".encode()).digest()[0] < 26     # ~10% of problems
 
 
-def problems(seed: int, n: int, split: str) -> list[dict]:
-    """n problems {question, answer, a, op, b} of split 'train' or 'eval', from `seed`."""
+LENGTHS = ("uniform", "balanced")
+
+
+def problems(seed: int, n: int, split: str, lengths: str = "uniform") -> list[dict]:
+    """n problems {question, answer, a, op, b} of split 'train' or 'eval', from `seed`;
+    lengths: "uniform" (A, B uniform in 0..999) or "balanced" (digit counts uniform in 1..3)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    lows = np.array([0, 10, 100])
     out = []
     while len(out) < n:
-        a, b = (int(x) for x in rng.integers(0, 1000, 2))
+        if lengths == "balanced":
+            k = rng.integers(0, 3, 2)
+            a, b = (int(x) for x in rng.integers(lows[k], 10 * lows[k] + 10 * (k == 0)))
+        else:
+            a, b = (int(x) for x in rng.integers(0, 1000, 2))
         op = "+" if rng.random() < 0.5 else "-"
         if _held_out(a, op, b) != (split == "eval"):
             continue

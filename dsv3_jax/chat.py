@@ -22,7 +22,9 @@ digit gives every number the same, aligned structure. Decoding is unchanged (byt
 first in token space, the order that makes addition carry-local for small transformers (Lee et
 al. 2023, "Teaching Arithmetic to Small Transformers"); the text in and out is unchanged. The
 choice is recorded in the checkpoint (data_info `chat_digits`) and read back by `evaluate` and
-`grpo` (`checkpoint_digits`).
+`grpo` (`checkpoint_digits`). `digits="place"` writes numbers least-significant digit first with
+a token per (digit, place): `PlaceDigits`; the new tokens start from their digit's pre-trained
+embedding and head rows (`new_token_rows`).
 
 Packing (report §5.1 "sample masking"): whole samples are packed into rows of seq_len, each its
 own segment (positions restart, attention never crosses segments: `segment_ids`), no loss where
@@ -44,7 +46,11 @@ CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")
 USER_ID, ASSISTANT_ID, END_ID = 8192, 8193, 8194
 CHAT_VOCAB = 8256
 ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
-DIGIT_ORDERS = ("split", "reversed")
+DIGIT_ORDERS = ("split", "reversed", "place")
+# digits="place": digit d at place p (0 = units) of its number is token PLACE_BASE + 10 p + d; places
+# >= PLACES share the last place's tokens (ids 8200-8249: past the FIM ids 8195-8197, within
+# CHAT_VOCAB)
+PLACE_BASE, PLACES = 8200, 5
 
 
 def chat_tokenizer(path=None, digits: str = "split"):
@@ -61,6 +67,8 @@ def chat_tokenizer(path=None, digits: str = "split"):
         if tok.token_to_id(name) != want:
             raise ValueError(f"chat token {name} got id {tok.token_to_id(name)}, not {want}")
     tok.encode_special_tokens = True      # text spelling "<|end|>" stays text
+    if digits == "place":
+        return PlaceDigits(tok)
     return ReversedDigits(tok) if digits == "reversed" else tok
 
 
@@ -88,6 +96,69 @@ class ReversedDigits:
 
     def __getattr__(self, name):
         return getattr(self._tok, name)
+
+
+class _Ids:
+    def __init__(self, ids):
+        self.ids = ids
+
+
+class PlaceDigits:
+    """The chat tokenizer with place-value digit tokens: every number least-significant digit
+    first, each digit a token of its own place (units, tens, hundreds, ...), so "What is 473 +
+    51?" is fed as ... 3@0 7@1 4@2 ... 1@0 5@1 and the answer 524 is generated 4@0 2@1 5@2. A
+    digit's token says which power of ten it carries, which the causal model cannot otherwise
+    see at that token (a number's length is known only at its end); it is the token-space form of
+    per-digit place embeddings (McLeish et al. 2024, "Abacus embeddings"). Text in and out is
+    unchanged; the other text is the split tokenizer's tokens."""
+
+    digits = "place"
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def encode(self, text, *a, **kw):
+        ids = []
+        for part in re.split("([0-9]+)", text):
+            if part.isdigit() and part.isascii():
+                ids += [place_id(int(d), p) for p, d in enumerate(reversed(part))]
+            elif part:
+                ids += self._tok.encode(part, *a, **kw).ids
+        return _Ids(ids)
+
+    def decode(self, ids, *a, **kw):
+        out, text_ids, run = [], [], []
+        for i in list(ids) + [None]:
+            if i is not None and PLACE_BASE <= i < PLACE_BASE + 10 * PLACES:
+                if text_ids:
+                    out.append(self._tok.decode(text_ids, *a, **kw))
+                    text_ids = []
+                run.append(str((i - PLACE_BASE) % 10))
+                continue
+            if run:
+                out.append("".join(reversed(run)))
+                run = []
+            if i is not None:
+                text_ids.append(i)
+        if text_ids:
+            out.append(self._tok.decode(text_ids, *a, **kw))
+        return "".join(out)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def place_id(digit: int, place: int) -> int:
+    return PLACE_BASE + 10 * min(place, PLACES - 1) + digit
+
+
+def new_token_rows(digits: str) -> dict[int, int]:
+    """{new id: pre-trained id whose embedding and head rows it starts from}: each place-value
+    digit token starts as its digit's token (other new tokens start as the mean row)."""
+    if digits != "place":
+        return {}
+    tok = tok_lib.load_tokenizer()
+    return {place_id(d, p): tok.token_to_id(str(d)) for p in range(PLACES) for d in range(10)}
 
 
 def digits_of(tok) -> str:
@@ -169,9 +240,10 @@ def pack(samples: list[tuple[list[int], list[int]]], seq_len: int) -> dict[str, 
             "loss_mask": (lm[:, 1:] * same).astype(np.float32)}
 
 
-def resize_vocab(variables: dict, vocab: int) -> dict:
+def resize_vocab(variables: dict, vocab: int, copy_rows: dict[int, int] | None = None) -> dict:
     """A checkpoint's variables with the embedding [V, D] and head [D, V] grown to `vocab`
-    (new entries: the mean of the existing ones)."""
+    (new entries: the mean of the existing ones, or for new id i in copy_rows a copy of
+    entry copy_rows[i])."""
     p = dict(variables["params"])
     emb, head = np.asarray(p["embed"]), np.asarray(p["lm_head"])
     old = emb.shape[0]
@@ -180,4 +252,9 @@ def resize_vocab(variables: dict, vocab: int) -> dict:
     p["embed"] = np.concatenate([emb, np.repeat(emb.mean(0, keepdims=True), vocab - old, 0)])
     p["lm_head"] = np.concatenate([head, np.repeat(head.mean(1, keepdims=True), vocab - old, 1)],
                                   1)
+    for new, src in (copy_rows or {}).items():
+        if not old <= new < vocab or not 0 <= src < old:
+            raise ValueError(f"copy_rows: new id {new} must be in [{old}, {vocab}), source {src} "
+                             f"in [0, {old})")
+        p["embed"][new], p["lm_head"][:, new] = emb[src], head[:, src]
     return dict(variables, params=p)

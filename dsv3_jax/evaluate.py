@@ -55,8 +55,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def answer_breakdown(answers: list[str], golds: list[int]) -> dict:
     """Where wrong arithmetic answers go wrong, as shares of all problems: `formatted` (one
-    integer, nothing else), `units_digit` (|answer| mod 10 right; chance 10%), `sign`,
-    `within_10` and `within_100` (|answer - gold|)."""
+    integer, nothing else), `units_digit` (|answer| mod 10 right; chance 10%), `tens_digit`
+    (the tens digit of |answer|), `sign`, `within_10` and `within_100` (|answer - gold|)."""
     from dsv3_jax.rewards import extract_answer
     got = [extract_answer(a) for a in answers]
     got = [None if g is None else int(g) for g in got]
@@ -64,6 +64,7 @@ def answer_breakdown(answers: list[str], golds: list[int]) -> dict:
     share = lambda f: sum(g is not None and f(g, t) for g, t in zip(got, golds)) / n
     return {"formatted": share(lambda g, t: True),
             "units_digit": share(lambda g, t: abs(g) % 10 == abs(t) % 10),
+            "tens_digit": share(lambda g, t: abs(g) // 10 % 10 == abs(t) // 10 % 10),
             "sign": share(lambda g, t: (g < 0) == (t < 0)),
             "within_10": share(lambda g, t: abs(g - t) <= 10),
             "within_100": share(lambda g, t: abs(g - t) <= 100)}
@@ -107,6 +108,8 @@ def eval_arithmetic(cfg, variables, n: int, seed: int, batch: int = 128,
     return {"task": "arithmetic", "n": n, "seed": seed, "accuracy": k / n, "correct": k,
             "ci95": [lo, hi], "format": "chat" if is_chat else "few-shot",
             "breakdown": answer_breakdown(answers, [p["answer"] for p in probs]),
+            "accuracy_by_op": {op: sum(c for c, p in zip(correct, probs) if p["op"] == op) /
+                               max(1, sum(p["op"] == op for p in probs)) for op in "+-"},
             "examples": [{"q": p["question"], "gold": p["answer"], "got": a}
                          for p, a in list(zip(probs, answers))[:5]]}
 

@@ -57,10 +57,15 @@ def conversations(c, split: str) -> list[list[dict]]:
     if c.sft.task != "arithmetic":
         raise ConfigError(f"sft.task: {c.sft.task!r} is not a built-in task (arithmetic); "
                           "or give sft.train_jsonl / sft.val_jsonl")
+    if c.sft.lengths not in arithmetic.LENGTHS:
+        raise ConfigError(f"sft.lengths must be one of {arithmetic.LENGTHS}, got "
+                          f"{c.sft.lengths!r}")
     n = c.sft.num_train if split == "train" else c.sft.num_val
-    # validation = other training-split problems (evaluation's held-out problems stay unseen)
+    # validation = other training-split problems (evaluation's held-out problems stay unseen),
+    # drawn as evaluation draws them (sft.lengths shapes the training problems only)
     seed = c.sft.seed if split == "train" else c.sft.seed + 10_000
-    return arithmetic.conversations(arithmetic.problems(seed, n, "train"))
+    lengths = c.sft.lengths if split == "train" else "uniform"
+    return arithmetic.conversations(arithmetic.problems(seed, n, "train", lengths))
 
 
 def packed(c, tok, split: str) -> dict:
@@ -102,12 +107,14 @@ def grow_init_from(c, workdir: str) -> None:
     from dsv3_jax import ckpt
     if not c.train.init_from:
         return
-    out = os.path.join(os.path.abspath(workdir), f"init_vocab{c.model.vocab_size}")
+    tag = "_place" if c.sft.digits == "place" else ""   # place-value digits start from digits
+    out = os.path.join(os.path.abspath(workdir), f"init_vocab{c.model.vocab_size}{tag}")
     if not os.path.isdir(out):
         cfg, variables = ckpt.load_variables(os.path.expanduser(c.train.init_from))
         if cfg.vocab_size >= c.model.vocab_size:
             return
-        variables = chat.resize_vocab(jax.tree.map(np.asarray, variables), c.model.vocab_size)
+        variables = chat.resize_vocab(jax.tree.map(np.asarray, variables), c.model.vocab_size,
+                                      chat.new_token_rows(c.sft.digits))
         cfg = type(cfg).from_dict(dict(cfg.to_dict(), vocab_size=c.model.vocab_size))
         ckpt.save_orbax(cfg, variables, out)
     c.train.init_from = out

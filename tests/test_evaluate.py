@@ -8,7 +8,7 @@ from itertools import combinations
 import jax
 import pytest
 
-from dsv3_jax import chat, ckpt, config, evaluate, model
+from dsv3_jax import arithmetic, chat, ckpt, config, evaluate, model
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -49,6 +49,10 @@ def test_arithmetic_cli_json(tmp_path, capsys):
     assert res["task"] == "arithmetic" and res["n"] == 8 and res["format"] == "chat"
     assert 0 <= res["accuracy"] <= 1 and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
     assert res["breakdown"]["within_10"] >= res["accuracy"]
+    probs = arithmetic.problems(res["seed"], 8, "eval")
+    n_add = sum(p["op"] == "+" for p in probs)
+    by_op = res["accuracy_by_op"]
+    assert by_op["+"] * n_add + by_op["-"] * (8 - n_add) == pytest.approx(res["correct"])
 
 
 def test_answer_breakdown_by_hand():
@@ -58,7 +62,8 @@ def test_answer_breakdown_by_hand():
     # formatted: all but the sentence; units digit: 579, -12 (|-12| ends in 2), 1855, 408;
     # sign: 579, 1855, 408, -95; within 10: 579, 408 (off by 10); within 100: 579, -12 (24),
     # 1855 (20), 408
-    assert b == {"formatted": 5 / 6, "units_digit": 4 / 6, "sign": 4 / 6,
+    # tens digit: 579, -12
+    assert b == {"formatted": 5 / 6, "units_digit": 4 / 6, "tens_digit": 2 / 6, "sign": 4 / 6,
                  "within_10": 2 / 6, "within_100": 4 / 6}
 
 

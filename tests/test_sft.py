@@ -2,6 +2,7 @@
 tokenisation, vocabulary growth, and a short run of the entry point from a checkpoint."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -64,6 +65,49 @@ def test_reversed_digits_change_token_order_only(tok):
         chat.chat_tokenizer(digits="spaced")
 
 
+def test_place_digits_tokens_and_round_trip(tok):
+    place = chat.chat_tokenizer(digits="place")
+    assert chat.digits_of(place) == "place"
+    rng = np.random.default_rng(1)
+    alphabet = list("0123456789 +-?x\n") + ["é", "<|end|>", "٣"]     # ٣: a non-ASCII digit
+    for _ in range(60):
+        text = "".join(rng.choice(alphabet, rng.integers(0, 40)))
+        ids = place.encode(text).ids
+        assert place.decode(ids) == text
+        # the text between numbers is the split tokenizer's tokens
+        other = [i for i in ids if not chat.PLACE_BASE <= i < chat.PLACE_BASE + 10 * chat.PLACES]
+        assert other == [i for part in re.split("[0-9]+", text) if part
+                         for i in tok.encode(part).ids]
+    for n in rng.integers(0, 10**7, 30):     # digit d at place p: PLACE_BASE + 10 p + d
+        digits = str(n)[::-1]
+        want = [chat.PLACE_BASE + 10 * min(p, chat.PLACES - 1) + int(d)
+                for p, d in enumerate(digits)]
+        assert place.encode(str(n)).ids == want
+    assert max(chat.place_id(9, 99), chat.PLACE_BASE + 10 * chat.PLACES - 1) < chat.CHAT_VOCAB
+    assert min(chat.place_id(0, 0), chat.PLACE_BASE) > max(chat.END_ID, 8197)   # past FIM's ids
+    ids = chat.prompt_ids(place, "What is 473 + 51?")
+    assert place.decode(ids[1:-2]) == "What is 473 + 51?"
+    assert [i - chat.PLACE_BASE for i in ids if i >= chat.PLACE_BASE] == [3, 17, 24, 1, 15]
+
+
+def test_resize_vocab_copies_the_digit_rows_for_place_tokens():
+    rng = np.random.default_rng(2)
+    emb, head = rng.normal(size=(8192, 4)), rng.normal(size=(4, 8192))
+    v = chat.resize_vocab({"params": {"embed": emb, "lm_head": head}}, chat.CHAT_VOCAB,
+                          chat.new_token_rows("place"))["params"]
+    base = chat.tok_lib.load_tokenizer()
+    for p in range(chat.PLACES):
+        for d in range(10):
+            i, src = chat.place_id(d, p), base.token_to_id(str(d))
+            np.testing.assert_array_equal(v["embed"][i], emb[src])
+            np.testing.assert_array_equal(v["lm_head"][:, i], head[:, src])
+    np.testing.assert_allclose(v["embed"][chat.END_ID], emb.mean(0))       # the chat tokens
+    np.testing.assert_array_equal(v["embed"][:8192], emb)
+    assert chat.new_token_rows("split") == {} == chat.new_token_rows("reversed")
+    with pytest.raises(ValueError, match="copy_rows"):
+        chat.resize_vocab({"params": {"embed": emb, "lm_head": head}}, 8256, {8300: 1})
+
+
 def test_packing_masks_across_samples(tok):
     convs = arithmetic.conversations(arithmetic.problems(0, 9, "train"))
     samples = [chat.render(tok, c) for c in convs]
@@ -109,7 +153,26 @@ def test_arithmetic_splits_are_disjoint():
     assert p["answer"] == (p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"])
 
 
-def test_sft_entry_point_from_a_checkpoint(tmp_path):
+def test_balanced_lengths_draw_digit_counts_uniformly_and_stay_off_held_out():
+    probs = arithmetic.problems(4, 6000, "train", "balanced")
+    ev = {(p["a"], p["op"], p["b"]) for p in arithmetic.problems(1, 3000, "eval")}
+    assert not {(p["a"], p["op"], p["b"]) for p in probs} & ev
+    for key in ("a", "b"):
+        n_digits = np.array([len(str(p[key])) for p in probs])
+        share = np.bincount(n_digits, minlength=4)[1:] / len(probs)
+        np.testing.assert_allclose(share, 1 / 3, atol=0.03)      # 3 sigma is 0.018
+        ones = [p[key] for p in probs if p[key] < 10]
+        assert set(ones) == set(range(10))                       # 0 is a one-digit number
+    for p in probs:
+        assert p["answer"] == (p["a"] + p["b"] if p["op"] == "+" else p["a"] - p["b"])
+    # "uniform" is the evaluation's distribution, unchanged
+    assert arithmetic.problems(1, 50, "train") == arithmetic.problems(1, 50, "train", "uniform")
+    with pytest.raises(ValueError, match="lengths"):
+        arithmetic.problems(1, 5, "train", "skewed")
+
+
+@pytest.mark.parametrize("digits", ["reversed", "place"])
+def test_sft_entry_point_from_a_checkpoint(tmp_path, digits):
     from dsv3_jax import ckpt, sft
     base_cfg = config.tiny(vocab_size=8192, **MICRO)
     ckpt.save_orbax(base_cfg, model.init(base_cfg, jax.random.key(0)), str(tmp_path / "base"))
@@ -122,7 +185,7 @@ def test_sft_entry_point_from_a_checkpoint(tmp_path):
             f"--config.sft.train_jsonl={data}", f"--config.sft.val_jsonl={data}",
             "--config.sft.epochs=1", "--config.data.seq_len=64", "--config.data.global_batch=4",
             "--config.train.sample_tokens=2", "--config.train.async_checkpoint=False",
-            "--config.sft.digits=reversed"]
+            f"--config.sft.digits={digits}"]
     args += [f"--config.model.{k}={v}" for k, v in MICRO.items()]
     assert sft.main(args) == 0
     res = json.load(open(tmp_path / "run" / "result.json"))
@@ -131,8 +194,18 @@ def test_sft_entry_point_from_a_checkpoint(tmp_path):
     assert any("ce" in x for x in lines)
     cfg, v = ckpt.load_variables(str(tmp_path / "run"))
     assert cfg.vocab_size == chat.CHAT_VOCAB and v["params"]["embed"].shape[0] == chat.CHAT_VOCAB
-    assert os.path.isdir(tmp_path / "run" / f"init_vocab{chat.CHAT_VOCAB}")
+    tag = "_place" if digits == "place" else ""
+    assert os.path.isdir(tmp_path / "run" / f"init_vocab{chat.CHAT_VOCAB}{tag}")
     # the digit order travels with the checkpoint (evaluate and GRPO read it); other formats
     # and the pre-trained run are "split"
-    assert chat.checkpoint_digits(str(tmp_path / "run")) == "reversed"
+    assert chat.checkpoint_digits(str(tmp_path / "run")) == digits
     assert chat.checkpoint_digits(str(tmp_path / "base")) == "split"
+
+
+def test_bad_sft_lengths_is_a_config_error():
+    from dsv3_jax import sft
+    from experiments.configs import sft_tiny
+    c = sft_tiny.get_config()
+    c.sft.lengths = "skewed"
+    with pytest.raises(config.ConfigError, match="sft.lengths"):
+        sft.conversations(c, "train")

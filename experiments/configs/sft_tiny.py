@@ -6,7 +6,10 @@
 The report's recipe (§5.1): 2 epochs, cosine LR 5e-6 -> 1e-6 (final_frac 0.2), sample masking.
 The peak LR is the tiny model's (a 12M model learning a new format in minutes), not 671B's.
 sft.digits: "split" (one token per digit, most significant first, as the release's tokenizer)
-or "reversed" (least significant first in token space; `dsv3_jax.chat.ReversedDigits`).
+or "reversed" (least significant first in token space; `dsv3_jax.chat.ReversedDigits`) or
+"place" (least significant first, one token per digit and place; `dsv3_jax.chat.PlaceDigits`).
+sft.lengths: "uniform" (operands uniform in 0..999, as evaluated) or "balanced" (each operand's
+digit count uniform in 1..3; `dsv3_jax.arithmetic.problems`), for the training problems.
 `:quick` is a smoke run.
 """
 import ml_collections
@@ -16,7 +19,7 @@ from dsv3_jax.train_config import base_config, model_block, parse_arg
 
 def sft_block(**kw):
     d = dict(task="arithmetic", train_jsonl="", val_jsonl="", num_train=8000, num_val=256,
-             epochs=2.0, seed=1, digits="split")
+             epochs=2.0, seed=1, digits="place", lengths="balanced")
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
