@@ -153,7 +153,7 @@ def set_up(c, workdir: str, objective: objectives.Objective | None = None) -> Se
         from dsv3_jax.pipeline import executor
         ranks = mesh_shape["pipeline"]
         bad = executor.problems(c.pipeline.schedule, ranks, ts.batch_schedule(c).micro_per_step,
-                                cfg, fns.objective)
+                                cfg, fns.objective, mesh_shape)
         if bad:
             raise ConfigError("pipeline does not fit:\n  - " + "\n  - ".join(bad))
         fns = dataclasses.replace(fns, pipeline=(c.pipeline.schedule, ranks, *(

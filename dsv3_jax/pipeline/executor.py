@@ -386,11 +386,28 @@ def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
                                keep_residuals)
 
 
-def problems(name: str, ranks: int, micro_per_step, cfg, objective) -> list[str]:
+# Mesh axes the executor composes with inside a stage. With fsdp or tensor > 1 beside the
+# pipeline, XLA's SPMD partitioner aborts on the partially manual shard_map (a replica-group
+# check in spmd_partitioner_util.cc, jax 0.10.2, branched and branch-free alike), or a branched
+# tick deadlocks on a collective-permute over all devices: refused before compiling.
+COMPOSES_WITH = ("data", "expert")
+
+
+def problems(name: str, ranks: int, micro_per_step, cfg, objective,
+             mesh_shape: dict | None = None) -> list[str]:
     """Everything wrong with running `name` on `ranks` pipeline ranks, before any compile:
-    the schedule for every micro-batch count the run uses, the layer split, the objective."""
+    the schedule for every micro-batch count the run uses, the layer split, the objective and
+    (mesh_shape) the other mesh axes."""
     from dsv3_jax.pipeline import schedules
     out = []
+    other = {k: v for k, v in (mesh_shape or {}).items()
+             if k not in (AXIS, *COMPOSES_WITH) and v > 1}
+    if other:
+        out.append("mesh." + ", mesh.".join(f"{k}={v}" for k, v in other.items()) +
+                   f" with mesh.pipeline={ranks}: the pipeline composes with the "
+                   f"{' and '.join(COMPOSES_WITH)} axes only (XLA's SPMD partitioner fails on "
+                   "fsdp/tensor sharding inside the pipeline's shard_map); use data or expert "
+                   "for the other devices")
     if not all(hasattr(objective, k) for k in ("tail_loss", "stage_loss", "balance")):
         out.append(f"the objective {type(objective).__name__} has no pipeline stages "
                    "(stage_loss, tail_loss, balance; see dsv3_jax/objectives/pretrain.py): use "
