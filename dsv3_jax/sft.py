@@ -98,7 +98,8 @@ def make_data_fn(c, tok, train_rows: dict, val_rows: dict):
               f"{info['train_tokens']:,} assistant tokens; {info['val_tokens']:,} validation")
         return train.Data(schedule, RowBatches(train_rows, schedule.micro_batch, c.data.seed),
                           val, tok, info, micro_sharding=s.sharding(sharding.batch_spec(3, lead=1)),
-                          row_sharding=row_sharding)
+                          row_sharding=row_sharding,   # the sample asks through the chat template
+                          sample_prompt=(chat.prompt_ids(tok, c.train.sample_prompt), chat.END_ID))
     return data_fn
 
 

@@ -178,6 +178,8 @@ class Data:
     info: dict
     micro_sharding: jax.sharding.NamedSharding
     row_sharding: jax.sharding.NamedSharding
+    # the final greedy sample's (prompt ids, stop id); None: train.sample_prompt's text as is
+    sample_prompt: tuple | None = None
 
 
 def to_global(local: dict, sharding_, rows_axis: int) -> dict:
@@ -451,12 +453,14 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
         v = _validate(s, evaluator, state, ema)
         writer.write_scalars(final_step, v)
         val, vio = v["val_loss"], v["val_maxvio"]
-        prompt = data.tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID]
+        prompt, stop = data.sample_prompt or (
+            data.tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID],
+            data_lib.EOS_ID)
         if jax.process_count() == 1:
             sample_ids = greedy_generate(s.cfg, {"params": state["params"],
                                                  "router_bias": state["router_bias"]},
-                                         prompt, c.train.sample_tokens, eos_id=data_lib.EOS_ID)
-            sample = data.tokenizer.decode(prompt + sample_ids)
+                                         prompt, c.train.sample_tokens, eos_id=stop)
+            sample = data.tokenizer.decode(prompt + sample_ids, skip_special_tokens=False)
         else:   # the sample generator is single-process; sample from the checkpoint instead
             sample = "(skipped in a multi-process run: python -m dsv3_jax.generate --checkpoint ...)"
         result.update(v, sample=sample)

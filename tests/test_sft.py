@@ -190,6 +190,8 @@ def test_sft_entry_point_from_a_checkpoint(tmp_path, digits):
     assert sft.main(args) == 0
     res = json.load(open(tmp_path / "run" / "result.json"))
     assert res["step"] >= 2 and np.isfinite(res["val_loss"])
+    # the final greedy sample asks through the chat template
+    assert res["sample"].startswith("<|user|>What is 12 + 34?<|end|><|assistant|>"), res["sample"]
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("ce" in x for x in lines)
     cfg, v = ckpt.load_variables(str(tmp_path / "run"))
