@@ -54,26 +54,32 @@ def state_from_variables(variables: dict, optimizer, rng: jax.Array, ema: bool) 
     return state
 
 
+def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False) -> dict:
+    """PartitionSpecs of the parameters from the rules table (params: arrays or shapes)."""
+    from jax.sharding import PartitionSpec as P
+    axes = model.logical_axes(cfg)["params"]
+    is_spec = lambda x: isinstance(x, P)
+    spec_of = lambda shape_: lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
+                                                                       shape_, uneven)
+    specs = jax.tree.map(spec_of(mesh_shape), axes, params, is_leaf=is_spec)
+    if mesh_shape.get("pipeline", 1) > 1:
+        # Only the MoE stack is cut into pipeline stages; the embedding, dense layers, head and
+        # MTP modules run on the first/last stage and are replicated over `pipeline`.
+        no_pp = dict(mesh_shape, pipeline=1)
+        specs = {k: v if k == "moe_layers" else
+                 jax.tree.map(spec_of(no_pp), axes[k], params[k], is_leaf=is_spec)
+                 for k, v in specs.items()}
+    return specs
+
+
 def state_specs(abstract_state, cfg: ModelConfig, optimizer, mesh_shape,
                 uneven: bool = False) -> dict:
     """PartitionSpecs of the whole state from the one rules table; optimizer moments also
     sharded over the ZeRO-1 axes; router biases, counters and the RNG replicated."""
     import optax
     from jax.sharding import PartitionSpec as P
-    axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
-    spec_of = lambda shape_: lambda names, a: sharding.logical_to_mesh(tuple(names), a.shape,
-                                                                       shape_, uneven)
-    param_specs = jax.tree.map(spec_of(mesh_shape), axes, abstract_state["params"],
-                               is_leaf=is_spec)
-    if mesh_shape.get("pipeline", 1) > 1:
-        # Only the MoE stack is cut into pipeline stages; the embedding, dense layers, head and
-        # MTP modules run on the first/last stage and are replicated over `pipeline`.
-        no_pp = dict(mesh_shape, pipeline=1)
-        param_specs = {k: v if k == "moe_layers" else
-                       jax.tree.map(spec_of(no_pp), axes[k], abstract_state["params"][k],
-                                    is_leaf=is_spec)
-                       for k, v in param_specs.items()}
+    param_specs = params_specs(cfg, abstract_state["params"], mesh_shape, uneven)
     moment = lambda leaf, spec: sharding.add_zero1(spec, leaf.shape, mesh_shape)
     opt_specs = optax.tree_map_params(optimizer, moment, abstract_state["opt_state"], param_specs,
                                       transform_non_params=lambda _: P(), is_leaf=is_spec)

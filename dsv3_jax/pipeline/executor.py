@@ -93,6 +93,14 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     if not recompute and not plan.keep_residuals:
         raise ValueError("recompute=False needs a plan with slots for the residuals "
                          "(make_plan(..., keep_residuals=True))")
+    mesh_shape = dict(jax.sharding.get_abstract_mesh().shape)
+    if mesh_shape.get("fsdp", 1) > 1:
+        # fsdp: each rank's stage parameters are gathered over fsdp once per step, here, outside
+        # the pipeline's shard_map (XLA's SPMD partitioner aborts on fsdp-sharded weights inside
+        # it); their gradients go back to the fsdp shards through the step's out shardings
+        from dsv3_jax import train_state
+        params = jax.lax.with_sharding_constraint(
+            params, train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1)))
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
@@ -386,11 +394,12 @@ def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
                                keep_residuals)
 
 
-# Mesh axes the executor composes with inside a stage. With fsdp or tensor > 1 beside the
-# pipeline, XLA's SPMD partitioner aborts on the partially manual shard_map (a replica-group
-# check in spmd_partitioner_util.cc, jax 0.10.2, branched and branch-free alike), or a branched
-# tick deadlocks on a collective-permute over all devices: refused before compiling.
-COMPOSES_WITH = ("data", "expert")
+# Mesh axes the executor composes with (fsdp: the stage's parameters gathered over it once per
+# step, in value_and_grad). With tensor > 1 beside the pipeline, XLA's SPMD partitioner aborts
+# on the partially manual shard_map (a replica-group check in spmd_partitioner_util.cc, jax
+# 0.10.2, branched and branch-free ticks), or a branched tick deadlocks on a collective-permute
+# over all devices, as with fsdp-sharded weights inside: refused before compiling.
+COMPOSES_WITH = ("data", "fsdp", "expert")
 
 
 def problems(name: str, ranks: int, micro_per_step, cfg, objective,
@@ -405,8 +414,8 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective,
     if other:
         out.append("mesh." + ", mesh.".join(f"{k}={v}" for k, v in other.items()) +
                    f" with mesh.pipeline={ranks}: the pipeline composes with the "
-                   f"{' and '.join(COMPOSES_WITH)} axes only (XLA's SPMD partitioner fails on "
-                   "fsdp/tensor sharding inside the pipeline's shard_map); use data or expert "
+                   f"{', '.join(COMPOSES_WITH)} axes only (XLA's SPMD partitioner fails on "
+                   "tensor sharding inside the pipeline's shard_map); use data, fsdp or expert "
                    "for the other devices")
     if not all(hasattr(objective, k) for k in ("tail_loss", "stage_loss", "balance")):
         out.append(f"the objective {type(objective).__name__} has no pipeline stages "

@@ -6,7 +6,7 @@ within 1e-5 relative: a small config with MTP on, 16 MoE layers (so that DualPip
 has its 16 stages) and every schedule on the meshes of the issue. Prints one JSON line per case;
 exits 1 on failure.
 
-  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven|modes
+  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven|modes|composed
   python tests/multidevice/pipeline_equivalence.py cases dualpipev@8 dualpipe@8
 """
 import json
@@ -127,6 +127,9 @@ def main():
                  for mode in ((True, False, False), (False, True, False), (False, False, False))]
         cases += [(s, MESHES[0], mode) for s in ("zb1p", "dualpipev")
                   for mode in ((True, True, True), (True, False, True), (False, True, True))]
+    elif which == "composed":   # fsdp beside the pipeline (its parameters gathered per step)
+        cases = [("1f1b", dict(pipeline=2, fsdp=2, expert=2)),
+                 ("dualpipev", dict(pipeline=2, fsdp=2, data=2))]
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
@@ -134,7 +137,7 @@ def main():
         cases = [("dualpipev", MESHES[0])]
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
-    moe_layers = {"uneven": 5, "quick": 4, "modes": 4}.get(which, 16)
+    moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4}.get(which, 16)
     c = config(fp8, moe_layers)
     # FP8's 1x128 activation and 128x1 Wgrad tiles follow each micro-batch's rows, so with FP8
     # the reference accumulates over the same 4 micro-batches the pipeline runs (the others take

@@ -43,6 +43,7 @@ def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_pat
     pytest.param("uneven", marks=pytest.mark.slow),   # 5 MoE layers over 4 stages: padded
     pytest.param("fp8", marks=pytest.mark.slow),  # DualPipe with the FP8 recipe
     pytest.param("modes", marks=pytest.mark.slow),    # branch-free, kept residuals, W apart
+    pytest.param("composed", marks=pytest.mark.slow),  # fsdp beside the pipeline
 ])
 def test_pipeline_matches_single_device(which):
     out = run_script("pipeline_equivalence.py", which, timeout=5400)
