@@ -9,7 +9,7 @@ ev() { python -m dsv3_jax.evaluate --checkpoint "$1" --task arithmetic --n 500 -
 ev "$BASE" > "$OUT/eval_base.json"
 # SFT: 2 epochs over 90k generated conversations (place-value digit tokens, balanced operand
 # lengths: the config's defaults; 820 steps of 32 rows), then GRPO at the config's LR 1e-4 with
-# G = 16 samples x 16 prompts; ~16 min on 2 cores in all (README, post-training figures)
+# G = 16 samples x 16 prompts; ~14 min on 2 cores in all (README, post-training figures)
 python -m dsv3_jax.sft --config experiments/configs/sft_tiny.py --config.train.init_from="$BASE" \
   --workdir "$OUT/sft" --config.sft.num_train=90000 --config.optim.peak_lr=3e-3 \
   --config.data.global_batch=32
