@@ -364,6 +364,17 @@ def generate(cfg: ModelConfig, variables, prompts: list[list[int]], max_new_toke
     return Generation(out, stats)
 
 
+def sample_text(cfg: ModelConfig, state: dict, tokenizer, prompt_ids: list[int], stop_id: int,
+                max_new_tokens: int) -> str:
+    """A finished run's greedy sample, decoded with its special tokens. Single-process only: a
+    multi-process run is told to sample from its checkpoint instead."""
+    if jax.process_count() > 1:
+        return "(skipped in a multi-process run: python -m dsv3_jax.generate --checkpoint ...)"
+    ids = greedy_generate(cfg, {"params": state["params"], "router_bias": state["router_bias"]},
+                          prompt_ids, max_new_tokens, eos_id=stop_id)
+    return tokenizer.decode(prompt_ids + ids, skip_special_tokens=False)
+
+
 def greedy_generate(cfg: ModelConfig, variables, prompt_ids: list[int], max_new_tokens: int,
                     eos_id: int | None = None) -> list[int]:
     """Greedy continuation of one prompt; stops at eos_id (not returned) or after max_new_tokens."""

@@ -443,7 +443,7 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
            ema=None) -> dict:
     """A finished run: final validation, a greedy sample, result.json."""
     from dsv3_jax import data as data_lib
-    from dsv3_jax.generate import greedy_generate
+    from dsv3_jax.generate import sample_text
     c, info = s.c, data.info
     final_step = int(state["step"])
     result = {"step": final_step, "workdir": os.path.abspath(s.workdir),
@@ -456,13 +456,7 @@ def finish(s: Setup, data: Data, state: dict, evaluator: Evaluator, writer, step
         prompt, stop = data.sample_prompt or (
             data.tokenizer.encode(c.train.sample_prompt).ids or [data_lib.EOS_ID],
             data_lib.EOS_ID)
-        if jax.process_count() == 1:
-            sample_ids = greedy_generate(s.cfg, {"params": state["params"],
-                                                 "router_bias": state["router_bias"]},
-                                         prompt, c.train.sample_tokens, eos_id=stop)
-            sample = data.tokenizer.decode(prompt + sample_ids, skip_special_tokens=False)
-        else:   # the sample generator is single-process; sample from the checkpoint instead
-            sample = "(skipped in a multi-process run: python -m dsv3_jax.generate --checkpoint ...)"
+        sample = sample_text(s.cfg, state, data.tokenizer, prompt, stop, c.train.sample_tokens)
         result.update(v, sample=sample)
         s.log(f"\nfinal validation loss {val:.4f} nats/token (unigram entropy "
               f"{info['unigram_entropy']:.4f}, {info['unigram_entropy'] - val:+.3f} better); "
