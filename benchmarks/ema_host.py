@@ -44,10 +44,8 @@ def main():
         state, m = step(state, batch)                                    # compile
         ema = None
         if name in ("blocking", "staged"):
-            ema = ema_lib.HostEMA(args.decay, state["params"])
-            if name == "blocking":
-                ema.staging, ema.staged = None, False
-            elif not ema.staged:
+            ema = ema_lib.HostEMA(args.decay, state["params"], stage=name == "staged")
+            if name == "staged" and not ema.staged:
                 raise SystemExit("this backend has no pinned_host memory: nothing to compare")
         ema_device = sum(x.nbytes for x in jax.tree.leaves(state.get("ema", {})))
         runs[name] = dict(step=step, state=state, ema=ema, times=[], waits=[],

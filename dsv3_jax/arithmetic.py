@@ -38,12 +38,12 @@ def problems(seed: int, n: int, split: str, lengths: str = "uniform") -> list[di
     if lengths not in LENGTHS:
         raise ValueError(f"lengths must be one of {LENGTHS}, got {lengths!r}")
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    lows = np.array([0, 10, 100])
+    lows, highs = np.array([0, 10, 100]), np.array([10, 100, 1000])   # 1, 2, 3 digits
     out = []
     while len(out) < n:
         if lengths == "balanced":
-            k = rng.integers(0, 3, 2)
-            a, b = (int(x) for x in rng.integers(lows[k], 10 * lows[k] + 10 * (k == 0)))
+            k = rng.integers(0, 3, 2)      # each operand's digit count - 1
+            a, b = (int(x) for x in rng.integers(lows[k], highs[k]))
         else:
             a, b = (int(x) for x in rng.integers(0, 1000, 2))
         op = "+" if rng.random() < 0.5 else "-"

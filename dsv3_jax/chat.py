@@ -78,15 +78,25 @@ def reverse_digit_runs(text: str) -> str:
     return re.sub("[0-9]+", lambda m: m.group(0)[::-1], text)
 
 
-class ReversedDigits:
+class _DigitFormat:
+    """A chat tokenizer whose numbers are written another way in token space (`digits` names
+    the way); everything but encode/decode is the wrapped tokenizer's."""
+
+    digits = "split"
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+class ReversedDigits(_DigitFormat):
     """The chat tokenizer with every number least-significant digit first in token space: text
     in and text out are unchanged (encode reverses each digit run, decode reverses it back), so
     "What is 473 + 511?" is fed as ... 3|7|4 ... 1|1|5 and the answer 984 is generated 4, 8, 9."""
 
     digits = "reversed"
-
-    def __init__(self, tok):
-        self._tok = tok
 
     def encode(self, text, *a, **kw):
         return self._tok.encode(reverse_digit_runs(text), *a, **kw)
@@ -94,16 +104,13 @@ class ReversedDigits:
     def decode(self, ids, *a, **kw):
         return reverse_digit_runs(self._tok.decode(ids, *a, **kw))
 
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
 
 class _Ids:
     def __init__(self, ids):
         self.ids = ids
 
 
-class PlaceDigits:
+class PlaceDigits(_DigitFormat):
     """The chat tokenizer with place-value digit tokens: every number least-significant digit
     first, each digit a token of its own place (units, tens, hundreds, ...), so "What is 473 +
     51?" is fed as ... 3@0 7@1 4@2 ... 1@0 5@1 and the answer 524 is generated 4@0 2@1 5@2. A
@@ -113,9 +120,6 @@ class PlaceDigits:
     unchanged; the other text is the split tokenizer's tokens."""
 
     digits = "place"
-
-    def __init__(self, tok):
-        self._tok = tok
 
     def encode(self, text, *a, **kw):
         ids = []
@@ -143,9 +147,6 @@ class PlaceDigits:
         if text_ids:
             out.append(self._tok.decode(text_ids, *a, **kw))
         return "".join(out)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
 
 
 def place_id(digit: int, place: int) -> int:

@@ -51,14 +51,16 @@ def _host_shards(x: jax.Array, copy: bool = False) -> dict:
 class HostEMA:
     """The EMA of a parameter tree, in host memory; `update` after each step."""
 
-    def __init__(self, decay: float, params):
+    def __init__(self, decay: float, params, stage: bool = True):
+        """stage: copy through pinned host memory where the backend has it (False: the
+        blocking copy, for comparison)."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"HostEMA decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
         leaves, self.treedef = jax.tree.flatten(params)
         self.avals = [(x.shape, x.dtype, x.sharding) for x in leaves]
         self.host = [_host_shards(x, copy=True) for x in leaves]
-        staging = [_pinned_host(x.sharding) for x in leaves]
+        staging = [_pinned_host(x.sharding) for x in leaves] if stage else [None]
         self.staging = None if any(s is None for s in staging) else staging
         self.staged = self.staging is not None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="host-ema")

@@ -70,6 +70,12 @@ def answer_breakdown(answers: list[str], golds: list[int]) -> dict:
             "within_100": share(lambda g, t: abs(g - t) <= 100)}
 
 
+def accuracy_by_op(correct: list[bool], problems: list[dict]) -> dict:
+    """The share of correct answers among the A + B and among the A - B problems."""
+    return {op: sum(c for c, p in zip(correct, problems) if p["op"] == op) /
+            max(1, sum(p["op"] == op for p in problems)) for op in "+-"}
+
+
 def _load(path: str):
     from dsv3_jax.generate import load_checkpoint
     cfg, variables, _ = load_checkpoint(path)
@@ -108,8 +114,7 @@ def eval_arithmetic(cfg, variables, n: int, seed: int, batch: int = 128,
     return {"task": "arithmetic", "n": n, "seed": seed, "accuracy": k / n, "correct": k,
             "ci95": [lo, hi], "format": "chat" if is_chat else "few-shot",
             "breakdown": answer_breakdown(answers, [p["answer"] for p in probs]),
-            "accuracy_by_op": {op: sum(c for c, p in zip(correct, probs) if p["op"] == op) /
-                               max(1, sum(p["op"] == op for p in probs)) for op in "+-"},
+            "accuracy_by_op": accuracy_by_op(correct, probs),
             "examples": [{"q": p["question"], "gold": p["answer"], "got": a}
                          for p, a in list(zip(probs, answers))[:5]]}
 

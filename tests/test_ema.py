@@ -56,8 +56,8 @@ def test_blocking_fallback_gives_the_same_ema():
     rng = np.random.default_rng(1)
     params = {"w": jnp.asarray(rng.normal(size=(32, 32)), jnp.float32),
               "b": jnp.asarray(rng.normal(size=(32,)), jnp.float32)}
-    a, b = ema_lib.HostEMA(0.7, params), ema_lib.HostEMA(0.7, params)
-    b.staging, b.staged = None, False
+    a, b = ema_lib.HostEMA(0.7, params), ema_lib.HostEMA(0.7, params, stage=False)
+    assert a.staged and not b.staged
     step = _slow_step(2)
     for _ in range(3):
         params = step(params)

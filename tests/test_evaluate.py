@@ -8,7 +8,7 @@ from itertools import combinations
 import jax
 import pytest
 
-from dsv3_jax import arithmetic, chat, ckpt, config, evaluate, model
+from dsv3_jax import chat, ckpt, config, evaluate, model
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -49,10 +49,15 @@ def test_arithmetic_cli_json(tmp_path, capsys):
     assert res["task"] == "arithmetic" and res["n"] == 8 and res["format"] == "chat"
     assert 0 <= res["accuracy"] <= 1 and res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
     assert res["breakdown"]["within_10"] >= res["accuracy"]
-    probs = arithmetic.problems(res["seed"], 8, "eval")
-    n_add = sum(p["op"] == "+" for p in probs)
-    by_op = res["accuracy_by_op"]
-    assert by_op["+"] * n_add + by_op["-"] * (8 - n_add) == pytest.approx(res["correct"])
+    assert set(res["accuracy_by_op"]) == {"+", "-"}
+
+
+def test_accuracy_by_op_by_hand():
+    probs = [{"op": op} for op in "++-+--"]
+    # + : right, wrong, right -> 2/3; - : wrong, wrong, right -> 1/3
+    by_op = evaluate.accuracy_by_op([True, False, False, True, False, True], probs)
+    assert by_op == {"+": 2 / 3, "-": 1 / 3}
+    assert evaluate.accuracy_by_op([True], [{"op": "+"}]) == {"+": 1.0, "-": 0.0}   # no A - B
 
 
 def test_answer_breakdown_by_hand():
