@@ -1,9 +1,20 @@
 import hashlib
 import os
+import tempfile
 
-import jax
-import numpy as np
-import pytest
+# One persistent compilation cache per test session, shared by the xdist workers and by the
+# subprocesses the CLI and multi-device tests start (they inherit the environment): a program
+# that several tests compile (the micro model's train step, a CLI run and its resumed rerun) is
+# compiled once per session. Set before jax is imported; an outer JAX_COMPILATION_CACHE_DIR wins.
+_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"dsv3_jax_test_jit_cache_{_SESSION}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Implicit rank promotion hides shape bugs; make it an error in every test.
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -226,3 +226,38 @@ def test_grads_under_jit_scan_and_remat_align_with_full_precision(setup):
     dw = _f64(g["moe_layers"]["block"]["moe"]["experts"]["up"])[0]
     empty = np.setdiff1d(np.arange(cfg.n_routed_experts), PINNED)
     assert not np.any(dw[empty]) and np.all(np.abs(dw[list(PINNED)]).sum((1, 2)) > 0)
+
+
+def test_grad_error_script_groups_every_parameter_and_measures_by_hand(rng):
+    """experiments/fp8_grad_error.py: every parameter of the model (MTP on) falls in a named
+    group, and `errors` gives the relative L2 per group and overall and the cosine of
+    hand-built gradients (two batches, known perturbations)."""
+    from experiments import fp8_grad_error as fge
+    cfg = config.tiny(num_hidden_layers=3)
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))["params"]
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+    groups = {jax.tree_util.keystr(p): fge.group_of(p) for p in paths}
+    assert "other" not in groups.values(), groups
+    assert groups["['lm_head']"] == "head" and groups["['embed']"] == "embed"
+    assert groups["['moe_layers']['block']['moe']['experts']['up']"] == "routed experts"
+    assert groups["['moe_layers']['block']['moe']['router']"] == "router"
+    assert groups["['moe_layers']['block']['attn']['kv_b']['kernel']"] == "attention"
+    assert groups["['dense_layers']['block']['mlp']['gate']['kernel']"] == "dense MLP"
+    k = jax.tree_util.GetAttrKey
+    pe, pr = (k("embed"),), (k("moe_router"),)
+    ref, got, want_e, want_r, want_all, want_cos = [], [], [], [], [], []
+    for _ in range(2):
+        e, r = rng.normal(size=7), rng.normal(size=(3, 2))
+        de, dr = rng.normal(size=7) * 0.1, rng.normal(size=(3, 2)) * 0.3
+        ref.append([(pe, e), (pr, r)])
+        got.append([(pe, e + de), (pr, r + dr)])
+        want_e.append(np.linalg.norm(de) / np.linalg.norm(e))
+        want_r.append(np.linalg.norm(dr) / np.linalg.norm(r))
+        flat_r, flat_g = np.concatenate([e, r.ravel()]), np.concatenate([e + de, (r + dr).ravel()])
+        want_all.append(np.linalg.norm(flat_g - flat_r) / np.linalg.norm(flat_r))
+        want_cos.append(flat_g @ flat_r / np.linalg.norm(flat_g) / np.linalg.norm(flat_r))
+    out = fge.errors(got, ref)
+    assert out["embed"] == pytest.approx(np.mean(want_e), rel=1e-12)
+    assert out["router"] == pytest.approx(np.mean(want_r), rel=1e-12)
+    assert out["all"] == pytest.approx(np.mean(want_all), rel=1e-12)
+    assert out["cos"] == pytest.approx(np.mean(want_cos), rel=1e-12)

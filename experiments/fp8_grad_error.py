@@ -1,0 +1,130 @@
+"""The gradient error of each precision recipe at fixed weights, against float32 compute.
+
+  python experiments/fp8_grad_error.py                       # the BF16 run's final weights
+  python experiments/fp8_grad_error.py --checkpoint DIR --batches 8
+  python experiments/fp8_grad_error.py --init                # freshly initialised weights
+
+`experiments/fp8_vs_bf16.py` compares whole training runs, whose losses also drift apart by
+chaos (two BF16 runs from different inits differ by about as much as the bar). This script
+takes one set of weights and the same training batches, computes the gradient of the trained
+objective (CE + MTP + balance) under each recipe of experiments/configs/fp8_vs_bf16.py, and
+reports ||g - g_fp32|| / ||g_fp32|| per parameter group and over all parameters (mean over
+batches), and the cosine with the float32 gradient: what one step of each recipe adds, with
+no trajectory in between. Recipes: `bf16` (the baseline), `fp8_no_cache` (FP8 GEMMs, BF16
+activations kept for the backward), `fp8` (the report's recipe: FP8 caching and dispatch).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import re
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax                                                  # noqa: E402
+import jax.numpy as jnp                                     # noqa: E402
+import numpy as np                                          # noqa: E402
+
+from dsv3_jax import train                                  # noqa: E402
+from experiments.configs import fp8_vs_bf16 as exp          # noqa: E402
+
+RECIPES = {"fp32": {"dtype": "float32"}, "bf16": {},
+           "fp8_no_cache": {"fp8": True, "fp8_cache_activations": False},
+           "fp8": {"fp8": True}}
+# parameter groups by path (first match wins); the report keeps embedding, head, router and
+# norms in higher precision, so their error is what reaches them through the FP8 layers
+GROUPS = (("embed", r"embed"), ("head", r"head"), ("mtp", r"mtp"),
+          ("router", r"router"), ("norms", r"norm"),
+          ("routed experts", r"experts|w_gate|w_up|w_down"), ("shared experts", r"shared"),
+          ("attention", r"attn"), ("dense MLP", r"mlp"))
+
+
+def group_of(path) -> str:
+    key = jax.tree_util.keystr(path)
+    return next((name for name, pat in GROUPS if re.search(pat, key)), "other")
+
+
+def gradients(c, params, router_bias, batches, step: int) -> list:
+    """[(path, grad float64)] per batch: d objective / d params under config c."""
+    s = train.set_up(c, "/tmp/fp8_grad_error")
+    obj = s.fns.objective
+    grad = jax.jit(jax.grad(lambda p, b, batch: obj.loss(p, b, batch, jnp.int32(step))[0]))
+    out = []
+    for batch in batches:
+        g = grad(params, router_bias, batch)
+        out.append([(p, np.asarray(x, np.float64))
+                    for p, x in jax.tree_util.tree_flatten_with_path(g)[0]])
+    return out
+
+
+def errors(grads: list, ref: list) -> dict:
+    """{"all": rel-L2, "cos": cosine, group: rel-L2}, each the mean over batches."""
+    per = collections.defaultdict(list)
+    for gb, rb in zip(grads, ref):
+        acc = collections.defaultdict(lambda: np.zeros(2))
+        dot = 0.0
+        for (path, g), (_, r) in zip(gb, rb):
+            for k in ("all", group_of(path)):
+                acc[k] += (((g - r) ** 2).sum(), (r ** 2).sum())
+            dot += float((g * r).sum())
+        for k, (e, n) in acc.items():
+            per[k].append(float(np.sqrt(e / n)))
+        norm_g = np.sqrt(sum((g ** 2).sum() for _, g in gb))
+        per["cos"].append(dot / (norm_g * np.sqrt(acc["all"][1])))
+    return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def run(c, params, router_bias, n_batches: int, step: int, recipes=RECIPES) -> dict:
+    """{recipe: errors(...) against the first recipe (float32)} on the first n_batches training
+    batches of c's data."""
+    data = train.load_data(train.set_up(c, "/tmp/fp8_grad_error"))
+    batches = [jax.tree.map(jnp.asarray, next(data.train_iter)) for _ in range(n_batches)]
+    grads = {}
+    for name, over in recipes.items():
+        ci = c.copy_and_resolve_references()
+        ci.model.update(over)
+        grads[name] = gradients(ci, params, router_bias, batches, step)
+    ref_name = next(iter(recipes))
+    return {name: errors(g, grads[ref_name]) for name, g in grads.items() if name != ref_name}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=str(ROOT / "runs/fp8_vs_bf16/s0/bf16"),
+                   help="trainer workdir or step dir (default: the BF16 run of seed 0)")
+    p.add_argument("--init", action="store_true", help="freshly initialised weights instead")
+    p.add_argument("--batches", type=int, default=4)
+    args = p.parse_args()
+    t0 = time.time()
+    c = exp.get_config(None)
+    if args.init:
+        from dsv3_jax import model
+        cfg = train.set_up(c, "/tmp/fp8_grad_error").cfg
+        variables = model.init(cfg, jax.random.key(c.train.seed))
+        where, step = f"init seed {c.train.seed}", 0
+    else:
+        from dsv3_jax import ckpt
+        variables = ckpt.load_variables(args.checkpoint)[1]
+        where, step = args.checkpoint, c.train.steps
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    bias = jax.tree.map(jnp.asarray, variables.get("router_bias", {}))
+    out = run(c, params, bias, args.batches, step)
+    groups = [g for g, _ in GROUPS if g in out["bf16"]] + (["other"] if "other" in out["bf16"]
+                                                         else [])
+    print(f"\nGradient error vs float32 compute at {where}, mean over {args.batches} batches "
+          f"of {c.data.global_batch}x{c.data.seq_len} tokens (||g - g32|| / ||g32||):\n")
+    print("| recipe | all | cosine | " + " | ".join(groups) + " |")
+    print("|---" * (len(groups) + 3) + "|")
+    for name, e in out.items():
+        print(f"| {name} | {100 * e['all']:.2f}% | {e['cos']:.5f} | "
+              + " | ".join(f"{100 * e[g]:.2f}%" for g in groups) + " |")
+    print(f"\n({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
