@@ -120,7 +120,14 @@ def local_shape(shape: tuple[int, ...], spec: P, mesh_shape: Mapping[str, int]) 
 
 def add_zero1(spec: P, shape: tuple[int, ...], mesh_shape: Mapping[str, int]) -> P:
     """Also shard an optimizer-moment leaf over the ZeRO-1 axes on the first dim that divides."""
-    extra = [a for a in ZERO1_AXES if mesh_shape[a] > 1]
+    return add_axes(spec, shape, mesh_shape, ZERO1_AXES)
+
+
+def add_axes(spec: P, shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+             axes: tuple[str, ...]) -> P:
+    """spec also sharded over `axes` (those of size > 1 it does not use yet) on the first dim
+    that divides by all its axes together; unchanged if no dim does."""
+    extra = [a for a in axes if mesh_shape[a] > 1]
     if not extra:
         return spec
     entries = list(spec) + [None] * (len(shape) - len(spec))

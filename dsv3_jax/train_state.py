@@ -54,8 +54,16 @@ def state_from_variables(variables: dict, optimizer, rng: jax.Array, ema: bool) 
     return state
 
 
-def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False) -> dict:
-    """PartitionSpecs of the parameters from the rules table (params: arrays or shapes)."""
+def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False,
+                 gathered: bool = False) -> dict:
+    """PartitionSpecs of the parameters from the rules table (params: arrays or shapes).
+
+    With a pipeline, the MoE stack is sharded over `pipeline` by stage (its `layers` axis). The
+    other parameters (embedding, dense layers, head, MTP modules) run on the first or last stage
+    of every rank's copy of the program: at rest they are sharded over `pipeline` too, on their
+    first dim that divides (as the ZeRO-1 moments are over `data`), and the pipeline executor
+    gathers them once per step; `gathered=True` is that in-step layout (replicated over
+    `pipeline`)."""
     from jax.sharding import PartitionSpec as P
     axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
@@ -63,11 +71,14 @@ def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False) -> 
                                                                        shape_, uneven)
     specs = jax.tree.map(spec_of(mesh_shape), axes, params, is_leaf=is_spec)
     if mesh_shape.get("pipeline", 1) > 1:
-        # Only the MoE stack is cut into pipeline stages; the embedding, dense layers, head and
-        # MTP modules run on the first/last stage and are replicated over `pipeline`.
+        # Only the MoE stack is cut into pipeline stages; the rest is sharded over `pipeline`
+        # at rest only (see above).
         no_pp = dict(mesh_shape, pipeline=1)
+        at_rest = lambda spec, a: (spec if gathered else
+                                   sharding.add_axes(spec, a.shape, mesh_shape, ("pipeline",)))
         specs = {k: v if k == "moe_layers" else
-                 jax.tree.map(spec_of(no_pp), axes[k], params[k], is_leaf=is_spec)
+                 jax.tree.map(at_rest, jax.tree.map(spec_of(no_pp), axes[k], params[k],
+                                                    is_leaf=is_spec), params[k], is_leaf=is_spec)
                  for k, v in specs.items()}
     return specs
 

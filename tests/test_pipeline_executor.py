@@ -180,3 +180,34 @@ def test_local_embedding_gradient_equals_the_gather_gradient():
     t16 = table.astype(jnp.bfloat16)                        # the gradient keeps the table's dtype
     g16 = jax.grad(lambda t: (model._embed_local_grad(t, ids).astype(jnp.float32) * w).sum())(t16)
     assert g16.dtype == jnp.bfloat16
+
+
+def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step():
+    """train_state.params_specs with a pipeline: the MoE stack by stage (`layers`), every other
+    leaf also over `pipeline` at rest, on its first dim that divides (none left out where a dim
+    divides), and `gathered=True` (the executor's in-step layout) is the layout without it."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from dsv3_jax import config, model, train_state
+    cfg = config.tiny(num_hidden_layers=5)        # 1 dense + 4 MoE layers: one per stage
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))["params"]
+    mesh = {"data": 2, "fsdp": 1, "expert": 2, "pipeline": 4, "tensor": 1}
+    rest = train_state.params_specs(cfg, shapes, mesh)
+    step = train_state.params_specs(cfg, shapes, mesh, gathered=True)
+    no_pp = train_state.params_specs(cfg, shapes, dict(mesh, pipeline=1))
+    axes = lambda spec: {a for e in spec if e is not None
+                         for a in ((e,) if isinstance(e, str) else e)}
+    is_spec = lambda x: isinstance(x, P)
+    for key in shapes:
+        flat = lambda t: jax.tree.leaves(t[key], is_leaf=is_spec)
+        for r, g, n, leaf in zip(flat(rest), flat(step), flat(no_pp), jax.tree.leaves(shapes[key])):
+            if key == "moe_layers":
+                assert r == g and "pipeline" in axes(r[:1])
+                continue
+            assert g == n and "pipeline" not in axes(g)
+            if any(d % 4 == 0 for d in leaf.shape):
+                assert "pipeline" in axes(r), (key, leaf.shape, r)
+                dim = next(i for i, e in enumerate(r) if e is not None and "pipeline" in axes((e,)))
+                ways = np.prod([mesh[a] for a in axes((r[dim],))])
+                assert leaf.shape[dim] % ways == 0
+    assert "pipeline" in axes(rest["embed"]) and "pipeline" in axes(rest["lm_head"])

@@ -15,9 +15,9 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   the slices `schedule.placement[r]` (one per chunk slot: 1 for gpipe/1f1b/zb1p, 2 for
   dualpipev/dualpipe). The first stage also runs the embedding and the dense layers
   (`model.forward_front`), the last stage the final norm, MTP modules and head + CE
-  (`objective.tail_loss`). Their parameters (embedding, head, dense layers, MTP) are replicated
-  over `pipeline` and sharded over the other axes as usual; their gradients are summed over
-  `pipeline` once at the end. The MoE stack's parameters are stacked [P, chunks, L/S, ...] and
+  (`objective.tail_loss`). Their parameters (embedding, head, dense layers, MTP) are sharded over
+  `pipeline` at rest (`train_state.params_specs`) and gathered over it once per step, before
+  the shard_map; their gradients are summed over `pipeline` once at the end. The MoE stack's parameters are stacked [P, chunks, L/S, ...] and
   sharded over `pipeline` (for the V placement of dualpipev a static permutation of the layer
   axis; for dualpipe each stage appears on two ranks and its two gradients are summed).
 * Ticks. `lax.scan` over the lockstep tick table of `simulate.lockstep`: in each tick a rank
@@ -94,13 +94,13 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         raise ValueError("recompute=False needs a plan with slots for the residuals "
                          "(make_plan(..., keep_residuals=True))")
     mesh_shape = dict(jax.sharding.get_abstract_mesh().shape)
-    if mesh_shape.get("fsdp", 1) > 1:
-        # fsdp: each rank's stage parameters are gathered over fsdp once per step, here, outside
-        # the pipeline's shard_map (XLA's SPMD partitioner aborts on fsdp-sharded weights inside
-        # it); their gradients go back to the fsdp shards through the step's out shardings
-        from dsv3_jax import train_state
-        params = jax.lax.with_sharding_constraint(
-            params, train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1)))
+    # Once per step, here, outside the pipeline's shard_map: the non-MoE parameters (sharded
+    # over `pipeline` at rest) are gathered over it, and with fsdp each rank's stage parameters
+    # over fsdp (XLA's SPMD partitioner aborts on fsdp-sharded weights inside the shard_map).
+    # Their gradients go back to the shards through the step's out shardings.
+    from dsv3_jax import train_state
+    params = jax.lax.with_sharding_constraint(
+        params, train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1), gathered=True))
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
