@@ -17,9 +17,10 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   (`model.forward_front`), the last stage the final norm, MTP modules and head + CE
   (`objective.tail_loss`). Their parameters (embedding, head, dense layers, MTP) are sharded over
   `pipeline` at rest (`train_state.params_specs`) and gathered over it once per step, before
-  the shard_map; their gradients are summed over `pipeline` once at the end. The MoE stack's parameters are stacked [P, chunks, L/S, ...] and
-  sharded over `pipeline` (for the V placement of dualpipev a static permutation of the layer
-  axis; for dualpipe each stage appears on two ranks and its two gradients are summed).
+  the shard_map; their gradients are summed over `pipeline` once at the end. The MoE stack's
+  parameters are stacked [P, chunks, L/S, ...] and sharded over `pipeline` (for the V
+  placement of dualpipev a static permutation of the layer axis; for dualpipe each stage
+  appears on two ranks and its two gradients are summed).
 * Ticks. `lax.scan` over the lockstep tick table of `simulate.lockstep`: in each tick a rank
   runs one F, one B and (split W) one W, then two `ppermute`s move activations and input
   gradients one rank right and one rank left (each carrying both); a V turn (the same rank
