@@ -33,7 +33,12 @@ def _bytes(leaf, spec, mesh_shape) -> int:
 
 
 def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
-    """Bytes per device of params, gradients (same layout as params) and optimizer state."""
+    """Bytes per device of params, gradients and optimizer state.
+
+    Gradients take the parameters' layout, except where the pipeline executor gathers a leaf
+    for the step (with pipeline > 1: the non-MoE parameters over `pipeline`, everything over
+    `fsdp`; `train_state.params_specs(..., gathered=True)`): there the step holds the gathered
+    copy (`gathered`) and a gradient of the gathered size."""
     from jax.sharding import PartitionSpec as P
     cfg = cfg.replace(fp8=False)     # same shapes; init need not trace the FP8 path
     optimizer, _ = ts.make_optimizer(c)
@@ -45,7 +50,18 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
     params = total(abstract["params"], specs["params"])
     moe = (total(abstract["params"]["moe_layers"], specs["params"]["moe_layers"])
            if "moe_layers" in abstract["params"] else 0)
-    return {"params": params, "grads": params, "moe_params": moe,
+    grads, gathered = params, 0
+    if mesh_shape["pipeline"] > 1:
+        step_specs = ts.params_specs(cfg, abstract["params"], dict(mesh_shape, fsdp=1),
+                                     uneven=True, gathered=True)
+        grads = 0
+        for leaf, rest, step in zip(jax.tree.leaves(abstract["params"]),
+                                    jax.tree.leaves(specs["params"], is_leaf=is_spec),
+                                    jax.tree.leaves(step_specs, is_leaf=is_spec)):
+            size = _bytes(leaf, step, mesh_shape)
+            gathered += size if step != rest else 0
+            grads += size
+    return {"params": params, "grads": grads, "gathered": gathered, "moe_params": moe,
             "optimizer": total(abstract["opt_state"], specs["opt_state"]),
             "param_count": sum(l.size for l in jax.tree.leaves(abstract["params"]))}
 
@@ -176,6 +192,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
         "per_device_GiB": {
             "params (f32 master)": mem["params"] / GB,
             "gradients (f32)": mem["grads"] / GB,
+            **({"params gathered for the step (pipeline)": mem["gathered"] / GB}
+               if mem["gathered"] else {}),
             f"optimizer ({c.optim.moments_dtype} moments, ZeRO-1)": mem["optimizer"] / GB,
             f"activations (remat={cfg.remat})": activations / GB,
             f"  of which attention ({act['attention']})": (
@@ -183,7 +201,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
         **({"second stage copy (dualpipe: params + grads)": 2 * mem["moe_params"] / GB}
            if pipe and pipe["param_copies"] == 2 else {}),
         },
-        "total_per_device_GiB": (2 * mem["params"] + mem["optimizer"] + activations
+        "total_per_device_GiB": (mem["params"] + mem["grads"] + mem["gathered"]
+                                 + mem["optimizer"] + activations
                                  + (2 * mem["moe_params"] if pipe and pipe["param_copies"] == 2
                                     else 0)) / GB,
         "activation_assumptions": {"micro_batch_rows": micro, "rows_per_device": rows_per_device,

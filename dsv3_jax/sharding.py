@@ -134,10 +134,10 @@ def add_axes(spec: P, shape: tuple[int, ...], mesh_shape: Mapping[str, int],
     used = {a for e in entries for a in _spec_axes(e)}
     extra = [a for a in extra if a not in used]
     for i, dim in enumerate(shape):
-        axes = _spec_axes(entries[i])
-        ways = math.prod(mesh_shape[a] for a in axes + tuple(extra))
+        have = _spec_axes(entries[i])
+        ways = math.prod(mesh_shape[a] for a in have + tuple(extra))
         if extra and dim % ways == 0:
-            new = axes + tuple(extra)
+            new = have + tuple(extra)
             entries[i] = new[0] if len(new) == 1 else new
             return P(*entries)
     return spec

@@ -12,11 +12,15 @@ reports ||g - g_fp32|| / ||g_fp32|| per parameter group and over all parameters 
 batches), and the cosine with the float32 gradient: what one step of each recipe adds, with
 no trajectory in between. Recipes: `bf16` (the baseline), `fp8_no_cache` (FP8 GEMMs, BF16
 activations kept for the backward), `fp8` (the report's recipe: FP8 caching and dispatch).
+The last row, `caching alone`, is ||g_fp8 - g_fp8_no_cache|| / ||g_fp32||: what the caching
+itself changes (independent errors add in quadrature, so it is not the difference of the
+rows above).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import pathlib
 import re
 import sys
@@ -49,10 +53,9 @@ def group_of(path) -> str:
     return next((name for name, pat in GROUPS if re.search(pat, key)), "other")
 
 
-def gradients(c, params, router_bias, batches, step: int) -> list:
+def gradients(c, params, router_bias, batches, step: int, workdir: str) -> list:
     """[(path, grad float64)] per batch: d objective / d params under config c."""
-    s = train.set_up(c, "/tmp/fp8_grad_error")
-    obj = s.fns.objective
+    obj = train.set_up(c, workdir).fns.objective
     grad = jax.jit(jax.grad(lambda p, b, batch: obj.loss(p, b, batch, jnp.int32(step))[0]))
     out = []
     for batch in batches:
@@ -62,35 +65,43 @@ def gradients(c, params, router_bias, batches, step: int) -> list:
     return out
 
 
-def errors(grads: list, ref: list) -> dict:
-    """{"all": rel-L2, "cos": cosine, group: rel-L2}, each the mean over batches."""
+def errors(grads: list, ref: list, scale: list | None = None) -> dict:
+    """{"all": ||g - r|| / ||s||, "cos": cosine of g and r, group: the same per group}, each
+    the mean over batches; s (the scale) is r unless given."""
     per = collections.defaultdict(list)
-    for gb, rb in zip(grads, ref):
+    for gb, rb, sb in zip(grads, ref, scale or ref):
         acc = collections.defaultdict(lambda: np.zeros(2))
-        dot = 0.0
-        for (path, g), (_, r) in zip(gb, rb):
+        dot, norm_r = 0.0, 0.0
+        for (path, g), (_, r), (_, sc) in zip(gb, rb, sb):
             for k in ("all", group_of(path)):
-                acc[k] += (((g - r) ** 2).sum(), (r ** 2).sum())
+                acc[k] += (((g - r) ** 2).sum(), (sc ** 2).sum())
             dot += float((g * r).sum())
+            norm_r += float((r ** 2).sum())
         for k, (e, n) in acc.items():
             per[k].append(float(np.sqrt(e / n)))
         norm_g = np.sqrt(sum((g ** 2).sum() for _, g in gb))
-        per["cos"].append(dot / (norm_g * np.sqrt(acc["all"][1])))
+        per["cos"].append(dot / (norm_g * np.sqrt(norm_r)))
     return {k: float(np.mean(v)) for k, v in per.items()}
 
 
 def run(c, params, router_bias, n_batches: int, step: int, recipes=RECIPES) -> dict:
     """{recipe: errors(...) against the first recipe (float32)} on the first n_batches training
-    batches of c's data."""
-    data = train.load_data(train.set_up(c, "/tmp/fp8_grad_error"))
+    batches of c's data, and `caching alone` (fp8 - fp8_no_cache, relative to float32)."""
+    import tempfile
+    workdir = tempfile.mkdtemp(prefix="fp8_grad_error_")
+    data = train.load_data(train.set_up(c, workdir))
     batches = [jax.tree.map(jnp.asarray, next(data.train_iter)) for _ in range(n_batches)]
     grads = {}
     for name, over in recipes.items():
         ci = c.copy_and_resolve_references()
         ci.model.update(over)
-        grads[name] = gradients(ci, params, router_bias, batches, step)
+        grads[name] = gradients(ci, params, router_bias, batches, step, workdir)
     ref_name = next(iter(recipes))
-    return {name: errors(g, grads[ref_name]) for name, g in grads.items() if name != ref_name}
+    out = {name: errors(g, grads[ref_name]) for name, g in grads.items() if name != ref_name}
+    if {"fp8", "fp8_no_cache"} <= set(grads):
+        out["caching alone"] = errors(grads["fp8"], grads["fp8_no_cache"],
+                                      scale=grads[ref_name])
+    return out
 
 
 def main():
@@ -102,15 +113,17 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     c = exp.get_config(None)
-    if args.init:
-        from dsv3_jax import model
-        cfg = train.set_up(c, "/tmp/fp8_grad_error").cfg
-        variables = model.init(cfg, jax.random.key(c.train.seed))
-        where, step = f"init seed {c.train.seed}", 0
+    if args.init:   # the weights train.run starts from (train_state.init_state)
+        from dsv3_jax import model, train_config
+        variables = model.init(train_config.model_config(c),
+                               jax.random.fold_in(jax.random.key(c.train.seed), 0))
+        where, step = f"init seed {c.train.seed} (step 0)", 0
     else:
         from dsv3_jax import ckpt
+        from dsv3_jax.ckpt import trainer as ckpt_trainer
         variables = ckpt.load_variables(args.checkpoint)[1]
-        where, step = args.checkpoint, c.train.steps
+        step = int(os.path.basename(ckpt_trainer.step_dir(args.checkpoint)))
+        where = f"{args.checkpoint} (step {step})"
     params = jax.tree.map(jnp.asarray, variables["params"])
     bias = jax.tree.map(jnp.asarray, variables.get("router_bias", {}))
     out = run(c, params, bias, args.batches, step)

@@ -3,14 +3,15 @@ import os
 import tempfile
 
 # One persistent compilation cache per test session, shared by the xdist workers and by the
-# subprocesses the CLI and multi-device tests start (they inherit the environment): a program
-# that several tests compile (the micro model's train step, a CLI run and its resumed rerun) is
-# compiled once per session. Set before jax is imported; an outer JAX_COMPILATION_CACHE_DIR wins.
-_SESSION = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"dsv3_jax_test_jit_cache_{_SESSION}"))
+# subprocesses the CLI and multi-device tests start (both inherit the environment the session's
+# first process sets here): a program that several tests compile (the micro model's train step,
+# a CLI run and its resumed rerun) is compiled once per session. Set before jax is imported. An
+# outer JAX_COMPILATION_CACHE_DIR wins (empty: no cache); the folder made here is removed when
+# the session ends.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsv3_jax_test_jit_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,3 +37,11 @@ def rng(request):
     seed = int(env) if env else seed_for(request.node.nodeid)
     print(f"[seed {seed}: rerun with {SEED_ENV}={seed}]")
     return np.random.default_rng(seed)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's own compilation cache goes with it (the first process only: xdist workers
+    and nested sessions inherit the folder and leave it)."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        import shutil
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -182,6 +182,44 @@ def test_local_embedding_gradient_equals_the_gather_gradient():
     assert g16.dtype == jnp.bfloat16
 
 
+def test_add_axes_puts_the_axis_on_the_first_dim_that_divides():
+    """sharding.add_axes, by hand: the first dim divisible by its existing axes times the new
+    one takes it; a spec that already uses the axis, a dim that no product divides and a
+    scalar stay as they are; axes of size 1 are not added."""
+    from jax.sharding import PartitionSpec as P
+    from dsv3_jax import sharding
+    mesh = {"data": 2, "fsdp": 1, "expert": 1, "pipeline": 4, "tensor": 1}
+    add = lambda spec, shape: sharding.add_axes(spec, shape, mesh, ("pipeline",))
+    assert add(P("data"), (8, 12)) == P(("data", "pipeline"), None)
+    assert add(P("data"), (6, 8)) == P("data", "pipeline")        # 6 % (2 * 4) != 0
+    assert add(P(None, "data"), (12, 6)) == P("pipeline", "data")
+    assert add(P(), (6,)) == P()                                   # nothing divides
+    assert add(P(), ()) == P()
+    assert add(P("pipeline"), (8, 8)) == P("pipeline")             # already there
+    assert sharding.add_axes(P(), (8,), mesh, ("fsdp",)) == P()    # size 1: not added
+
+
+def test_plan_counts_what_the_step_gathers():
+    """plan.state_memory with a pipeline: parameters at their at-rest shards; the step's
+    gathered copy is the non-MoE parameters whole, and the gradients take the in-step layout
+    (non-MoE whole, the MoE stack by stage), counted here leaf by leaf from the shapes."""
+    import jax
+    from dsv3_jax import config, model, plan, train_config
+    c = train_config.base_config()
+    cfg = config.tiny(num_hidden_layers=5)            # 1 dense + 4 MoE layers, MTP depth 1
+    mesh = {"data": 1, "fsdp": 1, "expert": 1, "pipeline": 4, "tensor": 1}
+    mem = plan.state_memory(c, cfg, mesh)
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))["params"]
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    moe = nbytes(shapes["moe_layers"]) // 4          # 4 layers, one per rank
+    rest = sum(nbytes(v) for k, v in shapes.items() if k != "moe_layers")
+    assert mem["gathered"] == rest
+    assert mem["grads"] == rest + moe
+    assert mem["params"] < rest // 3 + moe           # at rest split four ways where it divides
+    flat = plan.state_memory(c, cfg, dict(mesh, pipeline=1))
+    assert flat["gathered"] == 0 and flat["grads"] == flat["params"] == nbytes(shapes)
+
+
 def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step():
     """train_state.params_specs with a pipeline: the MoE stack by stage (`layers`), every other
     leaf also over `pipeline` at rest, on its first dim that divides (none left out where a dim
