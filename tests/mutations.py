@@ -55,6 +55,9 @@ T_PASSKEY = "tests/test_data.py::test_short_passkey_samples_and_answer_loss"
 T_KEYSCORE = "tests/test_long_context_eval.py::test_key_scores_against_float64"
 T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
                 "test_device_table_runs_every_op_once_and_routes_every_transfer")
+T_PLAN_GATHER = "tests/test_pipeline_executor.py::test_plan_counts_what_the_step_gathers"
+T_AT_REST = ("tests/test_pipeline_executor.py::"
+             "test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step")
 
 # (name, file, old, new, tests)
 MUTATIONS = [
@@ -65,6 +68,11 @@ MUTATIONS = [
     ("pipeline: a V turn sends to the neighbour", "dsv3_jax/pipeline/executor.py",
      "d = {r: LOCAL, r + 1: RIGHT, r - 1: LEFT}.get(r2)",
      "d = {r: RIGHT, r + 1: RIGHT, r - 1: LEFT}.get(r2)", [T_PIPE_TABLE]),
+    ("plan: the step's gathered parameters not counted", "dsv3_jax/plan.py",
+     "gathered += size if step != rest else 0", "gathered += 0", [T_PLAN_GATHER]),
+    ("pipeline: non-MoE parameters replicated at rest", "dsv3_jax/train_state.py",
+     "at_rest = lambda spec, a: (spec if gathered else",
+     "at_rest = lambda spec, a: (spec if True else", [T_AT_REST]),
     # MTP and the objective
     ("mtp targets shifted by k, not k+1", "dsv3_jax/layers/mtp.py",
      'return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc',
