@@ -61,9 +61,8 @@ def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False,
     With a pipeline, the MoE stack is sharded over `pipeline` by stage (its `layers` axis). The
     other parameters (embedding, dense layers, head, MTP modules) run on the first or last stage
     of every rank's copy of the program: at rest they are sharded over `pipeline` too, on their
-    first dim that divides (as the ZeRO-1 moments are over `data`), and the pipeline executor
-    gathers them once per step; `gathered=True` is that in-step layout (replicated over
-    `pipeline`)."""
+    first dim that divides, and the pipeline executor gathers them once per step (FSDP-style);
+    `gathered=True` is that in-step layout (replicated over `pipeline`)."""
     from jax.sharding import PartitionSpec as P
     axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
@@ -74,11 +73,13 @@ def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False,
         # Only the MoE stack is cut into pipeline stages; the rest is sharded over `pipeline`
         # at rest only (see above).
         no_pp = dict(mesh_shape, pipeline=1)
-        at_rest = lambda spec, a: (spec if gathered else
-                                   sharding.add_axes(spec, a.shape, mesh_shape, ("pipeline",)))
+
+        def outside_stages(names, a):
+            spec = spec_of(no_pp)(names, a)
+            return spec if gathered else sharding.add_axes(spec, a.shape, mesh_shape,
+                                                           ("pipeline",))
         specs = {k: v if k == "moe_layers" else
-                 jax.tree.map(at_rest, jax.tree.map(spec_of(no_pp), axes[k], params[k],
-                                                    is_leaf=is_spec), params[k], is_leaf=is_spec)
+                 jax.tree.map(outside_stages, axes[k], params[k], is_leaf=is_spec)
                  for k, v in specs.items()}
     return specs
 

@@ -71,8 +71,8 @@ MUTATIONS = [
     ("plan: the step's gathered parameters not counted", "dsv3_jax/plan.py",
      "gathered += size if step != rest else 0", "gathered += 0", [T_PLAN_GATHER]),
     ("pipeline: non-MoE parameters replicated at rest", "dsv3_jax/train_state.py",
-     "at_rest = lambda spec, a: (spec if gathered else",
-     "at_rest = lambda spec, a: (spec if True else", [T_AT_REST]),
+     "return spec if gathered else sharding.add_axes(",
+     "return spec if True else sharding.add_axes(", [T_AT_REST]),
     # MTP and the objective
     ("mtp targets shifted by k, not k+1", "dsv3_jax/layers/mtp.py",
      'return shift_left(batch["targets"], k), shift_left(batch["loss_mask"], k) * same_doc',

@@ -261,7 +261,7 @@ def test_grad_error_script_groups_every_parameter_and_measures_by_hand(rng):
     assert out["router"] == pytest.approx(np.mean(want_r), rel=1e-12)
     assert out["all"] == pytest.approx(np.mean(want_all), rel=1e-12)
     assert out["cos"] == pytest.approx(np.mean(want_cos), rel=1e-12)
-    # another scale divides by its norm instead (the `caching alone` row: fp8 - fp8_no_cache
+    # another scale divides by its norm instead (the `fp8 - fp8_no_cache` row:
     # relative to the float32 gradient); the cosine stays that of the two compared
     twice = [[(p, 2 * x) for p, x in b] for b in ref]
     scaled = fge.errors(got, ref, scale=twice)
