@@ -17,7 +17,9 @@ import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import devices as devices_lib   # tests/multidevice/devices.py, beside this script
+
+ROOT = devices_lib.ROOT
 SHAPE = ["--config.model.num_hidden_layers=3", "--config.model.hidden_size=64",
          "--config.model.intermediate_size=128", "--config.model.moe_intermediate_size=32",
          "--config.model.q_lora_rank=32", "--config.model.kv_lora_rank=32",
@@ -36,8 +38,7 @@ def command(workdir, steps, mesh, extra=()):
 
 
 def env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return devices_lib.env(devices, JAX_PLATFORMS="cpu")
 
 
 def run(workdir, steps, mesh, devices, extra=()):

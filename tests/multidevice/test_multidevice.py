@@ -5,13 +5,14 @@ import sys
 
 import pytest
 
+import devices as devices_lib   # tests/multidevice/devices.py
+
 HERE = os.path.dirname(__file__)
-ROOT = os.path.dirname(os.path.dirname(HERE))
+ROOT = devices_lib.ROOT
 
 
 def run_script(name, *args, devices=8, timeout=900):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=ROOT)
+    env = devices_lib.env(devices)
     return subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=timeout)
 
@@ -79,8 +80,7 @@ for sizes in cases:
 def test_bad_meshes_are_one_clear_error_each():
     out = subprocess.run([sys.executable, "-c", BAD_MESH], capture_output=True, text=True,
                          cwd=ROOT, timeout=120,
-                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                                  PYTHONPATH=ROOT))
+                         env=devices_lib.env(8))
     lines = [l for l in out.stdout.splitlines() if l.startswith(("ERROR", "NO ERROR"))]
     assert len(lines) == 7 and all(l.startswith("ERROR") for l in lines), out.stdout + out.stderr
     text = "\n".join(lines)
