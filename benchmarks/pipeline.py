@@ -12,9 +12,11 @@
    kept; a zero-bubble W apart or with its B).
 3. For each schedule on the fake-device mesh: the simulator's MPMD and lockstep step times from
    those costs, the executor's step (the pipelined value-and-grad) timed as the median of 3 runs
-   in the first mode, with residuals kept and in the default one, its tick count, and the collective-permutes in the
-   compiled program (the loop body runs once per tick) against the schedule's own cross-rank
-   transfers.
+   in the first mode, with residuals kept and in the default one, its tick count, and the
+   collective-permutes of the compiled program against the schedule's own cross-rank
+   transfers: those in the tick loop's body (run once per tick) and those outside it (once per
+   step: for dualpipev and dualpipe, moving the MoE stack's layers between their at-rest
+   layer-order shards and the schedule's stage placement, and their gradients back).
 
 On fake CPU devices all "devices" share this machine's cores, so the executed time is the sum of
 every rank's work, not the slowest rank's: each mode's time over the first mode's is compared
@@ -32,6 +34,20 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, "tests/multidevice")
+
+
+def count_permutes(hlo: str) -> tuple[int, int]:
+    """Collective-permutes in a compiled program: (in a while loop's body, i.e. the tick loop,
+    run once per tick; elsewhere, run once per step)."""
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    comp, counts = None, [0, 0]
+    for line in hlo.splitlines():
+        head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if head and not line.startswith(" "):
+            comp = head.group(1)
+        if re.search(r"collective-permute(?:-start)?\(", line):
+            counts[comp not in bodies] += 1
+    return counts[0], counts[1]
 
 
 def timed(fn, *args, n=3):
@@ -133,10 +149,7 @@ def main(argv=None):
                     recompute=recompute))
                 compiled = step.lower(state["params"], state["router_bias"], batch).compile()
                 if label == new[0]:
-                    # the tick loop's body holds the executor's two ppermutes (right, left);
-                    # XLA runs the body once per tick
-                    permutes = len(re.findall(r"collective-permute(?:-start)?\(",
-                                              compiled.as_text()))
+                    permutes = count_permutes(compiled.as_text())
                 times[label] = timed(step, state["params"], state["router_bias"], batch)
             work[label] = executor.rank_costs(plan, F, B, W, branched, recompute).sum()
         per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
@@ -152,7 +165,8 @@ def main(argv=None):
         print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | "
               f"{times[old[0]] * 1e3:.0f} | {times[kept[0]] * 1e3:.0f} | "
               f"{times[new[0]] * 1e3:.0f} | {ratio(kept)} | {ratio(new)} | "
-              f"{permutes} in the program, x {ticks} ticks | {transfers} |", flush=True)
+              f"{permutes[0]} in the tick loop x {ticks} ticks + {permutes[1]} once | "
+              f"{transfers} |", flush=True)
 
 # (label, (branched, recompute, split_w)): the executor's modes, the first the original one
 # (every op on every rank, B and W re-run the forward, W apart), the last the default

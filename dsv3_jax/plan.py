@@ -184,6 +184,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
         activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
     activations += act["weights_per_layer"] * layers_per_device   # remat="none" only
     tokens_per_step = c.data.global_batch * c.data.seq_len
+    k_p, k_g = pipe["stage_order_copies"] if pipe else (0, 0)
+    stage_copies = (k_p + k_g) * mem["moe_params"]
     flops_token = ts.model_flops_per_token(cfg, c.data.seq_len)
     flops_step = flops_token * tokens_per_step
     return {
@@ -198,13 +200,11 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
             f"activations (remat={cfg.remat})": activations / GB,
             f"  of which attention ({act['attention']})": (
                 act["attention_scores"] * activations / max(act["per_token_layer"], 1)) / GB,
-        **({"second stage copy (dualpipe: params + grads)": 2 * mem["moe_params"] / GB}
-           if pipe and pipe["param_copies"] == 2 else {}),
+            **({f"MoE stack by stage (params x{k_p}, grads +{k_g})":
+                stage_copies / GB} if stage_copies else {}),
         },
         "total_per_device_GiB": (mem["params"] + mem["grads"] + mem["gathered"]
-                                 + mem["optimizer"] + activations
-                                 + (2 * mem["moe_params"] if pipe and pipe["param_copies"] == 2
-                                    else 0)) / GB,
+                                 + mem["optimizer"] + activations + stage_copies) / GB,
         "activation_assumptions": {"micro_batch_rows": micro, "rows_per_device": rows_per_device,
                                    "micro_batches_in_flight": (pipe["peak_in_flight_stages"]
                                                                if pipe else 1),
@@ -249,9 +249,15 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     in_flight = max(peak[r] * float(np.mean([counts[st] + extra(st) for st in stages]))
                     for r, stages in enumerate(sched.placement))
     recompute = c.pipeline.recompute
-    slots = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
-                           c.pipeline.split_w,
-                           not recompute)[1].slots   # what the executor runs
+    run = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
+                         c.pipeline.split_w, not recompute)[1]   # what the executor runs
+    slots = run.slots
+    # The executor stacks the MoE layers by stage for the step ([P, chunks, n, ...]). When that
+    # is the at-rest layer order (gpipe, 1f1b, zb1p with an even split) it is a reshape; else
+    # (dualpipev's V moves half of a rank's layers, dualpipe holds every stage twice, padded
+    # splits) a new buffer of param_copies x the rank's layers, and a gradient accumulator of
+    # that size, param_copies - 1 copies more than the at-rest gradient.
+    in_order = np.array_equal(run.layer_index.reshape(-1), np.arange(cfg.num_moe_layers))
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
     buf_rows = sched.chunks * (slots + 1)   # + the scratch row idle writes go to
@@ -260,6 +266,8 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
+            "stage_order_copies": ((0, 0) if in_order else
+                                   (sched.param_copies, sched.param_copies - 1)),
             "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
             "executor_GiB": exec_bytes / GB,
             "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}

@@ -56,6 +56,7 @@ T_KEYSCORE = "tests/test_long_context_eval.py::test_key_scores_against_float64"
 T_PIPE_TABLE = ("tests/test_pipeline_executor.py::"
                 "test_device_table_runs_every_op_once_and_routes_every_transfer")
 T_PLAN_GATHER = "tests/test_pipeline_executor.py::test_plan_counts_what_the_step_gathers"
+T_PLAN_COPY = "tests/test_pipeline_executor.py::test_plan_counts_the_stage_ordered_copy_of_the_moe_stack"
 T_AT_REST = ("tests/test_pipeline_executor.py::"
              "test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step")
 
@@ -70,6 +71,8 @@ MUTATIONS = [
      "d = {r: RIGHT, r + 1: RIGHT, r - 1: LEFT}.get(r2)", [T_PIPE_TABLE]),
     ("plan: the step's gathered parameters not counted", "dsv3_jax/plan.py",
      "gathered += size if step != rest else 0", "gathered += 0", [T_PLAN_GATHER]),
+    ("plan: the stage-ordered copy of the MoE stack not counted", "dsv3_jax/plan.py",
+     "(0, 0) if in_order else", "(0, 0) if True else", [T_PLAN_COPY]),
     ("pipeline: non-MoE parameters replicated at rest", "dsv3_jax/train_state.py",
      "return spec if gathered else sharding.add_axes(",
      "return spec if True else sharding.add_axes(", [T_AT_REST]),

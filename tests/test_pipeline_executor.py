@@ -249,3 +249,31 @@ def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step()
                 ways = np.prod([mesh[a] for a in axes((r[dim],))])
                 assert leaf.shape[dim] % ways == 0
     assert "pipeline" in axes(rest["embed"]) and "pipeline" in axes(rest["lm_head"])
+
+
+@pytest.mark.parametrize("name,moe_layers,copies", [
+    ("gpipe", 8, (0, 0)),        # stages in layer order, 2 layers each: the stack is a reshape
+    ("1f1b", 7, (1, 0)),         # 7 layers over 4 stages: padded to 8 slots, a new buffer
+    ("dualpipev", 8, (1, 0)),    # V: rank r holds stages r and 7 - r, half its layers move
+    ("dualpipe", 8, (2, 1)),     # every stage on two ranks: two copies, one gradient more
+])
+def test_plan_counts_the_stage_ordered_copy_of_the_moe_stack(name, moe_layers, copies):
+    """plan.pipeline_plan: the MoE stack the executor runs is [P, chunks, n, ...] by stage;
+    unless that is the at-rest layer order, the step holds it as a copy (and its gradient
+    accumulator), which the plan's total counts."""
+    from dsv3_jax import config, plan, train_config
+    c = train_config.base_config()
+    c.pipeline.schedule, c.data.global_batch, c.data.micro_batch = name, 16, 2
+    cfg = config.tiny(num_hidden_layers=1 + moe_layers)
+    pipe = plan.pipeline_plan(c, cfg, 4, 2, 1000)
+    assert pipe["stage_order_copies"] == copies
+    c.data.seq_len = 32
+    c.model = train_config.model_block("tiny", num_hidden_layers=1 + moe_layers)
+    out = plan.plan(c, {"pipeline": 4, "data": 1, "expert": 1, "fsdp": 1, "tensor": 1}, 4)
+    lines = {k: v for k, v in out["per_device_GiB"].items() if not k.startswith("  of which")}
+    extra = [v for k, v in lines.items() if k.startswith("MoE stack by stage")]
+    assert len(extra) == (copies != (0, 0))
+    assert sum(lines.values()) == pytest.approx(out["total_per_device_GiB"], rel=1e-9)
+    if extra:   # (params + more grads) copies of one rank's MoE layers, the rank's share
+        moe = plan.state_memory(c, cfg, out["mesh"])["moe_params"] / plan.GB
+        assert extra[0] == pytest.approx(sum(copies) * moe, rel=1e-9)
