@@ -14,9 +14,10 @@
    those costs, the executor's step (the pipelined value-and-grad) timed as the median of 3 runs
    in the first mode, with residuals kept and in the default one, its tick count, and the
    collective-permutes of the compiled program against the schedule's own cross-rank
-   transfers: those in the tick loop's body (run once per tick) and those outside it (once per
-   step: for dualpipev and dualpipe, moving the MoE stack's layers between their at-rest
-   layer-order shards and the schedule's stage placement, and their gradients back).
+   transfers: those inside the tick loop (its body and what it calls: branches, inner loops)
+   and those outside it (once per step: for dualpipev and dualpipe, moving the MoE stack's
+   layers between their at-rest layer-order shards and the schedule's stage placement, and
+   their gradients back).
 
 On fake CPU devices all "devices" share this machine's cores, so the executed time is the sum of
 every rank's work, not the slowest rank's: each mode's time over the first mode's is compared
@@ -36,18 +37,41 @@ import jax.numpy as jnp
 sys.path.insert(0, "tests/multidevice")
 
 
-def count_permutes(hlo: str) -> tuple[int, int]:
-    """Collective-permutes in a compiled program: (in a while loop's body, i.e. the tick loop,
-    run once per tick; elsewhere, run once per step)."""
-    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-    comp, counts = None, [0, 0]
+def count_permutes(hlo: str, ticks: int) -> tuple[int, int]:
+    """Collective-permutes in a compiled program: (inside the tick loop: the while loop with
+    `ticks` iterations and every computation it reaches, branches and inner loops included;
+    elsewhere: run once per step)."""
+    comps, name = {}, None
     for line in hlo.splitlines():
         head = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
         if head and not line.startswith(" "):
-            comp = head.group(1)
-        if re.search(r"collective-permute(?:-start)?\(", line):
-            counts[comp not in bodies] += 1
-    return counts[0], counts[1]
+            name, comps[head.group(1)] = head.group(1), []
+        elif name is not None:
+            comps[name].append(line)
+
+    def callees(lines):
+        text = "\n".join(lines)
+        out = set(re.findall(r"(?:body|condition|calls|to_apply|true_computation|"
+                             r"false_computation)=%?([\w.\-]+)", text))
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
+            out |= {c.strip().lstrip("%") for c in group.split(",")}
+        return out
+
+    loops = [re.search(r"body=%?([\w.\-]+)", line).group(1)
+             for lines in comps.values() for line in lines
+             if " while(" in line and f'"known_trip_count":{{"n":"{ticks}"}}' in line]
+    if len(loops) != 1:
+        raise RuntimeError(f"expected one while loop of {ticks} iterations, found {len(loops)}")
+    reached, todo = set(), list(loops)
+    while todo:
+        c = todo.pop()
+        if c in comps and c not in reached:
+            reached.add(c)
+            todo += callees(comps[c])
+    count = lambda lines: sum(bool(re.search(r"collective-permute(?:-start)?\(", line))
+                              for line in lines)
+    inside = sum(count(comps[c]) for c in reached)
+    return inside, sum(count(lines) for lines in comps.values()) - inside
 
 
 def timed(fn, *args, n=3):
@@ -149,7 +173,7 @@ def main(argv=None):
                     recompute=recompute))
                 compiled = step.lower(state["params"], state["router_bias"], batch).compile()
                 if label == new[0]:
-                    permutes = count_permutes(compiled.as_text())
+                    permutes = count_permutes(compiled.as_text(), plan.table.shape[0])
                 times[label] = timed(step, state["params"], state["router_bias"], batch)
             work[label] = executor.rank_costs(plan, F, B, W, branched, recompute).sum()
         per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage

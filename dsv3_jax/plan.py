@@ -50,7 +50,7 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
     params = total(abstract["params"], specs["params"])
     moe = (total(abstract["params"]["moe_layers"], specs["params"]["moe_layers"])
            if "moe_layers" in abstract["params"] else 0)
-    grads, gathered = params, 0
+    grads, gathered, moe_step = params, 0, moe
     if mesh_shape["pipeline"] > 1:
         step_specs = ts.params_specs(cfg, abstract["params"], dict(mesh_shape, fsdp=1),
                                      uneven=True, gathered=True)
@@ -61,7 +61,9 @@ def state_memory(c, cfg: ModelConfig, mesh_shape) -> dict:
             size = _bytes(leaf, step, mesh_shape)
             gathered += size if step != rest else 0
             grads += size
+        moe_step = total(abstract["params"].get("moe_layers", {}), step_specs.get("moe_layers", {}))
     return {"params": params, "grads": grads, "gathered": gathered, "moe_params": moe,
+            "moe_step": moe_step,
             "optimizer": total(abstract["opt_state"], specs["opt_state"]),
             "param_count": sum(l.size for l in jax.tree.leaves(abstract["params"]))}
 
@@ -184,8 +186,11 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
         activations = act["per_token_layer"] * tokens_in_flight * layers_per_device
     activations += act["weights_per_layer"] * layers_per_device   # remat="none" only
     tokens_per_step = c.data.global_batch * c.data.seq_len
-    k_p, k_g = pipe["stage_order_copies"] if pipe else (0, 0)
-    stage_copies = (k_p + k_g) * mem["moe_params"]
+    # the executor's stage-ordered MoE stack (pipeline_plan): its params, and its gradient
+    # beyond the at-rest size counted in "gradients"; at the step's (fsdp-gathered) layout
+    slots = pipe["stage_layer_slots"] if pipe else 0
+    stacked = slots * mem["moe_step"] / -(-cfg.num_moe_layers // mesh_shape["pipeline"])
+    stage_copies = stacked + max(stacked - mem["moe_step"], 0) if slots else 0
     flops_token = ts.model_flops_per_token(cfg, c.data.seq_len)
     flops_step = flops_token * tokens_per_step
     return {
@@ -200,7 +205,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
             f"activations (remat={cfg.remat})": activations / GB,
             f"  of which attention ({act['attention']})": (
                 act["attention_scores"] * activations / max(act["per_token_layer"], 1)) / GB,
-            **({f"MoE stack by stage (params x{k_p}, grads +{k_g})":
+            **({f"MoE stack by stage ({slots} layer slots)":
                 stage_copies / GB} if stage_copies else {}),
         },
         "total_per_device_GiB": (mem["params"] + mem["grads"] + mem["gathered"]
@@ -254,9 +259,9 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     slots = run.slots
     # The executor stacks the MoE layers by stage for the step ([P, chunks, n, ...]). When that
     # is the at-rest layer order (gpipe, 1f1b, zb1p with an even split) it is a reshape; else
-    # (dualpipev's V moves half of a rank's layers, dualpipe holds every stage twice, padded
-    # splits) a new buffer of param_copies x the rank's layers, and a gradient accumulator of
-    # that size, param_copies - 1 copies more than the at-rest gradient.
+    # (dualpipev's V moves layers between ranks, dualpipe holds every stage twice, padded
+    # splits) a new buffer of chunks x n layer slots per rank, and its gradient accumulator is
+    # that size too (the at-rest-sized gradient is made after the tick loop).
     in_order = np.array_equal(run.layer_index.reshape(-1), np.arange(cfg.num_moe_layers))
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
@@ -266,8 +271,7 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
-            "stage_order_copies": ((0, 0) if in_order else
-                                   (sched.param_copies, sched.param_copies - 1)),
+            "stage_layer_slots": 0 if in_order else int(np.prod(run.layer_index.shape[1:])),
             "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
             "executor_GiB": exec_bytes / GB,
             "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}

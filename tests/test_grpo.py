@@ -161,8 +161,9 @@ def test_grpo_runs_on_a_data_x_expert_mesh(tmp_path):
             "--config.mesh.data=4", "--config.mesh.expert=2", "--config.train.steps=2",
             "--config.grpo.max_new_tokens=4", "--config.train.async_checkpoint=False"]
     args += [f"--config.model.{k}={v}" for k, v in micro.items()]
-    env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS=" ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip())
+    sys.path.insert(0, os.path.join(root, "tests", "multidevice"))
+    import devices                 # tests/multidevice/devices.py
+    env = devices.env(8)
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "expert" in out.stdout

@@ -251,29 +251,83 @@ def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step()
     assert "pipeline" in axes(rest["embed"]) and "pipeline" in axes(rest["lm_head"])
 
 
-@pytest.mark.parametrize("name,moe_layers,copies", [
-    ("gpipe", 8, (0, 0)),        # stages in layer order, 2 layers each: the stack is a reshape
-    ("1f1b", 7, (1, 0)),         # 7 layers over 4 stages: padded to 8 slots, a new buffer
-    ("dualpipev", 8, (1, 0)),    # V: rank r holds stages r and 7 - r, half its layers move
-    ("dualpipe", 8, (2, 1)),     # every stage on two ranks: two copies, one gradient more
+@pytest.mark.parametrize("name,moe_layers,slots", [
+    ("gpipe", 8, 0),        # 4 stages of 2 layers in layer order: the stack is a reshape
+    ("1f1b", 7, 2),         # 7 layers over 4 stages: padded to 2 slots per rank, a new buffer
+    ("dualpipev", 8, 2),    # V: rank r holds stages r and 7 - r (1 layer each)
+    ("dualpipev", 10, 4),   # 10 layers over 8 stages: 2 chunks x 2 slots, 3 layers at rest
+    ("dualpipe", 8, 4),     # every stage (2 layers) on two ranks: 2 chunks x 2 slots
 ])
-def test_plan_counts_the_stage_ordered_copy_of_the_moe_stack(name, moe_layers, copies):
-    """plan.pipeline_plan: the MoE stack the executor runs is [P, chunks, n, ...] by stage;
-    unless that is the at-rest layer order, the step holds it as a copy (and its gradient
-    accumulator), which the plan's total counts."""
-    from dsv3_jax import config, plan, train_config
+def test_plan_counts_the_stage_ordered_copy_of_the_moe_stack(name, moe_layers, slots):
+    """plan: the MoE stack the executor runs is [P, chunks, n, ...] by stage; unless that is
+    the at-rest layer order, the step holds it as a copy (params), and its gradient
+    accumulator has its size instead of the at-rest one. Per-layer bytes from the shapes; the
+    slots per rank by hand."""
+    import jax
+    from dsv3_jax import config, model, plan, train_config
     c = train_config.base_config()
     c.pipeline.schedule, c.data.global_batch, c.data.micro_batch = name, 16, 2
-    cfg = config.tiny(num_hidden_layers=1 + moe_layers)
-    pipe = plan.pipeline_plan(c, cfg, 4, 2, 1000)
-    assert pipe["stage_order_copies"] == copies
     c.data.seq_len = 32
     c.model = train_config.model_block("tiny", num_hidden_layers=1 + moe_layers)
     out = plan.plan(c, {"pipeline": 4, "data": 1, "expert": 1, "fsdp": 1, "tensor": 1}, 4)
+    assert out["pipeline"]["stage_layer_slots"] == slots
     lines = {k: v for k, v in out["per_device_GiB"].items() if not k.startswith("  of which")}
-    extra = [v for k, v in lines.items() if k.startswith("MoE stack by stage")]
-    assert len(extra) == (copies != (0, 0))
     assert sum(lines.values()) == pytest.approx(out["total_per_device_GiB"], rel=1e-9)
-    if extra:   # (params + more grads) copies of one rank's MoE layers, the rank's share
-        moe = plan.state_memory(c, cfg, out["mesh"])["moe_params"] / plan.GB
-        assert extra[0] == pytest.approx(sum(copies) * moe, rel=1e-9)
+    extra = [v for k, v in lines.items() if k.startswith("MoE stack by stage")]
+    assert len(extra) == (slots > 0)
+    if slots:
+        cfg = config.tiny(num_hidden_layers=1 + moe_layers)
+        shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))["params"]
+        layer = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(shapes["moe_layers"])) / moe_layers
+        at_rest = -(-moe_layers // 4)
+        assert extra[0] * plan.GB == pytest.approx((slots + max(slots - at_rest, 0)) * layer)
+
+
+TOY_HLO = """\
+%branch_a (p: (f32[2])) -> (f32[2]) {
+  %x = f32[2]{0} collective-permute(%g), channel_id=1, source_target_pairs={{0,1},{1,0}}
+}
+
+%branch_b (p: (f32[2])) -> (f32[2]) {
+  %y = f32[2]{0} multiply(%g, %g)
+}
+
+%inner_body (p: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %z = f32[2]{0} collective-permute-start(%g), channel_id=2
+}
+
+%inner_cond (p: (s32[], f32[2])) -> pred[] {
+  %c = pred[] compare(%i, %n), direction=LT
+}
+
+%tick_body (p: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %t = f32[2]{0} collective-permute(%g), channel_id=3
+  %k = (f32[2]{0}) conditional(%b, %u, %u), branch_computations={%branch_a, %branch_b}
+  %w = (s32[], f32[2]{0}) while(%v), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%tick_cond (p: (s32[], f32[2])) -> pred[] {
+  %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %o = f32[2]{0} collective-permute(%a), channel_id=4
+  %l = (s32[], f32[2]{0}) while(%s), condition=%tick_cond, body=%tick_body, backend_config={"known_trip_count":{"n":"7"}}
+}
+"""
+
+
+def test_benchmark_counts_permutes_inside_the_tick_loop_and_outside():
+    """benchmarks/pipeline.count_permutes on a hand-written HLO: the tick loop (7 iterations)
+    holds one permute in its body, one in a conditional's branch and one (async) in an inner
+    loop; the entry holds one more, run once per step."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("pipeline_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.count_permutes(TOY_HLO, 7) == (3, 1)
+    with pytest.raises(RuntimeError, match="one while loop of 5 iterations"):
+        bench.count_permutes(TOY_HLO, 5)
