@@ -257,12 +257,11 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     run = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
                          c.pipeline.split_w, not recompute)[1]   # what the executor runs
     slots = run.slots
-    # The executor stacks the MoE layers by stage for the step ([P, chunks, n, ...]). When that
-    # is the at-rest layer order (gpipe, 1f1b, zb1p with an even split) it is a reshape; else
+    # The executor stacks the MoE layers by stage for the step ([P, chunks, n, ...]): a reshape
+    # of the at-rest stack when in layer order (gpipe, 1f1b, zb1p with an even split), else
     # (dualpipev's V moves layers between ranks, dualpipe holds every stage twice, padded
-    # splits) a new buffer of chunks x n layer slots per rank, and its gradient accumulator is
+    # splits) a new buffer of `layer_slots` layers per rank, and its gradient accumulator is
     # that size too (the at-rest-sized gradient is made after the tick loop).
-    in_order = np.array_equal(run.layer_index.reshape(-1), np.arange(cfg.num_moe_layers))
     d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
     buf_rows = sched.chunks * (slots + 1)   # + the scratch row idle writes go to
@@ -271,7 +270,7 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
-            "stage_layer_slots": 0 if in_order else int(np.prod(run.layer_index.shape[1:])),
+            "stage_layer_slots": 0 if run.in_layer_order else run.layer_slots,
             "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
             "executor_GiB": exec_bytes / GB,
             "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}

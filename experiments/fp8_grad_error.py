@@ -25,6 +25,7 @@ import os
 import pathlib
 import re
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +89,6 @@ def errors(grads: list, ref: list, scale: list | None = None) -> dict:
 def run(c, params, router_bias, n_batches: int, step: int, recipes=RECIPES) -> dict:
     """{recipe: errors(...) against the first recipe (float32)} on the first n_batches training
     batches of c's data, and `fp8 - fp8_no_cache` (relative to the float32 gradient)."""
-    import tempfile
     grads = {}
     with tempfile.TemporaryDirectory(prefix="fp8_grad_error_") as workdir:
         data = train.load_data(train.set_up(c, workdir))

@@ -105,7 +105,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
-    identity = np.array_equal(flat, np.arange(n_layers))
+    identity = plan.in_layer_order
     padded = bool((flat < 0).any())
     valid = jnp.asarray(plan.layer_index >= 0)
 

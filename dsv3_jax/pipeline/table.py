@@ -27,6 +27,19 @@ class Plan:
     split_w: bool
     keep_residuals: bool = False
 
+    @property
+    def in_layer_order(self) -> bool:
+        """Whether [P, chunks, n] is the layer axis itself, reshaped (every layer once, in
+        order, no pads): the executor's stage stack is then a reshape of the at-rest MoE stack
+        (sharded over `pipeline` by layer), else a new buffer gathered by `layer_index`."""
+        flat = self.layer_index.reshape(-1)
+        return bool(np.array_equal(flat, np.arange(flat.size)))
+
+    @property
+    def layer_slots(self) -> int:
+        """MoE layer slots per rank in the executor's stage stack (chunks x n)."""
+        return int(np.prod(self.layer_index.shape[1:]))
+
 
 def _kind(stage: int, n_stages: int) -> int:
     return FIRST if stage == 0 else LAST if stage == n_stages - 1 else MID
