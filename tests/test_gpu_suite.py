@@ -8,10 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow   # ~75 s: every section in interpret mode; the kernels' own interpret tests
+                    # and test_lowering's suite lowering stay in the default tier
 def test_suite_interpret_small_runs_every_section(tmp_path):
     proc = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--interpret", "--small",
                            "--out", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True,
