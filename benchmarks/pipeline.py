@@ -4,15 +4,19 @@
       [--pp 4 --data 2 --layers 16 --schedules gpipe,1f1b,zb1p,dualpipev,dualpipe]
 
 1. F, B, W of one stage chunk are measured on this machine (one device, the small config of
-   tests/multidevice/pipeline_equivalence.py): the stage's forward, its VJP for the input only
-   (B - W) and for the parameters only (W).
+   tests/multidevice/pipeline_equivalence.py): the stage's forward F, its one-pass VJP B, and
+   the two halves a split W runs: B with the weight gradients deferred (the input gradient,
+   every gradient that is not a deferred weight's, and what W needs) and W
+   (`common.deferred_weight_grads`: the Linears' and routed experts' dW GEMMs). Split modes
+   are modelled with B = (deferred B) + W, the others with the one-pass B.
 2. The report's PP (16) with those costs: the bubble as scheduled (MPMD), packed into lockstep
    ticks, and as this executor runs its tick table (`executor.tick_costs`) in each of its
    modes (MODES: branch-free or branched ticks; stage recompute or the forward's VJP residuals
    kept; a zero-bubble W apart or with its B).
 3. For each schedule on the fake-device mesh: the simulator's MPMD and lockstep step times from
    those costs, the executor's step (the pipelined value-and-grad) timed as the median of 3 runs
-   in the first mode, with residuals kept and in the default one, its tick count, and the
+   in the first mode, with the per-Linear W apart, with residuals kept and in the default
+   one, its tick count, and the
    collective-permutes of the compiled program against the schedule's own cross-rank
    transfers: those inside the tick loop (its body and what it calls: branches, inner loops)
    and those outside it (once per step: for dualpipev and dualpipe, moving the MoE stack's
@@ -94,6 +98,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import pipeline_equivalence as pe
     from dsv3_jax import model, sharding, train, train_config, train_state
+    from dsv3_jax.layers import common
     from dsv3_jax.pipeline import executor, simulate
 
     c = pe.config(False, a.layers)
@@ -116,55 +121,99 @@ def main(argv=None):
                                         x, mb["positions"], mb["segment_ids"])
         return y, fns.objective.stage_loss(st)
     cot = (jnp.ones_like(x), jnp.float32(1))
-    t_f = timed(jax.jit(f), chunk, x)
-    t_bi = timed(jax.jit(lambda p, x: jax.vjp(lambda x_: f(p, x_), x)[1](cot)), chunk, x)
-    t_w = timed(jax.jit(lambda p, x: jax.vjp(lambda p_: f(p_, x), p)[1](cot)), chunk, x)
-    F, W = t_f, t_w
-    B = t_bi + t_w
+    t_f = timed(jax.jit(f), chunk, x, n=21)
+    t_b = timed(jax.jit(lambda p, x: jax.vjp(f, p, x)[1](cot)), chunk, x, n=21)
+    wi, wt = common.WGRAD_INPUTS, common.WGRAD_TAPS
+    variables = lambda p: {"params": {"moe_layers": p}, "router_bias": {"moe_layers": bias}}
+    _, cols = jax.eval_shape(lambda p: model.forward_moe_chunk(
+        cfg, variables(p), x, mb["positions"], mb["segment_ids"], mutable=(wi, wt)), chunk)
+    taps = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cols[wt]["moe_layers"])
+
+    def f_deferred(p, x, t):
+        v = dict(variables(p), **{wt: {"moe_layers": t}})
+        (y, st), col = model.forward_moe_chunk(cfg, v, x, mb["positions"], mb["segment_ids"],
+                                               mutable=(wi,))
+        return (y, fns.objective.stage_loss(st)), col[wi]["moe_layers"]
+
+    def b_deferred(p, x):
+        _, vjp, inputs = jax.vjp(f_deferred, p, x, taps, has_aux=True)
+        return vjp(cot), inputs
+    b_def = jax.jit(b_deferred)
+    t_bd = timed(b_def, chunk, x, n=21)
+    (_, _, dtaps), inputs = b_def(chunk, x)
+    t_wd = timed(jax.jit(lambda p, i, d: common.deferred_weight_grads(p, i, d, cfg)), chunk,
+                 inputs, dtaps, n=21)
+    F, B, W = t_f, t_b, t_wd
+    split_cost = dict(F=F, B=t_bd + t_wd, W=t_wd)   # what the split modes run
+    whole_cost = dict(F=F, B=t_b, W=t_wd)           # W with its B: the one-pass VJP
     print(f"# one chunk of {n} MoE layer(s), {mb['inputs'].shape[0]} rows x "
-          f"{mb['inputs'].shape[1]} tokens: F {F * 1e3:.1f} ms, B (full) {B * 1e3:.1f} ms, "
-          f"W {W * 1e3:.1f} ms")
+          f"{mb['inputs'].shape[1]} tokens: F {F * 1e3:.1f} ms, B (one pass) {B * 1e3:.1f} ms; "
+          f"split: B {t_bd * 1e3:.1f} ms + W {t_wd * 1e3:.1f} ms "
+          f"(= {(t_bd + t_wd) / t_b:.2f} x the one pass)")
+    # the same ops' FLOPs (XLA's cost analysis of the compiled programs)
+    flops = lambda fn, *args: jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+    fl_f = flops(f, chunk, x)
+    fl_b = flops(lambda p, x: jax.vjp(f, p, x)[1](cot), chunk, x)
+    fl_bd = flops(b_deferred, chunk, x)
+    fl_wd = flops(lambda p, i, d: common.deferred_weight_grads(p, i, d, cfg), chunk, inputs,
+                  dtaps)
+    flop_cost = (dict(F=fl_f, B=fl_bd + fl_wd, W=fl_wd), dict(F=fl_f, B=fl_b, W=fl_wd))
+    print(f"# FLOPs: F {fl_f:.3g}, B (one pass) {fl_b:.3g}; split: B {fl_bd:.3g} + W "
+          f"{fl_wd:.3g} (= {(fl_bd + fl_wd) / fl_b:.3f} x the one pass; W {fl_wd / fl_b:.0%} of "
+          "it)")
 
     # 2. the report's PP with these costs: bubble fractions as scheduled (MPMD), packed in
     # lockstep ticks, and as this executor runs its tick table (executor.tick_costs) in each
-    # mode: branch-free or branched ticks, stage recompute or kept residuals, W apart or with B
-    print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, stage costs as measured above "
-          "(one stage = one chunk)")
-    print("| schedule | MPMD bubble | lockstep bubble | " + " | ".join(m for m, _ in MODES) + " |")
-    print("|---|---|---|" + "---|" * len(MODES))
+    # mode: branch-free or branched ticks, stage recompute or kept residuals, W apart or with B.
+    # The bubble is 1 - useful work / time, the useful work F + the one-pass B per stage and
+    # micro-batch (a split B + W that costs more than the one pass counts its excess as idle).
+    # Then the same with costs proportional to the ops' FLOPs (a split then costs what the one
+    # pass does), which a large model on a GPU approaches.
     from dsv3_jax.pipeline import schedules as sched_lib
-    for name in a.schedules.split(","):
-        m_ = 2 * a.table_pp
-        sch = sched_lib.make(name, a.table_pp, m_, eager=name == "1f1b")
-        own = sched_lib.make(name, a.table_pp, m_)
-        mpmd = simulate.simulate(own, F=F, B=B, W=W)
-        lock = simulate.simulate_lockstep(sch, F=F, B=B, W=W)
-        work = m_ * sch.n_stages / a.table_pp * (F + B)      # useful work per rank
-        cells = []
-        for _, (branched, recompute, split_w) in MODES:
-            _, plan = executor.build(name, a.table_pp, m_, sch.n_stages, split_w=split_w,
-                                     keep_residuals=not recompute)
-            executed = executor.tick_costs(plan, F, B, W, branched, recompute).sum()
-            cells.append(f"{1 - work / executed:.1%}")
-        print(f"| {name}{' (eager)' if name == '1f1b' else ''} | {mpmd.bubble_fraction:.1%} | "
-              f"{lock.bubble_fraction:.1%} | " + " | ".join(cells) + " |")
+    for title, (s_cost, w_cost) in (("stage costs as measured above (one stage = one chunk)",
+                                     (split_cost, whole_cost)),
+                                    ("stage costs proportional to their FLOPs", flop_cost)):
+        print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, {title}")
+        print("| schedule | MPMD bubble | lockstep bubble | " + " | ".join(m for m, _ in MODES)
+              + " |")
+        print("|---|---|---|" + "---|" * len(MODES))
+        for name in a.schedules.split(","):
+            m_ = 2 * a.table_pp
+            sch = sched_lib.make(name, a.table_pp, m_, eager=name == "1f1b")
+            own = sched_lib.make(name, a.table_pp, m_)
+            work = m_ * sch.n_stages / a.table_pp * (w_cost["F"] + w_cost["B"])   # per rank
+            busy = lambda r: 1 - work / r.time
+            own_cost = s_cost if sch.split_w else w_cost   # the schedule's own B / W split
+            cells = [f"{busy(simulate.simulate(own, **own_cost)):.1%}",
+                     f"{busy(simulate.simulate_lockstep(sch, **own_cost)):.1%}"]
+            for _, (branched, recompute, split_w) in MODES:
+                _, plan = executor.build(name, a.table_pp, m_, sch.n_stages, split_w=split_w,
+                                         keep_residuals=not recompute)
+                c_ = s_cost if plan.split_w else w_cost
+                executed = executor.tick_costs(plan, **c_, branched=branched,
+                                               recompute=recompute).sum()
+                cells.append(f"{1 - work / executed:.1%}")
+            print(f"| {name}{' (eager)' if name == '1f1b' else ''} | " + " | ".join(cells)
+                  + " |")
     print()
 
     shape = sharding.resolve_mesh_shape(dict(pipeline=a.pp, data=a.data, expert=-1),
                                         jax.device_count())
     mesh = sharding.make_mesh(shape)
-    old, kept, new = MODES[0], MODES[3], MODES[-1]
+    old, split, kept, new = MODES[0], MODES[1], MODES[3], MODES[-1]
     print(f"# mesh {shape}, {micro} micro-batches, jax {jax.__version__}; executed: median of 3 "
-          f"steps in three modes: A = {old[0]}, K = {kept[0]}, D = {new[0]}; on fake devices a "
-          "step's time is all devices' work on this machine's cores, so the predicted ratios "
-          "sum every rank's ops")
+          f"steps in four modes: A = {old[0]}, S = {split[0]}, K = {kept[0]}, D = {new[0]} "
+          "(S is D for gpipe and 1f1b, which have no W ops); on fake devices a step's time is "
+          "all devices' work on this machine's cores, so the predicted ratios sum every rank's "
+          "ops")
     print("| schedule | ticks | MPMD sim (ms) | lockstep sim (ms) | executed A (ms) | "
-          "executed K (ms) | executed D (ms) | K / A (predicted) | D / A (predicted) | "
-          "collective-permutes compiled | schedule transfers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "executed S (ms) | executed K (ms) | executed D (ms) | S / A (predicted) | "
+          "K / A (predicted) | D / A (predicted) | collective-permutes compiled | "
+          "schedule transfers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in a.schedules.split(","):
         times, work, permutes = {}, {}, None
-        for label, (branched, recompute, split_w) in (old, kept, new):
+        for label, (branched, recompute, split_w) in (old, split, kept, new):
             schedule, plan = executor.build(name, a.pp, micro, cfg.num_moe_layers,
                                             executor.layer_costs(cfg), split_w, not recompute)
             with jax.set_mesh(mesh):
@@ -175,9 +224,11 @@ def main(argv=None):
                 if label == new[0]:
                     permutes = count_permutes(compiled.as_text(), plan.table.shape[0])
                 times[label] = timed(step, state["params"], state["router_bias"], batch)
-            work[label] = executor.rank_costs(plan, F, B, W, branched, recompute).sum()
+            work[label] = executor.rank_costs(plan, **(split_cost if plan.split_w else
+                                                       whole_cost),
+                                              branched=branched, recompute=recompute).sum()
         per_chunk = a.layers / schedule.n_stages / n     # scale the measured chunk to a stage
-        cost = dict(F=F * per_chunk, B=B * per_chunk, W=W * per_chunk)
+        cost = {k: v * per_chunk for k, v in split_cost.items()}
         mpmd = simulate.simulate(schedule, **cost).time
         lock = simulate.simulate_lockstep(schedule, **cost).time
         ticks = plan.table.shape[0]
@@ -187,8 +238,9 @@ def main(argv=None):
         ratio = lambda m: (f"{times[m[0]] / times[old[0]]:.2f} "
                            f"({work[m[0]] / work[old[0]]:.2f})")
         print(f"| {name} | {ticks} | {mpmd * 1e3:.0f} | {lock * 1e3:.0f} | "
-              f"{times[old[0]] * 1e3:.0f} | {times[kept[0]] * 1e3:.0f} | "
-              f"{times[new[0]] * 1e3:.0f} | {ratio(kept)} | {ratio(new)} | "
+              f"{times[old[0]] * 1e3:.0f} | {times[split[0]] * 1e3:.0f} | "
+              f"{times[kept[0]] * 1e3:.0f} | {times[new[0]] * 1e3:.0f} | {ratio(split)} | "
+              f"{ratio(kept)} | {ratio(new)} | "
               f"{permutes[0]} in the tick loop x {ticks} ticks + {permutes[1]} once | "
               f"{transfers} |", flush=True)
 

@@ -277,10 +277,17 @@ def forward_front(cfg: ModelConfig, variables: dict, input_ids, positions, segme
                                   method=Transformer.front)
 
 
-def forward_moe_chunk(cfg: ModelConfig, variables: dict, x, positions, segment_ids):
+def forward_moe_chunk(cfg: ModelConfig, variables: dict, x, positions, segment_ids,
+                      mutable: tuple = ()):
     """A slice of the MoE stack: variables {"params": {"moe_layers": ...}, "router_bias":
-    {"moe_layers": ...}} with leading axis n (layers); returns (x, RouterStats [n, E])."""
+    {"moe_layers": ...}} with leading axis n (layers); returns (x, RouterStats [n, E]), and with
+    `mutable` collections ((x, stats), those collections). With common.WGRAD_INPUTS mutable the
+    Linears defer their weight gradients (common.deferred_weight_grads): variables then hold
+    common.WGRAD_TAPS, or it is mutable too (to create the zero taps)."""
     n = jax.tree.leaves(variables["params"])[0].shape[0]
+    if mutable:
+        return _MoEChunk(cfg, n).apply(variables, x, positions, segment_ids,
+                                       mutable=list(mutable))
     return _MoEChunk(cfg, n).apply(variables, x, positions, segment_ids)
 
 

@@ -176,7 +176,8 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     pp = mesh_shape["pipeline"]
     pipe = None
     if pp > 1:
-        pipe = pipeline_plan(c, cfg, pp, rows_per_device, act["per_token_layer"])
+        pipe = pipeline_plan(c, cfg, pp, rows_per_device, act["per_token_layer"],
+                             expert_parallel=mesh_shape["expert"] > 1)
         in_flight, layers_per_device = pipe["in_flight_tokens_layers"], pipe["layers_per_device"]
         tokens_in_flight = rows_per_device * c.data.seq_len * pipe["peak_in_flight_stages"]
         activations = act["per_token_layer"] * in_flight
@@ -222,7 +223,31 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     }
 
 
-def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int) -> dict:
+def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
+                               expert_parallel: bool) -> int:
+    """Bytes one MoE layer's split-W store holds per micro-batch (pipeline.split_w): the input
+    and output gradient of every deferred GEMM (`common.deferred_weight_grads`), from
+    `jax.eval_shape` of the layer with its weight gradients deferred; the routed experts' are
+    deferred without expert parallelism or FP8 only (as in the layer)."""
+    from dsv3_jax import model
+    from dsv3_jax.layers.common import WGRAD_INPUTS, WGRAD_TAPS
+    x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
+    ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
+    chunk = model._MoEChunk(cfg, 1)
+    variables = jax.eval_shape(chunk.init, jax.random.key(0), x, ids, ids)
+    _, cols = jax.eval_shape(lambda v, x_, i_: chunk.apply(v, x_, i_, i_,
+                                                           mutable=[WGRAD_INPUTS, WGRAD_TAPS]),
+                             variables, x, ids)
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cols)[0]:
+        if expert_parallel and "'experts'" in jax.tree_util.keystr(path):
+            continue
+        total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    return int(total)
+
+
+def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int,
+                  expert_parallel: bool = False) -> dict:
     """Stages, layers and activations in flight per device for c.pipeline.schedule on pp ranks.
 
     The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
@@ -231,7 +256,9 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     keeps between ops: stage inputs and output gradients in K slots per chunk, and the stage's
     residuals while its backward runs (c.pipeline.recompute, the default) or, with
     recompute=False, every stage's residuals in the same K slots (room for the dense layers and
-    MTP modules in each, as one SPMD program has one layout)."""
+    MTP modules in each, as one SPMD program has one layout); with a split W
+    (c.pipeline.split_w), also the store of the deferred GEMMs' inputs and output gradients
+    in its own slots (`deferred_w_bytes_per_layer`, Plan.w_slots)."""
     from dsv3_jax.pipeline import executor, schedules, simulate
     m = max(1, (c.data.global_batch // (c.data.micro_batch or c.data.global_batch)))
     note = ""
@@ -266,13 +293,19 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
     buf_rows = sched.chunks * (slots + 1)   # + the scratch row idle writes go to
     exec_bytes = 2 * buf_rows * tokens * d_bytes + (1 if recompute else buf_rows) * stage_res
+    store = 0
+    if run.split_w:
+        store = sched.chunks * (run.w_slots + 1) * per_chunk * deferred_w_bytes_per_layer(
+            train_config.model_config(c), rows, c.data.seq_len, expert_parallel)
+        exec_bytes += store
     return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
             "stage_layer_slots": 0 if run.in_layer_order else run.layer_slots,
             "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
-            "executor_GiB": exec_bytes / GB,
+            "executor_GiB": exec_bytes / GB, "split_w_store_GiB": store / GB,
+            "split_w_slots": run.w_slots,
             "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}
 
 

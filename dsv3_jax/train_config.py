@@ -139,8 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # False: F keeps the stage's VJP residuals per micro-batch
                                   # (more memory; slower on CPU: benchmarks/pipeline.py)
         split_w=False,            # zb1p / dualpipe(v): False: W runs with its B (one VJP);
-                                  # True: W is its own op, a VJP for the parameters that repeats
-                                  # B's input-gradient chain (dearer: benchmarks/pipeline.py)
+                                  # True: W is its own op, per Linear: B stores each deferred
+                                  # GEMM's input and output gradient, W computes the dW GEMMs
+                                  # (layers/common.deferred_weight_grads; benchmarks/pipeline.py)
     ))
     return c
 

@@ -170,6 +170,20 @@ def _swiglu_fwd(x, wg, wu, wd, tile_expert, used, tile_m):
     return y, (x, gu, wg, wu, wd, tile_expert, used, ranges)
 
 
+def _swiglu_input_grad(dy_c, gu_c, d_wT, gu_wT, dtype):
+    """(dgu, dx) of a chunk of rows: the gate|up pre-activation gradient [rows, 2F] in `dtype`
+    and the input gradient [rows, D], from the output gradient and the saved pre-activations."""
+    f = gu_c.shape[1] // 2
+    dh = jnp.dot(dy_c, d_wT, preferred_element_type=jnp.float32)
+    gu_c = gu_c.astype(jnp.float32)
+    g_c, u_c = gu_c[:, :f], gu_c[:, f:]
+    s_c = jax.nn.sigmoid(g_c)
+    # d silu(g) / dg = s (1 + g (1 - s))
+    dgu = jnp.concatenate([dh * u_c * s_c * (1 + g_c * (1 - s_c)), dh * g_c * s_c],
+                          axis=1).astype(dtype)
+    return dgu, jnp.dot(dgu, gu_wT)
+
+
 def _swiglu_bwd(tile_m, res, dy):
     x, gu, wg, wu, wd, tile_expert, used, (first, count) = res
     f = wg.shape[2]
@@ -186,15 +200,8 @@ def _swiglu_bwd(tile_m, res, dy):
         def body(row0, rows, c):
             dx, dgu_w, dd_w = c
             dy_c = _rows(dy, row0, rows).astype(x.dtype)
-            dh = jnp.dot(dy_c, d_wT, preferred_element_type=jnp.float32)
-            gu_c = _rows(gu, row0, rows).astype(jnp.float32)
-            g_c, u_c = gu_c[:, :f], gu_c[:, f:]
-            s_c = jax.nn.sigmoid(g_c)
-            # d silu(g) / dg = s (1 + g (1 - s))
-            dgu = jnp.concatenate([dh * u_c * s_c * (1 + g_c * (1 - s_c)), dh * g_c * s_c],
-                                  axis=1).astype(x.dtype)
-            dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.dot(dgu, gu_wT).astype(dx.dtype),
-                                                     row0, axis=0)
+            dgu, dx_c = _swiglu_input_grad(dy_c, _rows(gu, row0, rows), d_wT, gu_wT, x.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_c.astype(dx.dtype), row0, axis=0)
             acc = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
             return (dx, dgu_w + acc(_rows(x_DM, row0, rows, axis=1), dgu),
                     dd_w + acc(_rows(h_FM, row0, rows, axis=1), dy_c))
@@ -214,6 +221,93 @@ def _swiglu_bwd(tile_m, res, dy):
 
 
 _grouped_swiglu_loop.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same SwiGLU with its weight gradients deferred (the pipeline's per-Linear W): the backward
+# returns the input gradient and, through two zero taps, the gate|up pre-activation gradient
+# dgu [M, 2F] and the output gradient dy [M, D]; `grouped_swiglu_wgrad` later turns them (with x
+# and gu) into dW, the GEMMs the fused VJP above runs in its loop.
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _grouped_swiglu_tapped(x, wg, wu, wd, tile_expert, used, tap_gu, tap_y, tile_m):
+    y, gu, _ = _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m)
+    return y + tap_y.astype(y.dtype), gu
+
+
+def _tapped_fwd(x, wg, wu, wd, tile_expert, used, tap_gu, tap_y, tile_m):
+    y, gu, ranges = _swiglu_fwd_impl(x, wg, wu, wd, tile_expert, used, tile_m)
+    gu = checkpoint_name(gu, "moe_gu")   # saved by the model's remat="selective"
+    return (y + tap_y.astype(y.dtype), gu), (x, gu, wg, wu, wd, tile_expert, used, ranges,
+                                             tap_gu, tap_y)
+
+
+def _tapped_bwd(tile_m, res, cts):
+    x, gu, wg, wu, wd, tile_expert, used, (first, count), tap_gu, tap_y = res
+    dy = cts[0]                          # gu is returned for W's store, not differentiated
+    refs = (x, wg, wu, wd, dy, tile_expert, used)
+
+    def expert(e, carry):
+        gu_wT = jnp.concatenate([wg[e], wu[e]], axis=1).astype(x.dtype).T    # [2F, D]
+        d_wT = wd[e].astype(x.dtype).T
+
+        def body(row0, rows, c):
+            dx, dgu_all = c
+            dgu, dx_c = _swiglu_input_grad(_rows(dy, row0, rows).astype(x.dtype),
+                                           _rows(gu, row0, rows), d_wT, gu_wT, x.dtype)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_c.astype(dx.dtype), row0, axis=0)
+            return dx, jax.lax.dynamic_update_slice_in_dim(dgu_all, dgu, row0, axis=0)
+        return _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body, carry)
+
+    dx, dgu = jax.lax.fori_loop(
+        0, wg.shape[0], expert, (zeros_varying_like(x.shape, x.dtype, *refs),
+                                 zeros_varying_like(gu.shape, x.dtype, *refs)))
+    zero = lambda w: jnp.zeros(w.shape, w.dtype)
+    return (dx, zero(wg), zero(wu), zero(wd), None, None, dgu.astype(tap_gu.dtype),
+            dy.astype(tap_y.dtype))
+
+
+_grouped_swiglu_tapped.defvjp(_tapped_fwd, _tapped_bwd)
+
+
+def grouped_swiglu_deferred(x, w_gate, w_up, w_down, tile_expert, tap_gu, tap_y, *, tile_m: int,
+                            used_tiles=None):
+    """(y, gu): `grouped_swiglu`'s y (plus the zero tap_y) and the gate|up pre-activations
+    [M, 2F]. Its VJP gives the input gradient, zero weight gradients and, as the cotangents of
+    the zero taps tap_gu [M, 2F] and tap_y [M, D], what `grouped_swiglu_wgrad` needs."""
+    check_grouped_layout(x, w_gate, tile_expert, tile_m, name="grouped_swiglu_deferred")
+    used = tile_expert.shape[0] if used_tiles is None else used_tiles
+    return _grouped_swiglu_tapped(x, w_gate, w_up, w_down, tile_expert.astype(jnp.int32),
+                                  jnp.asarray(used, jnp.int32), tap_gu, tap_y, tile_m)
+
+
+def grouped_swiglu_wgrad(x, gu, dgu, dy, tile_expert, used, *, tile_m: int, num_experts: int):
+    """(dW_gate [E, D, F], dW_up, dW_down [E, F, D]) in float32 from the grouped layout's input
+    x [M, D], pre-activations gu [M, 2F], their gradient dgu and the output gradient dy [M, D]:
+    per expert, x^T dgu and silu(g)*u ^T dy over its rows (the fused VJP's weight GEMMs)."""
+    f = gu.shape[1] // 2
+    first, count = _expert_tiles(tile_expert, used, num_experts)
+    h_FM = (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(x.dtype).T
+    x_DM = x.T
+    acc = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+
+    def expert(e, carry):
+        dwg, dwu, dwd = carry
+
+        def body(row0, rows, c):
+            dgu_w, dd_w = c
+            return (dgu_w + acc(_rows(x_DM, row0, rows, axis=1), _rows(dgu, row0, rows)),
+                    dd_w + acc(_rows(h_FM, row0, rows, axis=1),
+                               _rows(dy, row0, rows).astype(x.dtype)))
+        dgu_w, dd_w = _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body,
+                                 (jnp.zeros((x.shape[1], 2 * f), jnp.float32),
+                                  jnp.zeros((f, dy.shape[1]), jnp.float32)))
+        return dwg.at[e].set(dgu_w[:, :f]), dwu.at[e].set(dgu_w[:, f:]), dwd.at[e].set(dd_w)
+
+    zeros = lambda *shape: jnp.zeros((num_experts,) + shape, jnp.float32)
+    return jax.lax.fori_loop(0, num_experts, expert,
+                             (zeros(x.shape[1], f), zeros(x.shape[1], f), zeros(f, dy.shape[1])))
 
 
 def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,

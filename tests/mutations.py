@@ -59,6 +59,10 @@ T_PLAN_GATHER = "tests/test_pipeline_executor.py::test_plan_counts_what_the_step
 T_PLAN_COPY = "tests/test_pipeline_executor.py::test_plan_counts_the_stage_ordered_copy_of_the_moe_stack"
 T_AT_REST = ("tests/test_pipeline_executor.py::"
              "test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step")
+T_DEFER = "tests/test_deferred_wgrad.py::test_b_plus_deferred_w_equals_the_one_pass_vjp"
+T_DEFER_GMM = ("tests/test_deferred_wgrad.py::"
+               "test_grouped_swiglu_deferred_matches_the_reference_vjp")
+T_PLAN_STORE = "tests/test_pipeline_executor.py::test_plan_counts_the_split_w_store_by_hand"
 
 # (name, file, old, new, tests)
 MUTATIONS = [
@@ -75,6 +79,18 @@ MUTATIONS = [
      '"stage_layer_slots": 0 if run.in_layer_order else',
      '"stage_layer_slots": 0 if True else',
      [T_PLAN_COPY]),
+    ("split W: a deferred Linear's kernel also gets its gradient in B",
+     "dsv3_jax/layers/common.py",
+     "y2 = linear_dot(x2, jax.lax.stop_gradient(kernel).reshape(",
+     "y2 = linear_dot(x2, (kernel).reshape(", [T_DEFER]),
+    ("split W: the routed experts' down-projection reads dgu for dy",
+     "kernels_pallas/grouped_gemm.py",
+     "_rows(dy, row0, rows).astype(x.dtype)))", "_rows(dgu[:, :dy.shape[1]], row0, rows)))",
+     [T_DEFER_GMM]),
+    ("split W: the store's slots not sized (one per chunk)", "dsv3_jax/pipeline/table.py",
+     "while not _fits(store_live, w_slots):", "while False:", [T_PIPE_TABLE]),
+    ("plan: the split-W store not counted", "dsv3_jax/plan.py",
+     "        exec_bytes += store\n", "", [T_PLAN_STORE]),
     ("pipeline: non-MoE parameters replicated at rest", "dsv3_jax/train_state.py",
      "return spec if gathered else sharding.add_axes(",
      "return spec if True else sharding.add_axes(", [T_AT_REST]),

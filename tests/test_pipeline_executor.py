@@ -65,11 +65,12 @@ def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, 
 
 def _replay_buffers(plan, ranks):
     """Run the tick table over the executor's buffers (slot, mb % K) in the executor's order:
-    within a tick F, then B and W read; at the tick's end F's residuals and the arrived
-    activations and gradients are written. Every read must find its own micro-batch: B and W
-    read F's residuals (plan.keep_residuals) or the stage input (recompute)."""
+    within a tick F, then B read; B writes the store (split W), W reads it; at the tick's end
+    F's residuals and the arrived activations and gradients are written. Every read must find
+    its own micro-batch: B reads F's residuals (plan.keep_residuals) or the stage input
+    (recompute) and the output gradient, W what its B stored."""
     t, C, k = plan.table, executor.C, plan.slots
-    bufs = {name: {} for name in ("act", "grad", "res")}
+    bufs = {name: {} for name in ("act", "grad", "res", "store")}
     for i in range(t.shape[0]):
         writes = []
         for r in range(ranks):
@@ -78,15 +79,19 @@ def _replay_buffers(plan, ranks):
                 if g("f_kind") != executor.FIRST:   # the first stage reads the batch instead
                     assert bufs["act"].get((r, g("f_slot"), g("f_mb") % k)) == g("f_mb")
                 writes.append(("res", (r, g("f_slot"), g("f_mb") % k), g("f_mb")))
-            for op in ("b", "w") if plan.split_w else ("b",):
-                if g(f"{op}_kind") > 0:
-                    key = (r, g(f"{op}_slot"), g(f"{op}_mb") % k)
-                    if plan.keep_residuals:
-                        assert bufs["res"].get(key) == g(f"{op}_mb"), (i, r, op)
-                    elif g(f"{op}_kind") != executor.FIRST:
-                        assert bufs["act"].get(key) == g(f"{op}_mb"), (i, r, op)
-                    if g(f"{op}_kind") != executor.LAST:   # the last stage seeds its own
-                        assert bufs["grad"].get(key) == g(f"{op}_mb"), (i, r, op)
+            if g("b_kind") > 0:
+                key = (r, g("b_slot"), g("b_mb") % k)
+                if plan.keep_residuals:
+                    assert bufs["res"].get(key) == g("b_mb"), (i, r)
+                elif g("b_kind") != executor.FIRST:
+                    assert bufs["act"].get(key) == g("b_mb"), (i, r)
+                if g("b_kind") != executor.LAST:   # the last stage seeds its own
+                    assert bufs["grad"].get(key) == g("b_mb"), (i, r)
+                if plan.split_w:
+                    bufs["store"][(r, g("b_slot"), g("b_mb") % plan.w_slots)] = g("b_mb")
+            if plan.split_w and g("w_kind") > 0:
+                key = (r, g("w_slot"), g("w_mb") % plan.w_slots)
+                assert bufs["store"].get(key) == g("w_mb"), (i, r, "w")
             for prefix, name in (("ra", "act"), ("la", "act"), ("oa", "act"),
                                  ("rg", "grad"), ("lg", "grad"), ("og", "grad")):
                 if g(f"{prefix}_slot") >= 0:
@@ -158,10 +163,11 @@ def test_tick_costs_follow_the_busiest_rank(name):
     work = 8 * schedule.n_stages / 4 * sum(cost[o] for o, _ in cols)
     np.testing.assert_allclose(per_rank.sum(0), work)
     np.testing.assert_allclose(executor.rank_costs(plan, F, B, W, True, True), per_rank)
-    # recompute: B re-runs the forward; split W also runs the input-gradient chain
+    # recompute: B re-runs the forward; a split W is the Linears' dW GEMMs alone
     assert cost["B"] == (F + B - W if plan.split_w else F + B)
+    assert cost["W"] == (W if plan.split_w else 0.0)
     kept = executor.op_costs(F, B, W, plan.split_w, recompute=False)   # the VJP F kept
-    assert kept["B"] == cost["B"] - F and kept["F"] == F
+    assert kept["B"] == cost["B"] - F and kept["F"] == F and kept["W"] == cost["W"]
 
 
 def test_local_embedding_gradient_equals_the_gather_gradient():
@@ -331,3 +337,47 @@ def test_benchmark_counts_permutes_inside_the_tick_loop_and_outside():
     assert bench.count_permutes(TOY_HLO, 7) == (3, 1)
     with pytest.raises(RuntimeError, match="one while loop of 5 iterations"):
         bench.count_permutes(TOY_HLO, 5)
+
+
+def test_plan_counts_the_split_w_store_by_hand():
+    """pipeline.split_w: the executor keeps each deferred GEMM's input and output gradient from
+    B to W, in plan.w_slots slots per chunk. Per token and layer that is K + N per Linear (MLA:
+    q_a, q_b, kv_a, kv_b, o_proj; shared expert: gate, up, down) plus, without expert
+    parallelism, the routed experts' grouped rows (x, dy: D each; gu, dgu: 2F each; and their
+    tile layout) at top-k rows per token, padded to whole tiles."""
+    from dsv3_jax import config, plan, train_config
+    from dsv3_jax.layers import moe
+    cfg = config.tiny()
+    rows, seq = 2, 32
+    tokens = rows * seq
+    d, h, f = cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    linears = [(d, cfg.q_lora_rank), (cfg.q_lora_rank, h * qk),
+               (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+               (cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+               (h * cfg.v_head_dim, d)] + [(d, f), (d, f), (f, d)]   # one shared expert
+    item = 4   # float32
+    by_hand = tokens * item * sum(k + n for k, n in linears)
+    assert plan.deferred_w_bytes_per_layer(cfg, rows, seq, expert_parallel=True) == by_hand
+    slots_k = tokens * cfg.num_experts_per_tok
+    tile = moe.tile_m_for(cfg, slots_k, cfg.n_routed_experts)
+    tiles = -(-slots_k // tile) + cfg.n_routed_experts          # dropless: a partial tile each
+    m = tiles * tile
+    experts = m * item * (2 * d + 4 * f) + 4 * (tiles + 1)       # + tile_expert, used (int32)
+    got = plan.deferred_w_bytes_per_layer(cfg, rows, seq, expert_parallel=False)
+    assert got == by_hand + experts, (got, by_hand + experts)
+    # the plan adds chunks x (w_slots + 1) x layers per chunk of it to what the executor keeps
+    c = train_config.base_config()
+    c.pipeline.schedule, c.data.global_batch, c.data.micro_batch = "dualpipev", 16, 2
+    c.data.seq_len = seq
+    c.model = train_config.model_block("tiny", num_hidden_layers=9)
+    mesh = {"pipeline": 2, "data": 1, "expert": 1, "fsdp": 1, "tensor": 1}
+    off = plan.plan(c, mesh, 2)["pipeline"]
+    c.pipeline.split_w = True
+    on = plan.plan(c, mesh, 2)["pipeline"]
+    per_layer = plan.deferred_w_bytes_per_layer(train_config.model_config(c), c.data.micro_batch,
+                                                seq, expert_parallel=False)
+    want = 2 * (on["split_w_slots"] + 1) * 2 * per_layer          # 2 chunks x 2 layers each
+    assert on["split_w_store_GiB"] * plan.GB == pytest.approx(want)
+    assert on["executor_GiB"] - off["executor_GiB"] == pytest.approx(want / plan.GB)
+    assert 1 <= on["split_w_slots"] <= on["executor_slots"]

@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.common import RMSNorm, SwiGLU
+from dsv3_jax.layers.common import WGRAD_INPUTS, WGRAD_TAPS, RMSNorm, SwiGLU
 from dsv3_jax.layers.mla import MLA
 from dsv3_jax.layers.moe import ROUTER_BIAS, MoE
 
@@ -106,7 +106,9 @@ def block_stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Modul
     cls = _ScanBlock
     if cfg.remat != "none":   # only __call__ is rematerialised; decoding takes no gradients
         cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    common = dict(variable_axes={"params": 0, ROUTER_BIAS: 0}, split_rngs={"params": True},
+    # the deferred-W collections (common.deferred_weight_grads) are per layer, like the weights
+    axes = {"params": 0, ROUTER_BIAS: 0, WGRAD_INPUTS: 0, WGRAD_TAPS: 0}
+    common = dict(variable_axes=axes, split_rngs={"params": True},
                   length=length, metadata_params={nn.PARTITION_NAME: "layers"},
                   unroll=min(cfg.scan_unroll, max(length, 1)))
     scanned = nn.scan(cls, methods={

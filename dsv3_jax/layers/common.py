@@ -128,7 +128,69 @@ class Linear(nn.Module):
                 else nn.initializers.normal(stddev=self.init_std))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                             dtype_of(self.cfg.param_dtype))
-        return linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache)
+        if not self.is_mutable_collection(WGRAD_INPUTS):
+            return linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache)
+        # Weight gradient deferred (see deferred_weight_grads): keep the input, give the kernel
+        # no gradient here, and add a zero tap to the output whose cotangent is dy.
+        lead = x.shape[:x.ndim - self.num_in]
+        x2 = x.reshape(-1, math.prod(in_shape))
+        self.put_variable(WGRAD_INPUTS, "x" if self.fp8_cache else "x_uncached", x2)
+        y2 = linear_dot(x2, jax.lax.stop_gradient(kernel).reshape(x2.shape[1], -1), 1,
+                        self.cfg, self.fp8_cache)
+        return self.perturb("dy", y2, collection=WGRAD_TAPS).reshape(*lead, *self.features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deferred weight gradients: the pipeline's per-Linear W (DeepSeek's WeightGradStore)
+# ----------------------------------------------------------------------------------------------
+# A zero-bubble schedule splits a stage's backward into B (the input gradient, which the previous
+# stage waits for) and W (the weight gradients, which nothing waits for). A VJP for the weights
+# alone would still run the input-gradient chain, so W is split per Linear instead: applied with
+# WGRAD_INPUTS mutable and zeros in WGRAD_TAPS, every Linear keeps its input x [M, K] and adds the
+# tap to its output [M, N]; the VJP with respect to the stage input and the taps (B) is then the
+# input gradient plus each Linear's output gradient dy (the taps' cotangents) and the gradients of
+# every parameter that is not a Linear kernel (norms, router, routed experts); W is
+# dW = x^T dy of each Linear (`deferred_weight_grads`), computed by that Linear's own VJP, so FP8
+# Wgrad quantizes exactly as in one backward pass.
+WGRAD_INPUTS = "wgrad_inputs"
+WGRAD_TAPS = "wgrad_taps"
+
+
+def deferred_weight_grads(params: dict, inputs: dict, dys: dict, cfg: ModelConfig) -> dict:
+    """The deferred weight gradients (float32), in the tree of `params`: zeros except at the
+    Linears of `inputs` (WGRAD_INPUTS: {"x" or "x_uncached": [L..., M, K]}) and `dys` (the
+    WGRAD_TAPS cotangents: {"dy": [L..., M, N]}), and at the routed experts whose grouped SwiGLU
+    deferred them (moe.sorted_experts: {"x", "gu", "tile_expert", "used"} and {"dgu", "dy"});
+    L... the stacked layer axes."""
+    from kernels_pallas.grouped_gemm import grouped_swiglu_wgrad
+
+    def experts(p, xs, ds):   # one layer's routed experts
+        tile_m = xs["x"].shape[0] // xs["tile_expert"].shape[0]
+        dwg, dwu, dwd = grouped_swiglu_wgrad(xs["x"], xs["gu"], ds["dgu"], ds["dy"],
+                                             xs["tile_expert"], xs["used"], tile_m=tile_m,
+                                             num_experts=p["gate"].shape[0])
+        return {"gate": dwg, "up": dwu, "down": dwd}
+
+    def linear(p, xs, ds):   # one layer's Linear
+        (name, x), = xs.items()
+        w2 = p["kernel"].reshape(x.shape[-1], ds["dy"].shape[-1])
+        _, vjp = jax.vjp(lambda w: linear_dot(x, w, 1, cfg, name == "x"), w2)
+        return {"kernel": vjp(ds["dy"])[0].reshape(p["kernel"].shape).astype(jnp.float32)}
+
+    def per_layer(fn, p, xs, ds):   # layer by layer over the stacked axes, as the backward runs
+        if xs["x" if "x" in xs else "x_uncached"].ndim == 2:
+            return fn(p, xs, ds)
+        return jax.lax.map(lambda a: per_layer(fn, *a), (p, xs, ds))
+
+    def walk(p, xs, ds):
+        if not isinstance(p, dict):
+            return jnp.zeros(p.shape, jnp.float32)
+        if isinstance(ds, dict) and "dgu" in ds:
+            return per_layer(experts, p, xs, ds)
+        if isinstance(ds, dict) and "dy" in ds:
+            return per_layer(linear, p, xs, ds)
+        return {k: walk(v, (xs or {}).get(k), (ds or {}).get(k)) for k, v in p.items()}
+    return walk(params, inputs, dys)
 
 
 class SwiGLU(nn.Module):

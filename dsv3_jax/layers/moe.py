@@ -15,9 +15,10 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.common import SwiGLU, acc_dtype, dtype_of, normal_init
+from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, SwiGLU, acc_dtype, dtype_of,
+                                     normal_init)
 from kernels_pallas import interpret_default, moe_dispatch
-from kernels_pallas.grouped_gemm import grouped_swiglu
+from kernels_pallas.grouped_gemm import grouped_swiglu, grouped_swiglu_deferred
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
 
@@ -243,8 +244,12 @@ def use_gather(cfg: ModelConfig, num_slots: int) -> bool:
 
 
 def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelConfig, *,
-                   num_experts: int, trash_group: bool = False):
-    """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine."""
+                   num_experts: int, trash_group: bool = False, defer: nn.Module | None = None):
+    """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine.
+
+    defer: the RoutedExperts module whose weight gradients are deferred (the pipeline's split
+    W; common.deferred_weight_grads): the grouped SwiGLU then keeps its input, pre-activations
+    and tile layout in WGRAD_INPUTS and takes zero taps from WGRAD_TAPS."""
     n, p = experts_NP.shape
     with jax.named_scope("dispatch_plan"):
         plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
@@ -256,6 +261,19 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     with jax.named_scope("experts"):
         if cfg.fp8:
             y_MD = _fp8_experts(x_MD, w_gate, w_up, w_down, plan, cfg)
+        elif defer is not None:
+            m, f = x_MD.shape[0], w_gate.shape[2]
+            tap = lambda name, shape: defer.perturb(name, jnp.zeros(shape, x_MD.dtype),
+                                                    collection=WGRAD_TAPS)
+            sg = jax.lax.stop_gradient
+            y_MD, gu = grouped_swiglu_deferred(
+                x_MD, sg(w_gate), sg(w_up), sg(w_down), plan.tile_expert,
+                tap("dgu", (m, 2 * f)), tap("dy", (m, w_down.shape[2])), tile_m=plan.tile_m,
+                used_tiles=plan.used_tiles)
+            used = (plan.tile_expert.shape[0] if plan.used_tiles is None else plan.used_tiles)
+            for name, v in (("x", x_MD), ("gu", gu), ("tile_expert", plan.tile_expert),
+                            ("used", jnp.asarray(used, jnp.int32))):
+                defer.put_variable(WGRAD_INPUTS, name, sg(v))
         else:         # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
             y_MD = grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
                                   tile_m=plan.tile_m, used_tiles=plan.used_tiles)
@@ -415,8 +433,11 @@ class RoutedExperts(nn.Module):
             return expert_parallel(x_ND, routing, *weights, cfg, mesh)
         if use_gather(cfg, routing.experts_NP.size):
             return gathered_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights)
+        # the pipeline's split W defers these weight gradients (one device per expert set, BF16
+        # or FP32: expert parallelism and FP8 keep them in B)
+        defer = self if self.is_mutable_collection(WGRAD_INPUTS) and not cfg.fp8 else None
         return sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
-                              num_experts=cfg.n_routed_experts)
+                              num_experts=cfg.n_routed_experts, defer=defer)
 
 
 class MoE(nn.Module):

@@ -37,10 +37,13 @@ How the program is laid out (one SPMD program; every rank runs the same code):
 * Residuals. A stage keeps its input activation per in-flight micro-batch (buffer slots
   indexed by mb % K, K from the tick table, plus a scratch row for idle writes). With
   recompute (default) B re-runs the stage's forward under `jax.vjp`; without, F keeps the
-  stage's VJP residuals (not its parameters, which B and W take from their own slot; not the
+  stage's VJP residuals (not its parameters, which B takes from its own slot; not the
   head's, recomputed) in the same slots and B calls it. With split_w (zb1p, dualpipev,
-  dualpipe) B takes the VJP with respect to the stage input only and W the one with respect
-  to the stage parameters; otherwise W runs with its B.
+  dualpipe), W is per Linear, as DeepSeek's WeightGradStore: B runs the MoE chunk with its
+  Linears' (and, without expert parallelism or FP8, the routed experts') weight gradients
+  deferred (`common.deferred_weight_grads`), computes every other gradient, and stores each
+  deferred GEMM's input and output gradient in the stage's slots; W turns them into dW, with
+  no forward and no input-gradient chain. Otherwise W runs with its B.
 * Loss. Each micro-batch's loss is the sum of its stages' terms: α·Σ L_bal of every stage's
   MoE layers plus the last stage's CE + λ·MTP + α·L_bal(MTP); B seeds every stage's term with
   the cotangent 1/M, so the gradient is the mean over micro-batches, as in train_step.
@@ -57,7 +60,8 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import model
 from dsv3_jax.layers import moe as moe_lib
-from dsv3_jax.layers.common import dtype_of
+from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, deferred_weight_grads,
+                                     dtype_of)
 from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
     C, COLS, FIRST, LAST, LEFT, LOCAL, MID, NONE, RIGHT, STAY, Plan, layer_costs, make_plan,
     op_costs, rank_costs, stage_layers, tick_costs)
@@ -141,20 +145,29 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         tail_dtypes = {"ce": jnp.float32, "mtp_ce": jnp.float32, "balance": jnp.float32,
                      "mtp_weight": jnp.float32, "mtp_counts": jnp.int32}   # their dtypes
 
-        def chunk_fn(jp, jb, ok, x, mb):
-            run = lambda jp_, jb_, x_: model.forward_moe_chunk(
-                cfg, {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": jb_}}, x_,
-                mb["positions"], mb["segment_ids"])
+        def chunk_fn(jp, jb, ok, x, mb, taps=None):
+            """(y, RouterStats, Linear inputs): with `taps` (B of a split schedule) the chunk's
+            Linears defer their weight gradients (common.deferred_weight_grads) and return their
+            inputs [n, M, K]; without, the inputs are {}."""
+            def run(jp_, jb_, x_, taps_):
+                v = {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": jb_}}
+                args = (cfg, v, x_, mb["positions"], mb["segment_ids"])
+                if taps_ is None:
+                    return model.forward_moe_chunk(*args) + ({},)
+                v[WGRAD_TAPS] = {"moe_layers": taps_}
+                (y, st), col = model.forward_moe_chunk(*args, mutable=(WGRAD_INPUTS,))
+                return y, st, col[WGRAD_INPUTS]["moe_layers"]
             if not padded:
-                return run(jp, jb, x)
+                return run(jp, jb, x, taps)
 
             def layer(x, xs):    # one layer at a time; a pad slot is computed and discarded
-                lp, lb, v = xs
+                lp, lb, v, tp = xs
                 one = lambda t: jax.tree.map(lambda a: a[None], t)
-                y, st = run(one(lp), one(lb), x)
-                return jnp.where(v, y, x), jax.tree.map(lambda a: a[0] * v, st)
-            y, stats = jax.lax.scan(layer, x, (jp, jb, ok))
-            return y, stats
+                y, st, ins = run(one(lp), one(lb), x, None if tp is None else one(tp))
+                return jnp.where(v, y, x), (jax.tree.map(lambda a: a[0] * v, st),
+                                            jax.tree.map(lambda a: a[0], ins))
+            y, (stats, ins) = jax.lax.scan(layer, x, (jp, jb, ok, taps))
+            return y, stats, ins
 
         def front(rp_, x, mb):
             return model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
@@ -169,8 +182,9 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             shapes = jax.eval_shape(tail_fn, rp_, y, mb)
             return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-        def stage(first, last, jp, rp_, x, jb, ok, mb):
-            """((y, loss term), (counts [n, E], main balance, tail aux)) of one stage: the
+        def stage(first, last, jp, rp_, x, jb, ok, mb, taps=None):
+            """((y, loss term), ((counts [n, E], main balance, tail aux), the MoE chunk's Linear
+            inputs: {} unless `taps`, see chunk_fn)) of one stage: the
             embedding and dense layers on the first stage, the head, MTP modules and loss on the
             last. Branched: each rank runs its kind's part only (`lax.cond` on the rank's own
             op; a collective inside, the expert all-to-all, involves only devices of the same
@@ -197,32 +211,32 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                 # and dense weights per micro-batch.)
                 front_part, tail_part = jax.checkpoint(front_part), jax.checkpoint(tail_part)
             x = front_part(rp_, x, mb)
-            y, stats = chunk_fn(jp, jb, ok, x, mb)
+            y, stats, inputs = chunk_fn(jp, jb, ok, x, mb, taps)
             t_loss, tail = tail_part(rp_, y, mb)
             term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
-            return (y.astype(act_dtype), term.astype(jnp.float32)), (
+            return (y.astype(act_dtype), term.astype(jnp.float32)), ((
                 stats.counts.astype(jnp.int32), objective.balance(stats).astype(jnp.float32),
-                tail)
+                tail), inputs)
 
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
         masked = lambda on, t: jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), t)
 
-        def operands(kind, slot, mbi, xin, gin, res):
+        def operands(kind, slot, mbi, xin, gin, res, k_res=k_slots):
             slot, mbi = jnp.maximum(slot, 0), jnp.maximum(mbi, 0)
             i = mbi % k_slots
             return (kind == FIRST, kind == LAST, _take(cp, slot), rp, _take(cb, slot),
                     valid[slot], xin[slot, i], gin[slot, i], _take(batch, mbi),
-                    [buf[slot, i] for buf in res])
+                    [buf[slot, mbi % k_res] for buf in res])
 
         def idle(fn):
             """fn(*operands) where the rank has an op this tick, zeros where it is idle: a branch
             (`lax.cond`; the operands are gathered outside it, as the gathers of a stage's
             parameters may be collective-permutes over all devices) or a mask over work done
             anyway (branch-free)."""
-            def run(kind, slot, mbi, xin, gin, res):
+            def run(kind, slot, mbi, xin, gin, res, k_res=k_slots):
                 on = kind != NONE
-                ops = operands(kind, slot, mbi, xin, gin, res)
+                ops = operands(kind, slot, mbi, xin, gin, res, k_res)
                 if branched:
                     zeros = lambda *a: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                                     jax.eval_shape(fn, *a))
@@ -233,14 +247,34 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         def stage_vjp(first, last, jp, rp_, jb, ok, x, mb):
             """The stage's outputs, aux and its VJP's leaves: the residuals, among them the
             stage's parameters themselves, marked in `where` by their index in (jp, rp_)'s
-            leaves (-1: a residual to keep per micro-batch)."""
-            f = lambda jp_, rp2, x_: stage(first, last, jp_, rp2, x_, jb, ok, mb)
-            out, vjp, aux = jax.vjp(f, jp, rp_, x, has_aux=True)
+            leaves (-1: a residual to keep per micro-batch). Split W: the VJP is also with
+            respect to the Linears' output taps, and aux holds their inputs for W."""
+            f = lambda jp_, rp2, x_, t_: stage(first, last, jp_, rp2, x_, jb, ok, mb, t_)
+            out, vjp, aux = jax.vjp(f, jp, rp_, x, taps0, has_aux=True)
             leaves, tdef = jax.tree.flatten(vjp)
             params = jax.tree.leaves((jp, rp_))
             where = tuple(next((i for i, q in enumerate(params) if leaf is q), -1)
                           for leaf in leaves)
             return out, aux, leaves, tdef, where
+
+        # Split W: zero taps on the MoE chunk's Linear outputs (their cotangents are the output
+        # gradients W needs) and the store B fills for W: each Linear's input and output
+        # gradient, per micro-batch between its B and W (plan.w_slots slots per chunk).
+        taps0 = None
+        store0 = []
+        if plan.split_w:
+            x0 = jnp.zeros(x_shape, act_dtype)
+            mb0 = _take(batch, 0)
+            _, cols = jax.eval_shape(
+                lambda jp_: model.forward_moe_chunk(
+                    cfg, {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": _take(
+                        cb, 0)}}, x0, mb0["positions"], mb0["segment_ids"],
+                    mutable=(WGRAD_INPUTS, WGRAD_TAPS)), _take(cp, 0))
+            taps0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                 cols[WGRAD_TAPS]["moe_layers"])
+            store_def = jax.tree.structure((cols[WGRAD_INPUTS]["moe_layers"], taps0))
+            store0 = [jnp.zeros((chunks, plan.w_slots + 1) + a.shape, a.dtype) for a in
+                      jax.tree.leaves((cols[WGRAD_INPUTS]["moe_layers"], taps0))]
 
         if recompute:
             vjp_def = None
@@ -254,57 +288,56 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             kind0 = table[0, r, C["f_kind"]]
             ops0 = operands(kind0, jnp.maximum(table[0, r, C["f_slot"]], 0), kind0 * 0, buf0,
                             buf0, [])
-            _, _, leaves0, tdef0, where0 = stage_vjp(*ops0[:7], ops0[8])
+            _, (_, inputs0), leaves0, tdef0, where0 = stage_vjp(*ops0[:7], ops0[8])
             vjp_def = (tdef0, where0, [(a.shape, a.dtype) for a in leaves0])
             res0 = [jnp.zeros((chunks, k_slots + 1) + a.shape, a.dtype)
-                    for a, w in zip(leaves0, where0) if w < 0]
+                    for a in [a for a, w in zip(leaves0, where0) if w < 0] + jax.tree.leaves(
+                        inputs0)]
 
         @idle
         def forward(first, last, jp, rp_, jb, ok, x, _, mb, _res):
             if recompute:
-                (y, term), aux = stage(first, last, jp, rp_, x, jb, ok, mb)
+                (y, term), (aux, _) = stage(first, last, jp, rp_, x, jb, ok, mb)
                 return y, term, aux, []
-            (y, term), aux, leaves, tdef, where = stage_vjp(first, last, jp, rp_, jb, ok, x, mb)
+            (y, term), (aux, inputs), leaves, tdef, where = stage_vjp(first, last, jp, rp_, jb,
+                                                                      ok, x, mb)
             if where != vjp_def[1] or [(a.shape, a.dtype) for a in leaves] != vjp_def[2]:
                 raise AssertionError("a stage's VJP residuals differ between traces")
-            return y, term, aux, [a for a, w in zip(leaves, where) if w < 0]
+            # split W: the Linears' inputs travel with the residuals to B, which stores them
+            return y, term, aux, [a for a, w in zip(leaves, where) if w < 0] + jax.tree.leaves(
+                inputs)
 
-        def backward(kind, slot, mbi, xin, gin, res, wrt):
-            """wrt: "all" (B of a non-split schedule), "x" (B) or "params" (W).
-            Returns (dx, d chunk params, d rest params), zero where the op is idle."""
+        def backward(kind, slot, mbi, xin, gin, res):
+            """B: (dx, d chunk params, d rest params, store), zero where the op is idle. Without
+            split W, every gradient of the stage; with it, all but the MoE chunk's Linear
+            kernels', whose inputs and output gradients go to the store for W."""
             @idle
             def op(first, last, jp, rp_, jb, ok, x, dy, mb, kept):
                 cot = (dy, jnp.asarray(inv_m, jnp.float32))
                 if recompute:
-                    f = lambda jp_, rp2, x_: stage(first, last, jp_, rp2, x_, jb, ok, mb)[0]
-                    if wrt == "x":
-                        _, vjp = jax.vjp(lambda x_: f(jp, rp_, x_), x)
-                        return vjp(cot)[0].astype(act_dtype)
-                    if wrt == "params":
-                        _, vjp = jax.vjp(lambda jp_, rp2: f(jp_, rp2, x), jp, rp_)
-                        return f32(vjp(cot))
-                    _, vjp = jax.vjp(f, jp, rp_, x)
-                    djp, drp, dx = vjp(cot)
+                    f = lambda jp_, rp2, x_, t_: stage(first, last, jp_, rp2, x_, jb, ok, mb, t_)
+                    _, vjp, (_, inputs) = jax.vjp(f, jp, rp_, x, taps0, has_aux=True)
                 else:   # the VJP F kept: its parameters from this op's own, the rest from F
                     tdef, where, _ = vjp_def
-                    params, kept = jax.tree.leaves((jp, rp_)), iter(kept)
+                    n_res = sum(w < 0 for w in where)
+                    params, kept, ins = jax.tree.leaves((jp, rp_)), kept[:n_res], kept[n_res:]
+                    kept = iter(kept)
                     vjp = jax.tree.unflatten(
                         tdef, [params[w] if w >= 0 else next(kept) for w in where])
-                    djp, drp, dx = vjp(cot)   # XLA drops what the op does not return
-                    if wrt == "x":
-                        return dx.astype(act_dtype)
-                    if wrt == "params":
-                        return f32((djp, drp))
-                return dx.astype(act_dtype), f32(djp), f32(drp)
-            out = op(kind, slot, mbi, xin, gin, res)
-            if wrt == "x":
-                return out, None, None
-            if wrt == "params":
-                return (None,) + tuple(out)
-            return out
+                    inputs = ins
+                djp, drp, dx, dtaps = vjp(cot)
+                store = jax.tree.leaves((inputs, dtaps)) if plan.split_w else []
+                return dx.astype(act_dtype), f32(djp), f32(drp), store
+            return op(kind, slot, mbi, xin, gin, res)
+
+        @idle
+        def weights(first, last, jp, rp_, jb, ok, x, dy, mb, stored):
+            """W: the MoE chunk's Linear kernel gradients from what B stored."""
+            inputs, dys = jax.tree.unflatten(store_def, stored)
+            return deferred_weight_grads(jp, inputs, dys, cfg)
 
         def tick(carry, rows_all):
-            xin, gin, res, dcp, drp, sums, counts, mtp_counts = carry
+            xin, gin, res, store, dcp, drp, sums, counts, mtp_counts = carry
             row = rows_all[r]
             g = lambda name: row[C[name]]
             # F (and what its B and W will need: its VJP's residuals, unless they recompute)
@@ -314,20 +347,18 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                 [term, tail["ce"], tail["mtp_ce"], bal + tail["balance"], tail["mtp_weight"]])
             counts = _add_at(counts, jnp.maximum(g("f_slot"), 0), cts)
             mtp_counts = mtp_counts + tail["mtp_counts"]
-            # B (and W)
-            if plan.split_w:
-                dx, _, _ = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, res, "x")
-                _, dj, dr = backward(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, res,
-                                     "params")
-                slot_w = g("w_slot")
-            else:
-                dx, dj, dr = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, res,
-                                      "all")
-                slot_w = g("b_slot")
-            # F's residuals, once this tick's B and W have read theirs (make_plan's slot sizing)
-            res = [_write(buf, g("f_slot"), g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
-            dcp = _add_at(dcp, jnp.maximum(slot_w, 0), dj)
+            # B; with split W, its store, then W (which may be the same micro-batch's)
+            dx, dj, dr, st = backward(g("b_kind"), g("b_slot"), g("b_mb"), xin, gin, res)
+            dcp = _add_at(dcp, jnp.maximum(g("b_slot"), 0), dj)
             drp = jax.tree.map(jnp.add, drp, dr)
+            if plan.split_w:
+                store = [_write(buf, g("b_slot"), g("b_mb"), plan.w_slots, v)
+                         for buf, v in zip(store, st)]
+                dw = weights(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, store,
+                             plan.w_slots)
+                dcp = _add_at(dcp, jnp.maximum(g("w_slot"), 0), dw)
+            # F's residuals, once this tick's B has read theirs (make_plan's slot sizing)
+            res = [_write(buf, g("f_slot"), g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
             # outputs: right- and left-moving (activation, gradient) pairs, and local turns
             send = lambda d: jnp.stack([jnp.where(g("f_dir") == d, y, 0),
                                         jnp.where(g("b_dir") == d, dx, 0)])
@@ -339,16 +370,17 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             gin = _write(gin, g("rg_slot"), g("rg_mb"), k_slots, from_left[1])
             gin = _write(gin, g("lg_slot"), g("lg_mb"), k_slots, from_right[1])
             gin = _write(gin, g("og_slot"), g("og_mb"), k_slots, dx)
-            return (xin, gin, res, dcp, drp, sums, counts, mtp_counts), None
+            return (xin, gin, res, store, dcp, drp, sums, counts, mtp_counts), None
 
         zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
         buf = jnp.zeros((chunks, k_slots + 1) + x_shape, act_dtype)   # + a scratch row
-        carry = (buf, buf, res0, jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp),
+        carry = (buf, buf, res0, store0,
+                 jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp),
                  zeros_rp,
                  jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
                  jnp.zeros((depth, n_e), jnp.int32))
         carry, _ = jax.lax.scan(tick, carry, table)
-        _, _, _, dcp, drp, sums, counts, mtp_counts = carry
+        _, _, _, _, dcp, drp, sums, counts, mtp_counts = carry
         sums, drp, mtp_counts = jax.lax.psum((sums, drp, mtp_counts), AXIS)
         expand = lambda t: jax.tree.map(lambda a: a[None], t)
         return sums, mtp_counts, drp, expand(dcp), counts[None]

@@ -26,6 +26,7 @@ class Plan:
     layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i); -1 pad
     split_w: bool
     keep_residuals: bool = False
+    w_slots: int = 0         # split W: store slots per chunk between B and W (mb % w_slots)
 
     @property
     def in_layer_order(self) -> bool:
@@ -91,9 +92,11 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
     for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
         table[:, :, C[col]] = 0
     split = bool(schedule.split_w) and split_w
-    # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K
-    act_live, grad_live, res_live = {}, {}, {}
-    last_use = {}
+    # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K. A stage's
+    # input, output gradient and kept residuals are read last by its B (a split W reads only
+    # what its B stored: each Linear's input and output gradient).
+    act_live, grad_live, res_live, store_live = {}, {}, {}, {}
+    last_use, b_tick = {}, {}
     for t in range(t_n):
         for r in range(p):
             for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
@@ -102,9 +105,14 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
                 rank, slot = schedule.route(int(stage), int(mb))
                 if rank != r:
                     raise ValueError(f"tick {t}: rank {r} runs {op}({stage},{mb}) held by {rank}")
-                last = (op == "W") if split else (op == "B")
-                if last:
+                if op == "B":
                     last_use[(r, slot, int(mb))] = t
+                    b_tick[(r, slot, int(mb))] = t
+                elif op == "W" and split:
+                    # B writes the store in its tick before that tick's W reads: as if written
+                    # at the end of the tick before, so a later B may reuse the slot only after
+                    # this W's tick (_fits)
+                    store_live[(r, slot, int(mb))] = (b_tick[(r, slot, int(mb))] - 1, t)
     for t in range(t_n):
         for r in range(p):
             for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
@@ -138,20 +146,25 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
     slots = 1
     while not all(_fits(live, slots) for live in (act_live, grad_live, res_live)):
         slots += 1
+    w_slots = 0
+    if split:   # W follows its B closely: its store needs far fewer slots than the activations
+        w_slots = 1
+        while not _fits(store_live, w_slots):
+            w_slots += 1
     index = np.array([[[start[stage] + i if i < counts[stage] else -1 for i in range(n)]
                        for stage in placement] for placement in schedule.placement], np.int32)
-    return Plan(table, slots, index, split, keep_residuals)
+    return Plan(table, slots, index, split, keep_residuals, w_slots)
 
 
 def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = True) -> dict:
     """What each op costs in this executor, from a stage's forward F, full backward B and its
-    weight part W. With `recompute`, B and W first re-run the stage's forward under `jax.vjp`;
-    without, they call the VJP F kept. A split W is a VJP for the parameters: it also runs the
-    input-gradient chain through the stage (only a per-Linear W from saved output gradients
-    would not)."""
+    deferred weight part W (the Linears' dW GEMMs, `common.deferred_weight_grads`). With
+    `recompute`, B first re-runs the stage's forward under `jax.vjp`; without, it calls the VJP
+    F kept. A split W runs from what its B stored (each Linear's input and output gradient): no
+    forward, no input-gradient chain."""
     f = F if recompute else 0.0
     if split_w:
-        return {"F": F, "B": f + B - W, "W": f + B}
+        return {"F": F, "B": f + B - W, "W": W}
     return {"F": F, "B": f + B, "W": 0.0}
 
 

@@ -127,14 +127,16 @@ def main():
                  for mode in ((True, False, False), (False, True, False), (False, False, False))]
         cases += [(s, MESHES[0], mode) for s in ("zb1p", "dualpipev")
                   for mode in ((True, True, True), (True, False, True), (False, True, True))]
+        # without expert parallelism the routed experts' weight gradients are deferred too
+        cases += [(s, MESHES[1], (True, True, True)) for s in ("zb1p", "dualpipe")]
     elif which == "composed":   # fsdp beside the pipeline (its parameters gathered per step)
         cases = [("1f1b", dict(pipeline=2, fsdp=2, expert=2)),
                  ("dualpipev", dict(pipeline=2, fsdp=2, data=2))]
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
-    else:
-        cases = [("dualpipev", MESHES[0])]
+    else:   # quick: the default mode, and the per-Linear W apart (routed experts included)
+        cases = [("dualpipev", MESHES[0]), ("zb1p", MESHES[1], (True, True, True))]
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
     moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4}.get(which, 16)
