@@ -150,29 +150,20 @@ def main(argv=None):
           f"{mb['inputs'].shape[1]} tokens: F {F * 1e3:.1f} ms, B (one pass) {B * 1e3:.1f} ms; "
           f"split: B {t_bd * 1e3:.1f} ms + W {t_wd * 1e3:.1f} ms "
           f"(= {(t_bd + t_wd) / t_b:.2f} x the one pass)")
-    # the same ops' FLOPs (XLA's cost analysis of the compiled programs)
-    flops = lambda fn, *args: jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-    fl_f = flops(f, chunk, x)
-    fl_b = flops(lambda p, x: jax.vjp(f, p, x)[1](cot), chunk, x)
-    fl_bd = flops(b_deferred, chunk, x)
-    fl_wd = flops(lambda p, i, d: common.deferred_weight_grads(p, i, d, cfg), chunk, inputs,
-                  dtaps)
-    flop_cost = (dict(F=fl_f, B=fl_bd + fl_wd, W=fl_wd), dict(F=fl_f, B=fl_b, W=fl_wd))
-    print(f"# FLOPs: F {fl_f:.3g}, B (one pass) {fl_b:.3g}; split: B {fl_bd:.3g} + W "
-          f"{fl_wd:.3g} (= {(fl_bd + fl_wd) / fl_b:.3f} x the one pass; W {fl_wd / fl_b:.0%} of "
-          "it)")
+    gemm = dict(F=1.0, B=2.0, W=1.0)
 
     # 2. the report's PP with these costs: bubble fractions as scheduled (MPMD), packed in
     # lockstep ticks, and as this executor runs its tick table (executor.tick_costs) in each
     # mode: branch-free or branched ticks, stage recompute or kept residuals, W apart or with B.
     # The bubble is 1 - useful work / time, the useful work F + the one-pass B per stage and
     # micro-batch (a split B + W that costs more than the one pass counts its excess as idle).
-    # Then the same with costs proportional to the ops' FLOPs (a split then costs what the one
-    # pass does), which a large model on a GPU approaches.
+    # Then the same with the GEMM model's costs F = 1, B = 2, W = 1 (every weight GEMM's input
+    # and weight gradients cost its forward; a split costs what the one pass does), which a
+    # large model on a GPU approaches.
     from dsv3_jax.pipeline import schedules as sched_lib
     for title, (s_cost, w_cost) in (("stage costs as measured above (one stage = one chunk)",
                                      (split_cost, whole_cost)),
-                                    ("stage costs proportional to their FLOPs", flop_cost)):
+                                    ("GEMM-model costs F = 1, B = 2, W = 1", (gemm, gemm))):
         print(f"\n# PP={a.table_pp}, M={2 * a.table_pp}, {title}")
         print("| schedule | MPMD bubble | lockstep bubble | " + " | ".join(m for m, _ in MODES)
               + " |")

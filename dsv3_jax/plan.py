@@ -318,11 +318,17 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=None, help="device count (default: mesh product)")
     ap.add_argument("--schedule", default=None, help="pipeline schedule (default: the config's "
                     "pipeline.schedule): gpipe, 1f1b, zb1p, dualpipev, dualpipe")
+    ap.add_argument("--split-w", action="store_true",
+                    help="pipeline.split_w=True: the per-Linear W and its store")
+    ap.add_argument("--keep-residuals", action="store_true",
+                    help="pipeline.recompute=False: every in-flight stage's residuals kept")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     c = train_config.load(args.config, args.config_arg)
     if args.schedule:
         c.pipeline.schedule = args.schedule
+    c.pipeline.split_w = c.pipeline.split_w or args.split_w
+    c.pipeline.recompute = c.pipeline.recompute and not args.keep_residuals
     sizes = dict(c.mesh.to_dict())
     if args.mesh:   # --mesh names the whole mesh: axes it leaves out are 1
         sizes = dict.fromkeys(sharding.AXES, 1)
@@ -353,7 +359,9 @@ def main(argv=None):
               f"{sorted(set(pp['moe_layers_per_stage']))} ({pp['padded_layer_slots']} padded "
               f"slots), {pp['param_copies']}x parameter copies, peak {pp['peak_in_flight_stages']}"
               f" stage activations in flight, MPMD bubble {pp['bubble_fraction_mpmd']:.1%}; "
-              f"this executor keeps {pp['executor_GiB']:.2f} GiB ({pp['executor_slots']} slots)")
+              f"this executor keeps {pp['executor_GiB']:.2f} GiB ({pp['executor_slots']} slots"
+              + (f"; split-W store {pp['split_w_store_GiB']:.2f} GiB in "
+                 f"{pp['split_w_slots']} slots" if pp['split_w_slots'] else "") + ")")
         if pp["note"]:
             print(f"  note: {pp['note']}")
     fl = result["flops"]

@@ -107,7 +107,8 @@ def test_b_plus_deferred_w_equals_the_one_pass_vjp(kw):
     # every Linear of the layer (5 of MLA, 3 of the shared expert) and, BF16 / FP32, the
     # routed experts (gate, up, down)
     assert n_deferred == (8 if cfg.fp8 else 11), n_deferred
-    if not kw:   # the work moves, it does not grow: B + W has the one pass's FLOPs
+    if not kw:   # the work moves, it does not grow: B + W has the one pass's FLOPs (as XLA's
+        # cost analysis counts them; W is the dW GEMMs: a third of a GEMM-bound backward)
         flops = lambda fn, *a: fn.lower(*a).compile().cost_analysis()["flops"]
         one, b, w = flops(full, params, x), flops(b_op, params, x), flops(w_op, params, inputs,
                                                                           dtaps)

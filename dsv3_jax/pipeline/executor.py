@@ -42,8 +42,9 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   dualpipe), W is per Linear, as DeepSeek's WeightGradStore: B runs the MoE chunk with its
   Linears' (and, without expert parallelism or FP8, the routed experts') weight gradients
   deferred (`common.deferred_weight_grads`), computes every other gradient, and stores each
-  deferred GEMM's input and output gradient in the stage's slots; W turns them into dW, with
-  no forward and no input-gradient chain. Otherwise W runs with its B.
+  deferred GEMM's input and output gradient (slots indexed by mb % plan.w_slots, sized from
+  the B-to-W intervals); W turns them into dW, with no forward and no input-gradient chain.
+  Otherwise W runs with its B.
 * Loss. Each micro-batch's loss is the sum of its stages' terms: α·Σ L_bal of every stage's
   MoE layers plus the last stage's CE + λ·MTP + α·L_bal(MTP); B seeds every stage's term with
   the cotangent 1/M, so the gradient is the mean over micro-batches, as in train_step.
