@@ -76,9 +76,11 @@ def _rel(a, b):
                                 # small ones)
                                 pytest.param(dict(dtype="bfloat16", param_dtype="float32",
                                                   hidden_size=256), marks=pytest.mark.slow),
-                                dict(fp8=True, moe_impl="sorted", dtype="bfloat16",
-                                     hidden_size=128, q_lora_rank=128, kv_lora_rank=128,
-                                     moe_intermediate_size=128, intermediate_size=256)])
+                                pytest.param(dict(fp8=True, moe_impl="sorted", dtype="bfloat16",
+                                                  hidden_size=128, q_lora_rank=128,
+                                                  kv_lora_rank=128, moe_intermediate_size=128,
+                                                  intermediate_size=256),
+                                             marks=pytest.mark.slow)])
 def test_b_plus_deferred_w_equals_the_one_pass_vjp(kw):
     base = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32,
                 kv_lora_rank=32, num_attention_heads=2, num_key_value_heads=2,

@@ -128,7 +128,7 @@ class Linear(nn.Module):
                 else nn.initializers.normal(stddev=self.init_std))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                             dtype_of(self.cfg.param_dtype))
-        if not self.is_mutable_collection(WGRAD_INPUTS):
+        if not deferring(self):
             return linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache)
         # Weight gradient deferred (see deferred_weight_grads): keep the input, give the kernel
         # no gradient here, and add a zero tap to the output whose cotangent is dy.
@@ -154,6 +154,12 @@ class Linear(nn.Module):
 # Wgrad quantizes exactly as in one backward pass.
 WGRAD_INPUTS = "wgrad_inputs"
 WGRAD_TAPS = "wgrad_taps"
+
+
+def deferring(module: nn.Module) -> bool:
+    """Whether `module` defers its weight gradients: applied (not initialised) with
+    WGRAD_INPUTS mutable."""
+    return module.is_mutable_collection(WGRAD_INPUTS) and not module.is_initializing()
 
 
 def deferred_weight_grads(params: dict, inputs: dict, dys: dict, cfg: ModelConfig) -> dict:

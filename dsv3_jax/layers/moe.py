@@ -15,8 +15,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, SwiGLU, acc_dtype, dtype_of,
-                                     normal_init)
+from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, SwiGLU, acc_dtype, deferring,
+                                     dtype_of, normal_init)
 from kernels_pallas import interpret_default, moe_dispatch
 from kernels_pallas.grouped_gemm import grouped_swiglu, grouped_swiglu_deferred
 
@@ -435,7 +435,7 @@ class RoutedExperts(nn.Module):
             return gathered_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights)
         # the pipeline's split W defers these weight gradients (one device per expert set, BF16
         # or FP32: expert parallelism and FP8 keep them in B)
-        defer = self if self.is_mutable_collection(WGRAD_INPUTS) and not cfg.fp8 else None
+        defer = self if deferring(self) and not cfg.fp8 else None
         return sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
                               num_experts=cfg.n_routed_experts, defer=defer)
 

@@ -135,8 +135,8 @@ def main():
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
-    else:   # quick: the default mode, and the per-Linear W apart (routed experts included)
-        cases = [("dualpipev", MESHES[0]), ("zb1p", MESHES[1], (True, True, True))]
+    else:   # quick: the default mode
+        cases = [("dualpipev", MESHES[0])]
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
     moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4}.get(which, 16)
