@@ -125,9 +125,9 @@ def main(argv=None):
     t_b = timed(jax.jit(lambda p, x: jax.vjp(f, p, x)[1](cot)), chunk, x, n=21)
     wi, wt = common.WGRAD_INPUTS, common.WGRAD_TAPS
     variables = lambda p: {"params": {"moe_layers": p}, "router_bias": {"moe_layers": bias}}
-    _, cols = jax.eval_shape(lambda p: model.forward_moe_chunk(
-        cfg, variables(p), x, mb["positions"], mb["segment_ids"], mutable=(wi, wt)), chunk)
-    taps = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), cols[wt]["moe_layers"])
+    _, taps = model.wgrad_store_shapes(cfg, variables(chunk), x, mb["positions"],
+                                       mb["segment_ids"])
+    taps = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), taps)
 
     def f_deferred(p, x, t):
         v = dict(variables(p), **{wt: {"moe_layers": t}})

@@ -271,6 +271,19 @@ class _MoEChunk(nn.Module):
         return self.moe_layers(x, positions, segment_ids)
 
 
+def wgrad_store_shapes(cfg: ModelConfig, variables: dict, x, positions, segment_ids):
+    """(inputs, taps): the shapes (`jax.ShapeDtypeStruct`) of what a MoE-stack slice with its
+    weight gradients deferred keeps for W (common.WGRAD_INPUTS) and of its zero output taps
+    (common.WGRAD_TAPS), each under "moe_layers"; `variables` as for forward_moe_chunk (arrays
+    or shapes)."""
+    from dsv3_jax.layers.common import WGRAD_INPUTS, WGRAD_TAPS
+    _, cols = jax.eval_shape(
+        lambda v, x_, p_, s_: forward_moe_chunk(cfg, v, x_, p_, s_,
+                                                mutable=(WGRAD_INPUTS, WGRAD_TAPS)),
+        variables, x, positions, segment_ids)
+    return cols[WGRAD_INPUTS]["moe_layers"], cols[WGRAD_TAPS]["moe_layers"]
+
+
 def forward_front(cfg: ModelConfig, variables: dict, input_ids, positions, segment_ids):
     """Embedding + dense layers -> [B, T, D] (reads only embed and dense_layers)."""
     return Transformer(cfg).apply(variables, input_ids, positions, segment_ids,

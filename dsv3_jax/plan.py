@@ -230,14 +230,10 @@ def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
     `jax.eval_shape` of the layer with its weight gradients deferred; the routed experts' are
     deferred without expert parallelism or FP8 only (as in the layer)."""
     from dsv3_jax import model
-    from dsv3_jax.layers.common import WGRAD_INPUTS, WGRAD_TAPS
     x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
     ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
-    chunk = model._MoEChunk(cfg, 1)
-    variables = jax.eval_shape(chunk.init, jax.random.key(0), x, ids, ids)
-    _, cols = jax.eval_shape(lambda v, x_, i_: chunk.apply(v, x_, i_, i_,
-                                                           mutable=[WGRAD_INPUTS, WGRAD_TAPS]),
-                             variables, x, ids)
+    variables = jax.eval_shape(model._MoEChunk(cfg, 1).init, jax.random.key(0), x, ids, ids)
+    cols = model.wgrad_store_shapes(cfg, variables, x, ids, ids)
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(cols)[0]:
         if expert_parallel and "'experts'" in jax.tree_util.keystr(path):

@@ -266,16 +266,14 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         if plan.split_w:
             x0 = jnp.zeros(x_shape, act_dtype)
             mb0 = _take(batch, 0)
-            _, cols = jax.eval_shape(
-                lambda jp_: model.forward_moe_chunk(
-                    cfg, {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": _take(
-                        cb, 0)}}, x0, mb0["positions"], mb0["segment_ids"],
-                    mutable=(WGRAD_INPUTS, WGRAD_TAPS)), _take(cp, 0))
-            taps0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                                 cols[WGRAD_TAPS]["moe_layers"])
-            store_def = jax.tree.structure((cols[WGRAD_INPUTS]["moe_layers"], taps0))
+            inputs0, taps_shape = model.wgrad_store_shapes(
+                cfg, {"params": {"moe_layers": _take(cp, 0)},
+                      "router_bias": {"moe_layers": _take(cb, 0)}},
+                x0, mb0["positions"], mb0["segment_ids"])
+            taps0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), taps_shape)
+            store_def = jax.tree.structure((inputs0, taps0))
             store0 = [jnp.zeros((chunks, plan.w_slots + 1) + a.shape, a.dtype) for a in
-                      jax.tree.leaves((cols[WGRAD_INPUTS]["moe_layers"], taps0))]
+                      jax.tree.leaves((inputs0, taps0))]
 
         if recompute:
             vjp_def = None
