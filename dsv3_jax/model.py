@@ -284,6 +284,36 @@ def wgrad_store_shapes(cfg: ModelConfig, variables: dict, x, positions, segment_
     return cols[WGRAD_INPUTS]["moe_layers"], cols[WGRAD_TAPS]["moe_layers"]
 
 
+def chunk_residual_shapes(cfg: ModelConfig, variables: dict, x, positions, segment_ids,
+                          deferred: bool = False):
+    """The shapes (`jax.ShapeDtypeStruct`) of what the VJP of a MoE-stack slice keeps beyond
+    its inputs' parameters: the residuals of forward_moe_chunk under cfg.remat's policy, as
+    the pipeline executor keeps them per micro-batch (pipeline.recompute=False); `deferred`:
+    with the Linears' weight gradients deferred (pipeline.split_w), the residuals of that VJP
+    and the Linears' inputs F hands to B for the store. `variables` as for forward_moe_chunk
+    (arrays or shapes)."""
+    from dsv3_jax.layers.common import WGRAD_INPUTS, WGRAD_TAPS
+
+    def kept(v, x_, p_, s_):
+        taps = None
+        if deferred:
+            taps = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                wgrad_store_shapes(cfg, v, x_, p_, s_)[1])
+
+        def f(params, x2, t):
+            v2 = dict(v, params=params)
+            if t is None:
+                return forward_moe_chunk(cfg, v2, x2, p_, s_), {}
+            v2[WGRAD_TAPS] = {"moe_layers": t}
+            out, col = forward_moe_chunk(cfg, v2, x2, p_, s_, mutable=(WGRAD_INPUTS,))
+            return out, col[WGRAD_INPUTS]
+        _, vjp, inputs = jax.vjp(f, v["params"], x_, taps, has_aux=True)
+        params = jax.tree.leaves(v["params"])
+        return [a for a in jax.tree.leaves(vjp) if not any(a is q for q in params)
+                ] + jax.tree.leaves(inputs)
+    return jax.eval_shape(kept, variables, x, positions, segment_ids)
+
+
 def forward_front(cfg: ModelConfig, variables: dict, input_ids, positions, segment_ids):
     """Embedding + dense layers -> [B, T, D] (reads only embed and dense_layers)."""
     return Transformer(cfg).apply(variables, input_ids, positions, segment_ids,

@@ -242,6 +242,20 @@ def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
     return int(total)
 
 
+def kept_residual_bytes(cfg: ModelConfig, layers: int, rows: int, seq_len: int,
+                        deferred: bool = False) -> int:
+    """Bytes of what the VJP of `layers` MoE layers keeps per micro-batch of rows x seq_len
+    (`model.chunk_residual_shapes`, cfg.remat's policy; without expert parallelism's capacity
+    buffers): a kept stage's residuals in the pipeline executor (pipeline.recompute=False);
+    `deferred` (pipeline.split_w): with the Linears' inputs that F hands to B for W."""
+    from dsv3_jax import model
+    x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
+    ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
+    variables = jax.eval_shape(model._MoEChunk(cfg, layers).init, jax.random.key(0), x, ids, ids)
+    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in model.chunk_residual_shapes(cfg, variables, x, ids, ids, deferred)))
+
+
 def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int,
                   expert_parallel: bool = False) -> dict:
     """Stages, layers and activations in flight per device for c.pipeline.schedule on pp ranks.
@@ -249,12 +263,15 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
     holds): the rank with the most stage chunks in flight (simulate.peak_inflight) x the MoE
     layers per chunk x the tokens of a micro-batch. `executor_GiB` is what the executor here
-    keeps between ops: stage inputs and output gradients in K slots per chunk, and the stage's
-    residuals while its backward runs (c.pipeline.recompute, the default) or, with
-    recompute=False, every stage's residuals in the same K slots (room for the dense layers and
-    MTP modules in each, as one SPMD program has one layout); with a split W
-    (c.pipeline.split_w), also the store of the deferred GEMMs' inputs and output gradients
-    in its own slots (`deferred_w_bytes_per_layer`, Plan.w_slots)."""
+    keeps between ops, per buffer (`executor_buffers_GiB`, rows from `Plan.n_rows` + a scratch
+    row each): stage inputs and output gradients (a micro-batch's activation per row); with
+    recompute (c.pipeline.recompute, the default) one stage's residuals while its backward
+    runs, with recompute=False every in-flight stage's kept VJP: the MoE chunk's residuals
+    from `jax.eval_shape` (`kept_residual_bytes`) plus the recomputed front's and tail's
+    inputs, and the front's or tail's residuals while B recomputes them; with a split W
+    (c.pipeline.split_w), the store of the deferred GEMMs' inputs and output gradients
+    (`deferred_w_bytes_per_layer`). tests/test_pipeline_executor.py checks these against the
+    buffers the executor traces."""
     from dsv3_jax.pipeline import executor, schedules, simulate
     m = max(1, (c.data.global_batch // (c.data.micro_batch or c.data.global_batch)))
     note = ""
@@ -279,29 +296,35 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     recompute = c.pipeline.recompute
     run = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
                          c.pipeline.split_w, not recompute)[1]   # what the executor runs
-    slots = run.slots
-    # The executor stacks the MoE layers by stage for the step ([P, chunks, n, ...]): a reshape
-    # of the at-rest stack when in layer order (gpipe, 1f1b, zb1p with an even split), else
-    # (dualpipev's V moves layers between ranks, dualpipe holds every stage twice, padded
-    # splits) a new buffer of `layer_slots` layers per rank, and its gradient accumulator is
-    # that size too (the at-rest-sized gradient is made after the tick loop).
-    d_bytes = cfg.hidden_size * np.dtype(cfg.dtype).itemsize
-    stage_res = (per_chunk + dense_mtp) * tokens * bytes_token_layer
-    buf_rows = sched.chunks * (slots + 1)   # + the scratch row idle writes go to
-    exec_bytes = 2 * buf_rows * tokens * d_bytes + (1 if recompute else buf_rows) * stage_res
+    n_rows = {k: v + 1 for k, v in run.n_rows.items()}   # + the scratch row
+    model_cfg = train_config.model_config(c)             # as trained (FP8 caching included)
+    x_bytes = tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize
+    front_tail = dense_mtp * tokens * bytes_token_layer  # one stage's extras, while B runs
+    buffers = {"act": n_rows["act"] * x_bytes, "grad": n_rows["grad"] * x_bytes}
+    row = 0
+    if recompute:   # B re-runs one stage's whole forward: its residuals, transiently
+        buffers["res"] = (per_chunk * tokens * bytes_token_layer) + front_tail
+    else:   # per row: the chunk's VJP + the front's input x and the tail's input y
+        row = kept_residual_bytes(model_cfg, per_chunk, rows, c.data.seq_len,
+                                  run.split_w) + 2 * x_bytes
+        buffers["res"] = n_rows["res"] * row + front_tail
     store = 0
     if run.split_w:
-        store = sched.chunks * (run.w_slots + 1) * per_chunk * deferred_w_bytes_per_layer(
-            train_config.model_config(c), rows, c.data.seq_len, expert_parallel)
-        exec_bytes += store
+        store = n_rows["store"] * per_chunk * deferred_w_bytes_per_layer(
+            model_cfg, rows, c.data.seq_len, expert_parallel)
+        buffers["store"] = store
+    exec_bytes = sum(buffers.values())
     return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,
             "moe_layers_per_stage": counts, "padded_layer_slots": per_chunk * sched.n_stages
             - cfg.num_moe_layers, "layers_per_device": layers_dev + dense_mtp,
             "param_copies": sched.param_copies, "peak_in_flight_stages": max(peak),
             "stage_layer_slots": 0 if run.in_layer_order else run.layer_slots,
-            "in_flight_tokens_layers": int(in_flight * tokens), "executor_slots": slots,
-            "executor_GiB": exec_bytes / GB, "split_w_store_GiB": store / GB,
-            "split_w_slots": run.w_slots,
+            "in_flight_tokens_layers": int(in_flight * tokens),
+            "executor_rows": dict(run.n_rows), "executor_slots": run.n_rows["act"],
+            "executor_GiB": exec_bytes / GB,
+            "executor_buffers_GiB": {k: v / GB for k, v in buffers.items()},
+            "kept_residual_row_bytes": row,
+            "split_w_store_GiB": store / GB, "split_w_slots": run.n_rows["store"],
             "bubble_fraction_mpmd": simulate.simulate(sched).bubble_fraction, "note": note}
 
 
@@ -355,9 +378,10 @@ def main(argv=None):
               f"{sorted(set(pp['moe_layers_per_stage']))} ({pp['padded_layer_slots']} padded "
               f"slots), {pp['param_copies']}x parameter copies, peak {pp['peak_in_flight_stages']}"
               f" stage activations in flight, MPMD bubble {pp['bubble_fraction_mpmd']:.1%}; "
-              f"this executor keeps {pp['executor_GiB']:.2f} GiB ({pp['executor_slots']} slots"
-              + (f"; split-W store {pp['split_w_store_GiB']:.2f} GiB in "
-                 f"{pp['split_w_slots']} slots" if pp['split_w_slots'] else "") + ")")
+              f"this executor keeps {pp['executor_GiB']:.2f} GiB ("
+              + ", ".join(f"{k} {v:.2f} GiB" + (f" in {pp['executor_rows'][k]} rows"
+                                                if pp['executor_rows'][k] else " (one stage)")
+                          for k, v in pp["executor_buffers_GiB"].items()) + ")")
         if pp["note"]:
             print(f"  note: {pp['note']}")
     fl = result["flops"]

@@ -63,6 +63,8 @@ T_DEFER = "tests/test_deferred_wgrad.py::test_b_plus_deferred_w_equals_the_one_p
 T_DEFER_GMM = ("tests/test_deferred_wgrad.py::"
                "test_grouped_swiglu_deferred_matches_the_reference_vjp")
 T_PLAN_STORE = "tests/test_pipeline_executor.py::test_plan_counts_the_split_w_store_by_hand"
+T_PLAN_TRACED = ("tests/test_pipeline_executor.py::"
+                 "test_plan_counts_the_buffers_the_executor_traces")
 
 # (name, file, old, new, tests)
 MUTATIONS = [
@@ -87,10 +89,19 @@ MUTATIONS = [
      "kernels_pallas/grouped_gemm.py",
      "_rows(dy, row0, rows).astype(x.dtype)))", "_rows(dgu[:, :dy.shape[1]], row0, rows)))",
      [T_DEFER_GMM]),
-    ("split W: the store's slots not sized (one per chunk)", "dsv3_jax/pipeline/table.py",
-     "while not _fits(store_live, w_slots):", "while False:", [T_PIPE_TABLE]),
+    ("pipeline: a buffer row reused one tick before its value's last read",
+     "dsv3_jax/pipeline/table.py",
+     "i = next((i for i, f in enumerate(free_at) if f <= w), len(free_at))",
+     "i = next((i for i, f in enumerate(free_at) if f <= w + 1), len(free_at))",
+     [T_PIPE_TABLE]),
+    ("pipeline: a stage input freed after F though B recomputes from it",
+     "dsv3_jax/pipeline/table.py",
+     "act_live[key] = (t, f_tick[key] if keep_residuals else last_use[key])",
+     "act_live[key] = (t, f_tick[key])", [T_PIPE_TABLE]),
     ("plan: the split-W store not counted", "dsv3_jax/plan.py",
-     "        exec_bytes += store\n", "", [T_PLAN_STORE]),
+     '        buffers["store"] = store\n', "", [T_PLAN_STORE]),
+    ("plan: kept residuals per row without the front's and tail's inputs", "dsv3_jax/plan.py",
+     "run.split_w) + 2 * x_bytes", "run.split_w)", [T_PLAN_TRACED]),
     ("pipeline: non-MoE parameters replicated at rest", "dsv3_jax/train_state.py",
      "return spec if gathered else sharding.add_axes(",
      "return spec if True else sharding.add_axes(", [T_AT_REST]),

@@ -59,46 +59,74 @@ def test_device_table_runs_every_op_once_and_routes_every_transfer(name, ranks, 
     held = plan.layer_index[plan.layer_index >= 0]
     assert np.array_equal(np.bincount(held, minlength=layers),
                           np.full(layers, schedule.param_copies))
-    assert plan.slots >= 1
+    # every buffered value has a row, and the buffers' rows are each rank's peak live values
+    for name in executor.BUFFERS:
+        rows, n = plan.rows[name], plan.n_rows[name]
+        assert rows.min() >= 0 and rows.max() <= n
     _replay_buffers(plan, ranks)
 
 
 def _replay_buffers(plan, ranks):
-    """Run the tick table over the executor's buffers (slot, mb % K) in the executor's order:
-    within a tick F, then B read; B writes the store (split W), W reads it; at the tick's end
-    F's residuals and the arrived activations and gradients are written. Every read must find
-    its own micro-batch: B reads F's residuals (plan.keep_residuals) or the stage input
-    (recompute) and the output gradient, W what its B stored."""
-    t, C, k = plan.table, executor.C, plan.slots
-    bufs = {name: {} for name in ("act", "grad", "res", "store")}
+    """Run the tick table over the executor's buffers (a rank's rows, `plan.rows`) in the
+    executor's order: within a tick F, then B read; B writes the store (split W), W reads it;
+    at the tick's end F's residuals and the arrived activations and gradients are written.
+    Every read must find its own (chunk slot, micro-batch): F its input, B F's residuals
+    (plan.keep_residuals) or the stage input (recompute) and the output gradient, W what its
+    B stored. No write may land in the scratch row unless idle."""
+    t, C = plan.table, executor.C
+    bufs = {name: {} for name in executor.BUFFERS}
+
+    def key(name, r, slot, mb):
+        row = int(plan.rows[name][r, slot, mb])
+        assert row < plan.n_rows[name], (name, r, slot, mb, "no row")
+        return r, row
+
     for i in range(t.shape[0]):
         writes = []
         for r in range(ranks):
             g = lambda col: int(t[i, r, C[col]])
             if g("f_kind") > 0:
+                f = (g("f_slot"), g("f_mb"))
                 if g("f_kind") != executor.FIRST:   # the first stage reads the batch instead
-                    assert bufs["act"].get((r, g("f_slot"), g("f_mb") % k)) == g("f_mb")
-                writes.append(("res", (r, g("f_slot"), g("f_mb") % k), g("f_mb")))
-            if g("b_kind") > 0:
-                key = (r, g("b_slot"), g("b_mb") % k)
+                    assert bufs["act"].get(key("act", r, *f)) == f, (i, r, "f")
                 if plan.keep_residuals:
-                    assert bufs["res"].get(key) == g("b_mb"), (i, r)
+                    writes.append(("res", key("res", r, *f), f))
+            if g("b_kind") > 0:
+                b = (g("b_slot"), g("b_mb"))
+                if plan.keep_residuals:
+                    assert bufs["res"].get(key("res", r, *b)) == b, (i, r)
                 elif g("b_kind") != executor.FIRST:
-                    assert bufs["act"].get(key) == g("b_mb"), (i, r)
+                    assert bufs["act"].get(key("act", r, *b)) == b, (i, r)
                 if g("b_kind") != executor.LAST:   # the last stage seeds its own
-                    assert bufs["grad"].get(key) == g("b_mb"), (i, r)
+                    assert bufs["grad"].get(key("grad", r, *b)) == b, (i, r)
                 if plan.split_w:
-                    bufs["store"][(r, g("b_slot"), g("b_mb") % plan.w_slots)] = g("b_mb")
+                    bufs["store"][key("store", r, *b)] = b
             if plan.split_w and g("w_kind") > 0:
-                key = (r, g("w_slot"), g("w_mb") % plan.w_slots)
-                assert bufs["store"].get(key) == g("w_mb"), (i, r, "w")
+                w = (g("w_slot"), g("w_mb"))
+                assert bufs["store"].get(key("store", r, *w)) == w, (i, r, "w")
             for prefix, name in (("ra", "act"), ("la", "act"), ("oa", "act"),
                                  ("rg", "grad"), ("lg", "grad"), ("og", "grad")):
                 if g(f"{prefix}_slot") >= 0:
-                    writes.append((name, (r, g(f"{prefix}_slot"), g(f"{prefix}_mb") % k),
-                                   g(f"{prefix}_mb")))
-        for name, key, mb in writes:
-            bufs[name][key] = mb
+                    v = (g(f"{prefix}_slot"), g(f"{prefix}_mb"))
+                    writes.append((name, key(name, r, *v), v))
+        for name, k, v in writes:
+            bufs[name][k] = v
+
+
+def test_buffer_rows_are_the_peak_in_flight():
+    """A rank's buffers hold the most values live at once on it, whatever chunk they belong
+    to: DualPipeV's stage inputs need the schedule's own peak of stage activations in flight
+    (2P + 1 at P = 16), not twice the busiest chunk's; with kept residuals its inputs are free
+    after F, so the residuals take the peak rows and the inputs a handful."""
+    from dsv3_jax.pipeline import simulate
+    for name, p, m in (("dualpipev", 16, 120), ("dualpipe", 16, 120), ("zb1p", 8, 24)):
+        s, plan = executor.build(name, p, m, 4 * p, (3.0, 1.0))
+        peak = max(simulate.peak_inflight(s))
+        assert plan.n_rows["act"] == peak, (name, plan.n_rows)
+        assert plan.n_rows["res"] == plan.n_rows["store"] == 0
+        s, kept = executor.build(name, p, m, 4 * p, (3.0, 1.0), True, True)
+        assert kept.n_rows["res"] <= peak and kept.n_rows["act"] <= 4, (name, kept.n_rows)
+        assert 1 <= kept.n_rows["store"] <= peak
 
 
 def test_pipeline_problems_are_reported_before_compile():
@@ -377,7 +405,52 @@ def test_plan_counts_the_split_w_store_by_hand():
     on = plan.plan(c, mesh, 2)["pipeline"]
     per_layer = plan.deferred_w_bytes_per_layer(train_config.model_config(c), c.data.micro_batch,
                                                 seq, expert_parallel=False)
-    want = 2 * (on["split_w_slots"] + 1) * 2 * per_layer          # 2 chunks x 2 layers each
+    want = (on["split_w_slots"] + 1) * 2 * per_layer      # rows (+ scratch) x 2 layers each
     assert on["split_w_store_GiB"] * plan.GB == pytest.approx(want)
     assert on["executor_GiB"] - off["executor_GiB"] == pytest.approx(want / plan.GB)
     assert 1 <= on["split_w_slots"] <= on["executor_slots"]
+
+
+@pytest.mark.parametrize("keep,split", [(False, True), (True, False), (True, True)])
+def test_plan_counts_the_buffers_the_executor_traces(keep, split):
+    """plan.pipeline_plan's executor memory is what the executor allocates: its buffers'
+    rows and bytes (executor.traced_buffers, from tracing the step on a one-rank pipeline:
+    DualPipeV's two stages, the V turn local) equal the plan's for the stage inputs, output
+    gradients and split-W store, and for the kept residuals within 1% (the plan's row is the
+    MoE chunk's VJP from eval_shape + the front's and tail's input activations; the step's
+    also holds the micro-batch's token ids and masks). The small config of the 8-device
+    equivalence tests, with MTP and a dense layer."""
+    import sys
+
+    import jax
+    sys.path.insert(0, "tests/multidevice")
+    import pipeline_equivalence as pe
+    from dsv3_jax import plan, sharding, train, train_config, train_state
+    c = pe.config(False, 4)
+    c.pipeline.update(schedule="dualpipev", split_w=split, recompute=not keep)
+    cfg = train_config.validate(c)
+    fns = train.make_step_fns(c, cfg)
+    micro, rows = 4, pe.ROWS // 4
+    batch = pe.batches(1, micro)[0]
+    mesh = sharding.make_mesh(sharding.resolve_mesh_shape(dict(pipeline=1), 1))
+    with jax.set_mesh(mesh):
+        state = jax.eval_shape(lambda: train_state.init_state(cfg, fns.optimizer, 0, ema=False))
+        jax.jit(lambda s, b: executor.step_value_and_grad(
+            fns.objective, "dualpipev", 1, s["params"], s["router_bias"], b, s["step"],
+            recompute=not keep, split_w=split)).lower(state, batch)
+    got = dict(executor.traced_buffers)
+    c.data.micro_batch = rows
+    model_cfg = train_config.model_config(c)
+    act = plan.activation_bytes_per_token_layer(model_cfg, model_cfg.remat, pe.SEQ,
+                                                tokens=rows * pe.SEQ)
+    pp = plan.pipeline_plan(c, model_cfg, 1, rows, act["per_token_layer"])
+    assert pp["microbatches"] == micro
+    want = {k: v * plan.GB for k, v in pp["executor_buffers_GiB"].items()}
+    for k in ("act", "grad", "store"):
+        assert got[k] == pytest.approx(want.get(k, 0), rel=1e-9), (k, got, want)
+    n_res = pp["executor_rows"]["res"]
+    assert (n_res > 0) == keep
+    if keep:
+        assert got["res"] == pytest.approx((n_res + 1) * pp["kept_residual_row_bytes"], rel=0.01)
+    else:
+        assert got["res"] == 0

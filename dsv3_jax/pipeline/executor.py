@@ -34,16 +34,18 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   rendezvous waits for every device. Branch-free: every rank runs every op every tick and
   masks what is idle (then the EP capacity branch is agreed over `pipeline` too).
   `tick_costs` models both; `benchmarks/pipeline.py` measures them.
-* Residuals. A stage keeps its input activation per in-flight micro-batch (buffer slots
-  indexed by mb % K, K from the tick table, plus a scratch row for idle writes). With
-  recompute (default) B re-runs the stage's forward under `jax.vjp`; without, F keeps the
-  stage's VJP residuals (not its parameters, which B takes from its own slot; not the
-  head's, recomputed) in the same slots and B calls it. With split_w (zb1p, dualpipev,
+* Residuals. A stage keeps its input activation and its output gradient per in-flight
+  micro-batch in buffers of rows, a rank's rows shared by its chunks (`Plan.rows`: each value
+  takes a free row from the tick it arrives to the tick it is last read, plus a scratch row for
+  idle writes). With recompute (default) B re-runs the stage's forward under `jax.vjp`;
+  without, F keeps the stage's VJP residuals (not its parameters, which B takes from its own
+  slot; not the embedding's, dense layers' or head's, recomputed) in rows of their own, and B
+  calls it. With split_w (zb1p, dualpipev,
   dualpipe), W is per Linear, as DeepSeek's WeightGradStore: B runs the MoE chunk with its
   Linears' (and, without expert parallelism or FP8, the routed experts') weight gradients
   deferred (`common.deferred_weight_grads`), computes every other gradient, and stores each
-  deferred GEMM's input and output gradient (slots indexed by mb % plan.w_slots, sized from
-  the B-to-W intervals); W turns them into dW, with no forward and no input-gradient chain.
+  deferred GEMM's input and output gradient (rows of their own, from the B-to-W intervals);
+  W turns them into dW, with no forward and no input-gradient chain.
   Otherwise W runs with its B.
 * Loss. Each micro-batch's loss is the sum of its stages' terms: α·Σ L_bal of every stage's
   MoE layers plus the last stage's CE + λ·MTP + α·L_bal(MTP); B seeds every stage's term with
@@ -64,10 +66,14 @@ from dsv3_jax.layers import moe as moe_lib
 from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, deferred_weight_grads,
                                      dtype_of)
 from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
-    C, COLS, FIRST, LAST, LEFT, LOCAL, MID, NONE, RIGHT, STAY, Plan, layer_costs, make_plan,
-    op_costs, rank_costs, stage_layers, tick_costs)
+    BUFFERS, C, COLS, FIRST, LAST, LEFT, LOCAL, MID, NONE, RIGHT, STAY, Plan, layer_costs,
+    make_plan, op_costs, rank_costs, stage_layers, tick_costs)
 
 AXIS = "pipeline"
+# bytes per rank of each buffer of the most recently traced step ({"act", "grad", "res",
+# "store"}: rows x bytes per row, scratch rows included), written at trace time: what
+# `plan.py` predicts (tests/test_pipeline_executor.py compares them)
+traced_buffers: dict = {}
 MODE_OPTIONS = ("branched", "recompute", "split_w")   # c.pipeline's executor modes, in order
 
 def _take(tree, i):
@@ -81,12 +87,17 @@ def _add_at(tree, i, value):
     return jax.tree.map(one, tree, value)
 
 
-def _write(buf, slot, mb, k, value):
-    """buf[slot, mb % k] = value where slot >= 0, else into the scratch row buf[0, k]: a plain
-    in-place update either way (no read of what was there)."""
-    ok = slot >= 0
-    i = jnp.where(ok, jnp.maximum(mb, 0) % k, k)
-    return buf.at[jnp.maximum(slot, 0), i].set(value.astype(buf.dtype))
+def _row(rows, slot, mb):
+    """The buffer row of (chunk slot, micro-batch) on this rank (`Plan.rows`, [chunks, M]); an
+    idle op (slot, mb < 0) reads whatever row (0, 0) names and uses none of it."""
+    return rows[jnp.maximum(slot, 0), jnp.maximum(mb, 0)]
+
+
+def _write(buf, rows, slot, mb, value):
+    """buf[row of (slot, mb)] = value, or into the scratch row (the last) where slot < 0: a
+    plain in-place update either way (no read of what was there)."""
+    i = jnp.where(slot >= 0, _row(rows, slot, mb), buf.shape[0] - 1)
+    return buf.at[i].set(value.astype(buf.dtype))
 
 
 def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step, schedule,
@@ -133,14 +144,15 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     act_dtype = dtype_of(cfg.dtype)
     rows, seq = batch["inputs"].shape[1:3]
     x_shape = (rows, seq, cfg.hidden_size)
-    k_slots = plan.slots
+    n_rows = plan.n_rows
     n_e = cfg.n_routed_experts
     depth = cfg.num_nextn_predict_layers
 
-    def per_rank(cp, cb, valid, rp, rb, batch, step, table):
+    def per_rank(cp, cb, valid, rp, rb, batch, step, table, rmap):
         cp = jax.tree.map(lambda a: a[0], cp)          # [chunks, n, ...]
         cb = jax.tree.map(lambda a: a[0], cb)
         valid = valid[0]                               # [chunks, n]
+        rmap = {k: v[0] for k, v in rmap.items()}      # buffer -> [chunks, M] rows
         r = jax.lax.axis_index(AXIS)
 
         tail_dtypes = {"ce": jnp.float32, "mtp_ce": jnp.float32, "balance": jnp.float32,
@@ -223,21 +235,21 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
         masked = lambda on, t: jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), t)
 
-        def operands(kind, slot, mbi, xin, gin, res, k_res=k_slots):
+        def operands(kind, slot, mbi, xin, gin, res, res_buffer="res"):
+            row = lambda name: _row(rmap[name], slot, mbi)
             slot, mbi = jnp.maximum(slot, 0), jnp.maximum(mbi, 0)
-            i = mbi % k_slots
             return (kind == FIRST, kind == LAST, _take(cp, slot), rp, _take(cb, slot),
-                    valid[slot], xin[slot, i], gin[slot, i], _take(batch, mbi),
-                    [buf[slot, mbi % k_res] for buf in res])
+                    valid[slot], xin[row("act")], gin[row("grad")], _take(batch, mbi),
+                    [buf[row(res_buffer)] for buf in res])
 
         def idle(fn):
             """fn(*operands) where the rank has an op this tick, zeros where it is idle: a branch
             (`lax.cond`; the operands are gathered outside it, as the gathers of a stage's
             parameters may be collective-permutes over all devices) or a mask over work done
             anyway (branch-free)."""
-            def run(kind, slot, mbi, xin, gin, res, k_res=k_slots):
+            def run(kind, slot, mbi, xin, gin, res, res_buffer="res"):
                 on = kind != NONE
-                ops = operands(kind, slot, mbi, xin, gin, res, k_res)
+                ops = operands(kind, slot, mbi, xin, gin, res, res_buffer)
                 if branched:
                     zeros = lambda *a: jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype),
                                                     jax.eval_shape(fn, *a))
@@ -260,7 +272,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
 
         # Split W: zero taps on the MoE chunk's Linear outputs (their cotangents are the output
         # gradients W needs) and the store B fills for W: each Linear's input and output
-        # gradient, per micro-batch between its B and W (plan.w_slots slots per chunk).
+        # gradient, per micro-batch between its B and W (rows of its own, plan.rows["store"]).
         taps0 = None
         store0 = []
         if plan.split_w:
@@ -272,7 +284,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
                 x0, mb0["positions"], mb0["segment_ids"])
             taps0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), taps_shape)
             store_def = jax.tree.structure((inputs0, taps0))
-            store0 = [jnp.zeros((chunks, plan.w_slots + 1) + a.shape, a.dtype) for a in
+            store0 = [jnp.zeros((n_rows["store"] + 1,) + a.shape, a.dtype) for a in
                       jax.tree.leaves((inputs0, taps0))]
 
         if recompute:
@@ -283,13 +295,13 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             # keeps those that are not parameters, B and W rebuild the VJP from them. Every
             # operand of this trace is traced, as in F: a concrete one (a Python bool for
             # `first`) would be baked into the VJP's static part that B reuses.
-            buf0 = jnp.zeros((chunks, k_slots + 1) + x_shape, act_dtype)
+            buf0 = jnp.zeros((max(n_rows["act"], n_rows["grad"]) + 1,) + x_shape, act_dtype)
             kind0 = table[0, r, C["f_kind"]]
             ops0 = operands(kind0, jnp.maximum(table[0, r, C["f_slot"]], 0), kind0 * 0, buf0,
                             buf0, [])
             _, (_, inputs0), leaves0, tdef0, where0 = stage_vjp(*ops0[:7], ops0[8])
             vjp_def = (tdef0, where0, [(a.shape, a.dtype) for a in leaves0])
-            res0 = [jnp.zeros((chunks, k_slots + 1) + a.shape, a.dtype)
+            res0 = [jnp.zeros((n_rows["res"] + 1,) + a.shape, a.dtype)
                     for a in [a for a, w in zip(leaves0, where0) if w < 0] + jax.tree.leaves(
                         inputs0)]
 
@@ -351,33 +363,39 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             dcp = _add_at(dcp, jnp.maximum(g("b_slot"), 0), dj)
             drp = jax.tree.map(jnp.add, drp, dr)
             if plan.split_w:
-                store = [_write(buf, g("b_slot"), g("b_mb"), plan.w_slots, v)
+                store = [_write(buf, rmap["store"], g("b_slot"), g("b_mb"), v)
                          for buf, v in zip(store, st)]
                 dw = weights(g("w_kind"), g("w_slot"), g("w_mb"), xin, gin, store,
-                             plan.w_slots)
+                             "store")
                 dcp = _add_at(dcp, jnp.maximum(g("w_slot"), 0), dw)
             # F's residuals, once this tick's B has read theirs (make_plan's slot sizing)
-            res = [_write(buf, g("f_slot"), g("f_mb"), k_slots, v) for buf, v in zip(res, kept)]
+            res = [_write(buf, rmap["res"], g("f_slot"), g("f_mb"), v)
+                   for buf, v in zip(res, kept)]
             # outputs: right- and left-moving (activation, gradient) pairs, and local turns
             send = lambda d: jnp.stack([jnp.where(g("f_dir") == d, y, 0),
                                         jnp.where(g("b_dir") == d, dx, 0)])
             from_left = jax.lax.ppermute(send(RIGHT), AXIS, [(i, i + 1) for i in range(p - 1)])
             from_right = jax.lax.ppermute(send(LEFT), AXIS, [(i + 1, i) for i in range(p - 1)])
-            xin = _write(xin, g("ra_slot"), g("ra_mb"), k_slots, from_left[0])
-            xin = _write(xin, g("la_slot"), g("la_mb"), k_slots, from_right[0])
-            xin = _write(xin, g("oa_slot"), g("oa_mb"), k_slots, y)
-            gin = _write(gin, g("rg_slot"), g("rg_mb"), k_slots, from_left[1])
-            gin = _write(gin, g("lg_slot"), g("lg_mb"), k_slots, from_right[1])
-            gin = _write(gin, g("og_slot"), g("og_mb"), k_slots, dx)
+            xin = _write(xin, rmap["act"], g("ra_slot"), g("ra_mb"), from_left[0])
+            xin = _write(xin, rmap["act"], g("la_slot"), g("la_mb"), from_right[0])
+            xin = _write(xin, rmap["act"], g("oa_slot"), g("oa_mb"), y)
+            gin = _write(gin, rmap["grad"], g("rg_slot"), g("rg_mb"), from_left[1])
+            gin = _write(gin, rmap["grad"], g("lg_slot"), g("lg_mb"), from_right[1])
+            gin = _write(gin, rmap["grad"], g("og_slot"), g("og_mb"), dx)
             return (xin, gin, res, store, dcp, drp, sums, counts, mtp_counts), None
 
         zeros_rp = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), rp)
-        buf = jnp.zeros((chunks, k_slots + 1) + x_shape, act_dtype)   # + a scratch row
-        carry = (buf, buf, res0, store0,
+        carry = (jnp.zeros((n_rows["act"] + 1,) + x_shape, act_dtype),   # + a scratch row
+                 jnp.zeros((n_rows["grad"] + 1,) + x_shape, act_dtype),
+                 res0, store0,
                  jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), cp),
                  zeros_rp,
                  jnp.zeros((5,), jnp.float32), jnp.zeros((chunks, n, n_e), jnp.int32),
                  jnp.zeros((depth, n_e), jnp.int32))
+        nbytes = lambda t: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(t))
+        traced_buffers.clear()
+        traced_buffers.update(act=nbytes(carry[0]), grad=nbytes(carry[1]), res=nbytes(res0),
+                              store=nbytes(store0))
         carry, _ = jax.lax.scan(tick, carry, table)
         _, _, _, _, dcp, drp, sums, counts, mtp_counts = carry
         sums, drp, mtp_counts = jax.lax.psum((sums, drp, mtp_counts), AXIS)
@@ -385,10 +403,11 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         return sums, mtp_counts, drp, expand(dcp), counts[None]
 
     spec = lambda t, s: jax.tree.map(lambda _: s, t)
+    row_maps = {k: jnp.asarray(v) for k, v in plan.rows.items()}
     fn = jax.shard_map(
         per_rank,
         in_specs=(spec(moe_p, P(AXIS)), spec(moe_b, P(AXIS)), P(AXIS), spec(rest_p, P()),
-                  spec(rest_b, P()), spec(batch, P()), P(), P()),
+                  spec(rest_b, P()), spec(batch, P()), P(), P(), spec(row_maps, P(AXIS))),
         out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
         axis_names={AXIS}, check_vma=False)
     # Branch-free, every rank runs every MoE layer each tick, so the EP capacity branch inside
@@ -399,7 +418,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     with moe_lib.synced_over(*(() if branched else (AXIS,))), (
             model.local_embed_grad() if branched else contextlib.nullcontext()):
         sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
-                                                step, jnp.asarray(plan.table))
+                                                step, jnp.asarray(plan.table), row_maps)
     grads = dict(drp)
     grads["moe_layers"] = jax.tree.map(unstack, dcp, params["moe_layers"])
     grads = jax.tree.map(lambda g_, p_: g_.astype(p_.dtype), grads, params)   # means already

@@ -1,6 +1,6 @@
 """The pipeline's static program: stage sizes, the device table a schedule runs as (which op
-each rank runs in each lockstep tick, where its output goes, which buffer slot each in-flight
-micro-batch uses) and what each tick costs in the executor's modes. Pure Python + NumPy;
+each rank runs in each lockstep tick, where its output goes, which buffer row each in-flight
+value uses) and what each tick costs in the executor's modes. Pure Python + NumPy;
 `dsv3_jax.pipeline.executor` runs the table."""
 from __future__ import annotations
 
@@ -18,15 +18,28 @@ COLS = ("f_kind", "f_slot", "f_mb", "f_dir", "b_kind", "b_slot", "b_mb", "b_dir"
 C = {name: i for i, name in enumerate(COLS)}
 
 
+# the executor's buffers of in-flight values: stage inputs (activations), output gradients,
+# kept VJP residuals (recompute=False) and the split-W store (each deferred GEMM's input and
+# output gradient, from B to W)
+BUFFERS = ("act", "grad", "res", "store")
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The static program of one schedule: the device table and buffer sizes."""
+    """The static program of one schedule: the device table and the buffers' rows.
+
+    Each buffer is one array of `n_rows[b] + 1` rows per rank (the last a scratch row that idle
+    writes go to); `rows[b][r, slot, mb]` is the row rank r keeps micro-batch mb's value of
+    chunk slot `slot` in, from the tick it is written to the tick it is last read
+    (`_assign_rows`): the rows are the most values live at once on the busiest rank, whatever
+    chunk they belong to, so a two-chunk schedule's buffers are its peak in flight, not twice
+    the busiest chunk's."""
     table: np.ndarray        # int32 [T, P, len(COLS)]
-    slots: int               # K: buffer slots per chunk (an mb lives in slot mb % K)
+    rows: dict               # buffer -> int32 [P, chunks, M]; n_rows[b] (scratch) where unused
+    n_rows: dict             # buffer -> rows per rank (the scratch row not counted)
     layer_index: np.ndarray  # int32 [P, chunks, n] MoE layer held at (rank, slot, i); -1 pad
     split_w: bool
     keep_residuals: bool = False
-    w_slots: int = 0         # split W: store slots per chunk between B and W (mb % w_slots)
 
     @property
     def in_layer_order(self) -> bool:
@@ -81,7 +94,8 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
     """The device table from a schedule, its lockstep ticks (dsv3_jax.pipeline.simulate) and
     the MoE layers per stage (`stage_layers`); shorter stages are padded with skipped layers.
     split_w=False runs a zero-bubble schedule's W with its B (one VJP; the W ops are dropped);
-    keep_residuals sizes the slots for F's VJP residuals too (executor recompute=False)."""
+    keep_residuals gives F's VJP residuals rows too (executor recompute=False), and then a
+    stage's input is free once its F has run."""
     p, s_n = schedule.ranks, schedule.n_stages
     if len(counts) != s_n:
         raise ValueError(f"{len(counts)} stage sizes for {s_n} stages")
@@ -92,11 +106,12 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
     for col in ("f_kind", "b_kind", "w_kind", "f_dir", "b_dir"):
         table[:, :, C[col]] = 0
     split = bool(schedule.split_w) and split_w
-    # live intervals (write tick, last-read tick) per (rank, slot) buffer, to size K. A stage's
-    # input, output gradient and kept residuals are read last by its B (a split W reads only
-    # what its B stored: each Linear's input and output gradient).
+    # live intervals (write tick, last-read tick) of each buffer's values, keyed (rank, slot,
+    # mb), for their rows. A stage's input is read last by its F when its residuals are kept,
+    # else by its B (the recomputed forward); its output gradient and kept residuals by its B;
+    # a split W reads only what its B stored (each Linear's input and output gradient).
     act_live, grad_live, res_live, store_live = {}, {}, {}, {}
-    last_use, b_tick = {}, {}
+    last_use, b_tick, f_tick = {}, {}, {}
     for t in range(t_n):
         for r in range(p):
             for op, (stage, mb) in zip("FBW", ticks.table[t, r]):
@@ -105,13 +120,15 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
                 rank, slot = schedule.route(int(stage), int(mb))
                 if rank != r:
                     raise ValueError(f"tick {t}: rank {r} runs {op}({stage},{mb}) held by {rank}")
-                if op == "B":
+                if op == "F":
+                    f_tick[(r, slot, int(mb))] = t
+                elif op == "B":
                     last_use[(r, slot, int(mb))] = t
                     b_tick[(r, slot, int(mb))] = t
                 elif op == "W" and split:
                     # B writes the store in its tick before that tick's W reads: as if written
-                    # at the end of the tick before, so a later B may reuse the slot only after
-                    # this W's tick (_fits)
+                    # at the end of the tick before, so a later B may reuse the row only after
+                    # this W's tick (_assign_rows)
                     store_live[(r, slot, int(mb))] = (b_tick[(r, slot, int(mb))] - 1, t)
     for t in range(t_n):
         for r in range(p):
@@ -141,19 +158,18 @@ def make_plan(schedule, ticks, counts: list[int], split_w: bool = False,
                 prefix = {RIGHT: "r", LEFT: "l", LOCAL: "o"}[d]
                 table[t, r2, C[f"{prefix}{a_or_g}_slot"]] = slot2
                 table[t, r2, C[f"{prefix}{a_or_g}_mb"]] = mb
-                (act_live if op == "F" else grad_live)[(r2, slot2, mb)] = (
-                    t, last_use[(r2, slot2, mb)])
-    slots = 1
-    while not all(_fits(live, slots) for live in (act_live, grad_live, res_live)):
-        slots += 1
-    w_slots = 0
-    if split:   # W follows its B closely: its store needs far fewer slots than the activations
-        w_slots = 1
-        while not _fits(store_live, w_slots):
-            w_slots += 1
+                key = (r2, slot2, mb)
+                if op == "B":
+                    grad_live[key] = (t, last_use[key])
+                else:
+                    act_live[key] = (t, f_tick[key] if keep_residuals else last_use[key])
+    shape = (p, schedule.chunks, schedule.microbatches)
+    rows, n_rows = {}, {}
+    for name, live in zip(BUFFERS, (act_live, grad_live, res_live, store_live)):
+        rows[name], n_rows[name] = _assign_rows(live, shape)
     index = np.array([[[start[stage] + i if i < counts[stage] else -1 for i in range(n)]
                        for stage in placement] for placement in schedule.placement], np.int32)
-    return Plan(table, slots, index, split, keep_residuals, w_slots)
+    return Plan(table, rows, n_rows, index, split, keep_residuals)
 
 
 def op_costs(F: float, B: float, W: float, split_w: bool, recompute: bool = True) -> dict:
@@ -186,16 +202,23 @@ def tick_costs(plan: Plan, F: float, B: float, W: float, branched: bool = True,
     return rank_costs(plan, F, B, W, branched, recompute).max(axis=1)
 
 
-def _fits(live: dict, k: int) -> bool:
-    """No two buffered micro-batches of one (rank, slot) share mb % k while both are live: a
-    value written at the end of tick w is read up to tick u; a later write at the end of tick
-    w2 may reuse the slot if w2 >= u."""
-    by_slot = {}
-    for (r, slot, mb), (w, u) in live.items():
-        by_slot.setdefault((r, slot, mb % k), []).append((w, u))
-    for spans in by_slot.values():
-        spans.sort()
-        for (w1, u1), (w2, _) in zip(spans, spans[1:]):
-            if w2 < u1:
-                return False
-    return True
+def _assign_rows(live: dict, shape: tuple) -> tuple[np.ndarray, int]:
+    """(rows [P, chunks, M], rows per rank) for the values of `live`, (rank, slot, mb) -> (w,
+    u): written at the end of tick w, read up to tick u. A value written at the end of tick w2
+    may take the row of one last read at u <= w2. Per rank, in order of writing, each value
+    takes the lowest free row (first fit by start is optimal for intervals: the rows are the
+    most values live at once). Unused entries point at the scratch row."""
+    rows = np.full(shape, -1, np.int32)
+    n_rows = 0
+    for r in range(shape[0]):
+        free_at = []   # per row: the tick its current value is last read
+        for w, u, slot, mb in sorted((w, u, s, b) for (rr, s, b), (w, u) in live.items()
+                                     if rr == r):
+            i = next((i for i, f in enumerate(free_at) if f <= w), len(free_at))
+            if i == len(free_at):
+                free_at.append(u)
+            free_at[i] = u
+            rows[r, slot, mb] = i
+        n_rows = max(n_rows, len(free_at))
+    rows[rows < 0] = n_rows
+    return rows, n_rows
