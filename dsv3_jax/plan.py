@@ -177,7 +177,7 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     pipe = None
     if pp > 1:
         pipe = pipeline_plan(c, cfg, pp, rows_per_device, act["per_token_layer"],
-                             expert_parallel=mesh_shape["expert"] > 1)
+                             expert_shards=mesh_shape["expert"])
         in_flight, layers_per_device = pipe["in_flight_tokens_layers"], pipe["layers_per_device"]
         tokens_in_flight = rows_per_device * c.data.seq_len * pipe["peak_in_flight_stages"]
         activations = act["per_token_layer"] * in_flight
@@ -224,21 +224,31 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
 
 
 def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
-                               expert_parallel: bool) -> int:
-    """Bytes one MoE layer's split-W store holds per micro-batch (pipeline.split_w): the input
-    and output gradient of every deferred GEMM (`common.deferred_weight_grads`), from
-    `jax.eval_shape` of the layer with its weight gradients deferred; the routed experts' are
-    deferred without expert parallelism or FP8 only (as in the layer)."""
+                               expert_shards: int = 1) -> int:
+    """Bytes one MoE layer's split-W store holds per micro-batch of rows x seq_len per device
+    (pipeline.split_w): the input and output gradient of every deferred GEMM
+    (`common.deferred_weight_grads`), from `jax.eval_shape` of the layer with its weight
+    gradients deferred (the routed experts' too, except under FP8 without its activation
+    caching). With expert parallelism (expert_shards > 1) a device stores its received rows
+    instead (moe.ep_store_rows: the all-to-all's usual capacity over its E / expert_shards
+    experts): x, gu, dgu, dy and the tile layout."""
     from dsv3_jax import model
+    from dsv3_jax.layers import moe
     x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
     ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
     variables = jax.eval_shape(model._MoEChunk(cfg, 1).init, jax.random.key(0), x, ids, ids)
     cols = model.wgrad_store_shapes(cfg, variables, x, ids, ids)
-    total = 0
+    total, experts = 0, False
     for path, leaf in jax.tree_util.tree_flatten_with_path(cols)[0]:
-        if expert_parallel and "'experts'" in jax.tree_util.keystr(path):
+        if expert_shards > 1 and "'experts'" in jax.tree_util.keystr(path):
+            experts = True
             continue
         total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    if experts:
+        m, tile_m = moe.ep_store_rows(cfg, rows * seq_len * cfg.num_experts_per_tok,
+                                      expert_shards)
+        width = 2 * cfg.hidden_size + 2 * moe.gate_up_width(cfg)   # x, dy; gu, dgu
+        total += m * width * np.dtype(cfg.dtype).itemsize + 4 * (m // tile_m + 1)
     return int(total)
 
 
@@ -257,7 +267,7 @@ def kept_residual_bytes(cfg: ModelConfig, layers: int, rows: int, seq_len: int,
 
 
 def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int,
-                  expert_parallel: bool = False) -> dict:
+                  expert_shards: int = 1) -> dict:
     """Stages, layers and activations in flight per device for c.pipeline.schedule on pp ranks.
 
     The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
@@ -311,7 +321,7 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     store = 0
     if run.split_w:
         store = n_rows["store"] * per_chunk * deferred_w_bytes_per_layer(
-            model_cfg, rows, c.data.seq_len, expert_parallel)
+            model_cfg, rows, c.data.seq_len, expert_shards)
         buffers["store"] = store
     exec_bytes = sum(buffers.values())
     return {"schedule": sched.name, "ranks": pp, "microbatches": m, "stages": sched.n_stages,

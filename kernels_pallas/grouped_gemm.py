@@ -68,11 +68,12 @@ def zeros_varying_like(shape, dtype, *refs):
     """Zeros whose shard_map 'varying manual axes' match the refs' (a loop carry's type must
     not change inside shard_map; jnp.zeros alone is invariant)."""
     z = jnp.zeros(shape, dtype)
-    vma = frozenset().union(*(_varying_axes(r) for r in refs))
+    vma = frozenset().union(*(varying_axes(r) for r in refs))
     return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
+    """The shard_map manual axes over which x varies (empty outside shard_map)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)          # jax 0.10
     if mat is not None:
@@ -116,7 +117,7 @@ def _rows(x, row0, rows, axis=0):
 
 def sum_to_vma(ct, primal):
     """A cotangent summed over the shard_map axes along which its primal is invariant."""
-    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
     return jax.lax.psum(ct, extra) if extra else ct
 
 
@@ -263,7 +264,7 @@ def _tapped_bwd(tile_m, res, cts):
     dx, dgu = jax.lax.fori_loop(
         0, wg.shape[0], expert, (zeros_varying_like(x.shape, x.dtype, *refs),
                                  zeros_varying_like(gu.shape, x.dtype, *refs)))
-    zero = lambda w: jnp.zeros(w.shape, w.dtype)
+    zero = lambda w: zeros_varying_like(w.shape, w.dtype, w)   # (taken under stop_gradient)
     return (dx, zero(wg), zero(wu), zero(wd), None, None, dgu.astype(tap_gu.dtype),
             dy.astype(tap_y.dtype))
 
@@ -301,11 +302,12 @@ def grouped_swiglu_wgrad(x, gu, dgu, dy, tile_expert, used, *, tile_m: int, num_
                     dd_w + acc(_rows(h_FM, row0, rows, axis=1),
                                _rows(dy, row0, rows).astype(x.dtype)))
         dgu_w, dd_w = _over_rows(first[e], count[e], tile_m, tile_expert.shape[0], body,
-                                 (jnp.zeros((x.shape[1], 2 * f), jnp.float32),
-                                  jnp.zeros((f, dy.shape[1]), jnp.float32)))
+                                 (zeros_varying_like((x.shape[1], 2 * f), jnp.float32, *refs),
+                                  zeros_varying_like((f, dy.shape[1]), jnp.float32, *refs)))
         return dwg.at[e].set(dgu_w[:, :f]), dwu.at[e].set(dgu_w[:, f:]), dwd.at[e].set(dd_w)
 
-    zeros = lambda *shape: jnp.zeros((num_experts,) + shape, jnp.float32)
+    refs = (x, gu, dgu, dy, tile_expert, used)   # under shard_map: per-device values
+    zeros = lambda *shape: zeros_varying_like((num_experts,) + shape, jnp.float32, *refs)
     return jax.lax.fori_loop(0, num_experts, expert,
                              (zeros(x.shape[1], f), zeros(x.shape[1], f), zeros(f, dy.shape[1])))
 

@@ -62,6 +62,10 @@ T_AT_REST = ("tests/test_pipeline_executor.py::"
 T_DEFER = "tests/test_deferred_wgrad.py::test_b_plus_deferred_w_equals_the_one_pass_vjp"
 T_DEFER_GMM = ("tests/test_deferred_wgrad.py::"
                "test_grouped_swiglu_deferred_matches_the_reference_vjp")
+T_DEFER_EP = ("tests/multidevice/test_multidevice.py::"
+              "test_deferred_expert_weight_gradients_under_expert_parallelism[quick]")
+T_DEFER_FP8 = ("tests/test_deferred_wgrad.py::"
+               "test_fp8_routed_experts_deferred_match_the_one_pass_vjp")
 T_PLAN_STORE = "tests/test_pipeline_executor.py::test_plan_counts_the_split_w_store_by_hand"
 T_PLAN_TRACED = ("tests/test_pipeline_executor.py::"
                  "test_plan_counts_the_buffers_the_executor_traces")
@@ -98,6 +102,12 @@ MUTATIONS = [
      "dsv3_jax/pipeline/table.py",
      "act_live[key] = (t, f_tick[key] if keep_residuals else last_use[key])",
      "act_live[key] = (t, f_tick[key])", [T_PIPE_TABLE]),
+    ("split W, expert-parallel: W's expert dW not summed over the data axes",
+     "dsv3_jax/layers/moe.py",
+     "return tuple(jax.lax.psum(w, summed(w)) if summed(w) else w for w in dw)",
+     "return dw", [T_DEFER_EP]),
+    ("split W, FP8: the gate | up GEMM's output not tapped", "dsv3_jax/layers/moe.py",
+     "    gu = gu + taps[0].astype(gu.dtype)\n", "", [T_DEFER_FP8]),
     ("plan: the split-W store not counted", "dsv3_jax/plan.py",
      '        buffers["store"] = store\n', "", [T_PLAN_STORE]),
     ("plan: kept residuals per row without the front's and tail's inputs", "dsv3_jax/plan.py",

@@ -103,12 +103,12 @@ def test_b_plus_deferred_w_equals_the_one_pass_vjp(kw):
         if site:   # B gives a deferred weight no gradient; W gives it all of it
             n_deferred += 1
             assert float(jnp.abs(b).max()) == 0.0, name
-        else:      # W gives the rest (norms, router; the experts under FP8) nothing
+        else:      # W gives the rest (norms, router) nothing
             assert float(jnp.abs(w).max()) == 0.0, name
         assert _rel(np.asarray(b, np.float64) + np.asarray(w, np.float64), r) <= 1e-6, name
-    # every Linear of the layer (5 of MLA, 3 of the shared expert) and, BF16 / FP32, the
-    # routed experts (gate, up, down)
-    assert n_deferred == (8 if cfg.fp8 else 11), n_deferred
+    # every Linear of the layer (5 of MLA, 3 of the shared expert) and the routed experts
+    # (gate, up, down; under FP8 through its GEMMs' own VJPs, moe.fp8_experts_wgrad)
+    assert n_deferred == 11, n_deferred
     if not kw:   # the work moves, it does not grow: B + W has the one pass's FLOPs (as XLA's
         # cost analysis counts them; W is the dW GEMMs: a third of a GEMM-bound backward)
         flops = lambda fn, *a: fn.lower(*a).compile().cost_analysis()["flops"]
@@ -145,3 +145,37 @@ def test_grouped_swiglu_deferred_matches_the_reference_vjp():
                                            num_experts=e)
     for got, want in zip(dw, dw_ref):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_routed_experts_deferred_match_the_one_pass_vjp():
+    """Under FP8 (with its activation caching) the routed experts' B takes zero taps on the
+    gate | up and down GEMMs' outputs, W runs each GEMM's own FP8 VJP at what B stored
+    (moe.fp8_experts_wgrad): dx from B, dW from W equal the one-pass VJP's, and B gives the
+    weights nothing. Fresh random tokens, routing and weights."""
+    from dsv3_jax.layers import moe
+    cfg = config_lib.tiny(fp8=True, dtype="bfloat16", hidden_size=128,
+                          moe_intermediate_size=96, n_routed_experts=4, n_group=2, topk_group=1,
+                          num_experts_per_tok=2)
+    rng = np.random.default_rng(11)
+    n, e, d, f = 48, cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+    experts = jnp.asarray(np.stack([rng.choice(e, 2, replace=False) for _ in range(n)]),
+                          jnp.int32)
+    gates = jnp.asarray(rng.uniform(0.2, 1.0, (n, 2)), jnp.float32)
+    ws = [jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32)
+          for s in ((e, d, f), (e, d, f), (e, f, d))]
+    dy = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)   # the gate-weighted combine's
+    run = lambda x_, *w, taps=None: moe.sorted_experts(x_, experts, gates, *w, cfg,
+                                                       num_experts=e, taps=taps)
+    _, vjp = jax.vjp(run, x, *ws)
+    dx_ref, *dw_ref = vjp(dy)
+    m = moe.ep_store_rows(cfg, n * 2, 1)[0]
+    taps = (jnp.zeros((m, moe.gate_up_width(cfg)), jnp.bfloat16), jnp.zeros((m, d), jnp.bfloat16))
+    (_, store), vjp = jax.vjp(lambda x_, t, *w: run(x_, *w, taps=t), x, taps, *ws)
+    dx, dtaps, *dw_b = vjp((dy, jax.tree.map(jnp.zeros_like, store)))
+    dw = moe.experts_wgrad(ws, store["x"], store["gu"], *dtaps, store["tile_expert"],
+                           store["used"], cfg)
+    assert _rel(dx, dx_ref) <= 1e-6
+    for b, w, r in zip(dw_b, dw, dw_ref):
+        assert float(jnp.abs(b).max()) == 0.0
+        assert float(jnp.abs(r).max()) > 0 and _rel(w, r) <= 1e-6

@@ -369,10 +369,12 @@ def test_benchmark_counts_permutes_inside_the_tick_loop_and_outside():
 
 def test_plan_counts_the_split_w_store_by_hand():
     """pipeline.split_w: the executor keeps each deferred GEMM's input and output gradient from
-    B to W, in plan.w_slots slots per chunk. Per token and layer that is K + N per Linear (MLA:
-    q_a, q_b, kv_a, kv_b, o_proj; shared expert: gate, up, down) plus, without expert
-    parallelism, the routed experts' grouped rows (x, dy: D each; gu, dgu: 2F each; and their
-    tile layout) at top-k rows per token, padded to whole tiles."""
+    B to W, in rows of its own (plan.rows["store"]). Per token and layer that is K + N per
+    Linear (MLA: q_a, q_b, kv_a, kv_b, o_proj; shared expert: gate, up, down) plus the routed
+    experts' grouped rows (x, dy: D each; gu, dgu: 2F each; and their tile layout): without
+    expert parallelism top-k rows per token, padded to whole tiles; with it, a device's
+    received rows (the all-to-all's capacity from each of the `expert` shards) over its
+    E / expert experts, with a tile group for the empty rows."""
     from dsv3_jax import config, plan, train_config
     from dsv3_jax.layers import moe
     cfg = config.tiny()
@@ -386,13 +388,19 @@ def test_plan_counts_the_split_w_store_by_hand():
                (h * cfg.v_head_dim, d)] + [(d, f), (d, f), (f, d)]   # one shared expert
     item = 4   # float32
     by_hand = tokens * item * sum(k + n for k, n in linears)
-    assert plan.deferred_w_bytes_per_layer(cfg, rows, seq, expert_parallel=True) == by_hand
     slots_k = tokens * cfg.num_experts_per_tok
     tile = moe.tile_m_for(cfg, slots_k, cfg.n_routed_experts)
     tiles = -(-slots_k // tile) + cfg.n_routed_experts          # dropless: a partial tile each
     m = tiles * tile
     experts = m * item * (2 * d + 4 * f) + 4 * (tiles + 1)       # + tile_expert, used (int32)
-    got = plan.deferred_w_bytes_per_layer(cfg, rows, seq, expert_parallel=False)
+    got = plan.deferred_w_bytes_per_layer(cfg, rows, seq)
+    assert got == by_hand + experts, (got, by_hand + experts)
+    ep = 2   # capacity: ceil(2.0 x slots / ep) rounded up to 8, from each of the ep shards
+    received = ep * (-(-int(cfg.moe_ep_capacity_factor * slots_k / ep) // 8) * 8)
+    tile = moe.tile_m_for(cfg, received, cfg.n_routed_experts // ep)
+    tiles = min(-(-received // tile) + cfg.n_routed_experts // ep + 1, received)
+    experts = tiles * tile * item * (2 * d + 4 * f) + 4 * (tiles + 1)
+    got = plan.deferred_w_bytes_per_layer(cfg, rows, seq, expert_shards=ep)
     assert got == by_hand + experts, (got, by_hand + experts)
     # the plan adds chunks x (w_slots + 1) x layers per chunk of it to what the executor keeps
     c = train_config.base_config()
@@ -404,7 +412,7 @@ def test_plan_counts_the_split_w_store_by_hand():
     c.pipeline.split_w = True
     on = plan.plan(c, mesh, 2)["pipeline"]
     per_layer = plan.deferred_w_bytes_per_layer(train_config.model_config(c), c.data.micro_batch,
-                                                seq, expert_parallel=False)
+                                                seq)
     want = (on["split_w_slots"] + 1) * 2 * per_layer      # rows (+ scratch) x 2 layers each
     assert on["split_w_store_GiB"] * plan.GB == pytest.approx(want)
     assert on["executor_GiB"] - off["executor_GiB"] == pytest.approx(want / plan.GB)

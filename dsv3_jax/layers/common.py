@@ -166,16 +166,19 @@ def deferred_weight_grads(params: dict, inputs: dict, dys: dict, cfg: ModelConfi
     """The deferred weight gradients (float32), in the tree of `params`: zeros except at the
     Linears of `inputs` (WGRAD_INPUTS: {"x" or "x_uncached": [L..., M, K]}) and `dys` (the
     WGRAD_TAPS cotangents: {"dy": [L..., M, N]}), and at the routed experts whose grouped SwiGLU
-    deferred them (moe.sorted_experts: {"x", "gu", "tile_expert", "used"} and {"dgu", "dy"});
-    L... the stacked layer axes."""
-    from kernels_pallas.grouped_gemm import grouped_swiglu_wgrad
+    deferred them (moe.sorted_experts: {"x", "gu", "tile_expert", "used"} and {"dgu", "dy"};
+    under a mesh, moe.expert_parallel's per-device stores, used [devices]); L... the stacked
+    layer axes."""
+    from dsv3_jax.layers import moe
 
     def experts(p, xs, ds):   # one layer's routed experts
-        tile_m = xs["x"].shape[0] // xs["tile_expert"].shape[0]
-        dwg, dwu, dwd = grouped_swiglu_wgrad(xs["x"], xs["gu"], ds["dgu"], ds["dy"],
-                                             xs["tile_expert"], xs["used"], tile_m=tile_m,
-                                             num_experts=p["gate"].shape[0])
-        return {"gate": dwg, "up": dwu, "down": dwd}
+        weights = (p["gate"], p["up"], p["down"])
+        if xs["used"].ndim == 1:   # expert-parallel: each device's received rows
+            dw = moe.expert_parallel_wgrad(weights, xs, ds, cfg, jax.sharding.get_abstract_mesh())
+        else:
+            dw = moe.experts_wgrad(weights, xs["x"], xs["gu"], ds["dgu"], ds["dy"],
+                                   xs["tile_expert"], xs["used"], cfg)
+        return dict(zip(("gate", "up", "down"), dw))
 
     def linear(p, xs, ds):   # one layer's Linear
         (name, x), = xs.items()

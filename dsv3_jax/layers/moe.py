@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -18,7 +19,8 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, SwiGLU, acc_dtype, deferring,
                                      dtype_of, normal_init)
 from kernels_pallas import interpret_default, moe_dispatch
-from kernels_pallas.grouped_gemm import grouped_swiglu, grouped_swiglu_deferred
+from kernels_pallas.grouped_gemm import (grouped_swiglu, grouped_swiglu_deferred,
+                                         varying_axes, zeros_varying_like)
 
 ROUTER_BIAS = "router_bias"   # the non-trainable variable collection of the selection bias
 
@@ -104,6 +106,14 @@ class Dispatch(NamedTuple):
     tile_m: int
 
 
+def dispatch_rows(num_slots: int, num_experts: int, tile_m: int,
+                  trash_group: bool = False) -> int:
+    """Rows M of plan_dispatch's tile-padded buffer: its static bound, ceil(slots / tile_m) +
+    groups tiles (a partial tile per group), at most one tile per slot."""
+    groups = num_experts + int(trash_group)
+    return min(-(-num_slots // tile_m) + groups, num_slots) * tile_m
+
+
 def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int,
                   trash_group: bool = False) -> Dispatch:
     """Sort slots by expert; pad each expert's group to whole tiles (static size bound).
@@ -114,7 +124,8 @@ def plan_dispatch(experts_NP: jax.Array, num_experts: int, tile_m: int,
     groups = num_experts + int(trash_group)
     n, p = experts_NP.shape
     slots = n * p
-    num_tiles = min(-(-slots // tile_m) + groups, slots)        # >= sum_e ceil(count_e / tile_m)
+    num_tiles = dispatch_rows(slots, num_experts, tile_m, trash_group) // tile_m   # >= sum_e
+    #                                                                  ceil(count_e / tile_m)
     flat_e = experts_NP.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
     sorted_e = flat_e[order]
@@ -155,25 +166,62 @@ def _fp8_gmm(lhs, rhs, plan: Dispatch, cfg: ModelConfig, cache_x: bool):
                                pow2_scale=cfg.fp8_dispatch, cache_x=cache_x)
 
 
-def _fp8_experts(x_MD, w_gate, w_up, w_down, plan: Dispatch, cfg: ModelConfig):
-    """The routed experts' three FP8 GEMMs; each weight keeps its own 128x128 blocks. With
-    fp8_cache_activations the up-projections cache their input in FP8 and the SwiGLU keeps only
-    its FP8 inputs (named moe_gu), recomputing its output in the backward pass (§3.3.3)."""
+def _fp8_gate_up_weight(w_gate, w_up):
+    """gate | up as one [E, D, 2 Fp] weight, each padded to whole 128-column blocks, so the
+    weights' quantization blocks are those of the two matrices apart."""
     from dsv3_jax import fp8
-    if not cfg.fp8_cache_activations:
-        gate, up = (checkpoint_name(_fp8_gmm(x_MD, w, plan, cfg, False), "moe_gu")
-                    for w in (w_gate, w_up))
-        return _fp8_gmm(nn.silu(gate) * up, w_down, plan, cfg, False)
-    # gate | up as one GEMM, so x is cached once; each padded to whole 128-column blocks, so
-    # the weights' quantization blocks are those of the two matrices apart
     f = w_gate.shape[-1]
     pad = lambda w: jnp.pad(w, ((0, 0), (0, 0), (0, -f % fp8.TILE)))
-    gu = _fp8_gmm(x_MD, jnp.concatenate([pad(w_gate), pad(w_up)], -1), plan, cfg, True)
+    return jnp.concatenate([pad(w_gate), pad(w_up)], -1)
+
+
+def _fp8_swiglu_down(gu, w_down, plan: Dispatch, cfg: ModelConfig, f: int):
+    from dsv3_jax import fp8
     gate, up = gu[:, :f], gu[:, gu.shape[1] // 2:gu.shape[1] // 2 + f]
     return fp8.fp8_grouped_swiglu_down(gate, up, w_down, plan.tile_expert, tile_m=plan.tile_m,
                                        used_tiles=plan.used_tiles,
                                        implementation=cfg.gemm_impl,
                                        pow2_scale=cfg.fp8_dispatch, name="moe_gu")
+
+
+def _fp8_experts(x_MD, w_gate, w_up, w_down, plan: Dispatch, cfg: ModelConfig, taps=None):
+    """The routed experts' three FP8 GEMMs; each weight keeps its own 128x128 blocks. With
+    fp8_cache_activations the up-projections cache their input in FP8 and the SwiGLU keeps only
+    its FP8 inputs (named moe_gu), recomputing its output in the backward pass (§3.3.3).
+
+    taps (caching recipe only): zero taps (dgu [M, 2 Fp] on the gate | up GEMM's output, dy
+    [M, D] on the down-projection's), the weights under stop_gradient: returns (y, gu), the
+    deferred weight gradients' inputs (fp8_experts_wgrad)."""
+    if not cfg.fp8_cache_activations:
+        gate, up = (checkpoint_name(_fp8_gmm(x_MD, w, plan, cfg, False), "moe_gu")
+                    for w in (w_gate, w_up))
+        return _fp8_gmm(nn.silu(gate) * up, w_down, plan, cfg, False)
+    f = w_gate.shape[-1]
+    sg = jax.lax.stop_gradient if taps is not None else (lambda w: w)
+    # gate | up as one GEMM, so x is cached once
+    gu = _fp8_gmm(x_MD, _fp8_gate_up_weight(sg(w_gate), sg(w_up)), plan, cfg, True)
+    if taps is None:
+        return _fp8_swiglu_down(gu, w_down, plan, cfg, f)
+    gu = gu + taps[0].astype(gu.dtype)
+    y = _fp8_swiglu_down(gu, sg(w_down), plan, cfg, f)
+    return y + taps[1].astype(y.dtype), jax.lax.stop_gradient(gu)
+
+
+def fp8_experts_wgrad(w_gate, w_up, w_down, x, gu, dgu, dy, tile_expert, used,
+                      cfg: ModelConfig):
+    """(dW_gate, dW_up, dW_down) float32 of `_fp8_experts`' deferred weight gradients, each from
+    its GEMM's own VJP (FP8 Wgrad: the cached FP8 tiles of x, and of the SwiGLU inputs from
+    which the down-projection's input is recomputed) at the stored input and the taps'
+    cotangents: what the one-pass backward computes, in W."""
+    tile_m = x.shape[0] // tile_expert.shape[0]
+    plan = Dispatch(None, None, tile_expert, used, tile_m)
+    f = w_gate.shape[-1]
+    _, vjp = jax.vjp(lambda wg, wu: _fp8_gmm(x, _fp8_gate_up_weight(wg, wu), plan, cfg, True),
+                     w_gate, w_up)
+    dwg, dwu = vjp(dgu.astype(gu.dtype))
+    _, vjp = jax.vjp(lambda wd: _fp8_swiglu_down(gu, wd, plan, cfg, f), w_down)
+    dwd, = vjp(dy.astype(gu.dtype))
+    return tuple(w.astype(jnp.float32) for w in (dwg, dwu, dwd))
 
 
 def _a2a(t, axis: str):
@@ -244,12 +292,13 @@ def use_gather(cfg: ModelConfig, num_slots: int) -> bool:
 
 
 def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelConfig, *,
-                   num_experts: int, trash_group: bool = False, defer: nn.Module | None = None):
+                   num_experts: int, trash_group: bool = False, taps: tuple | None = None):
     """Dropless: permute by expert, grouped SwiGLU, unpermute + gate-weighted combine.
 
-    defer: the RoutedExperts module whose weight gradients are deferred (the pipeline's split
-    W; common.deferred_weight_grads): the grouped SwiGLU then keeps its input, pre-activations
-    and tile layout in WGRAD_INPUTS and takes zero taps from WGRAD_TAPS."""
+    taps: (dgu [M, 2F], dy [M, D]) zero taps (M = dispatch_rows), to defer the experts' weight
+    gradients (the pipeline's split W; common.deferred_weight_grads): the grouped SwiGLU takes
+    its weights under stop_gradient, the taps' cotangents are its output gradients, and the
+    result is (out, store) with store {"x", "gu", "tile_expert", "used"}: what W needs."""
     n, p = experts_NP.shape
     with jax.named_scope("dispatch_plan"):
         plan = plan_dispatch(experts_NP, num_experts, tile_m_for(cfg, n * p, num_experts),
@@ -258,27 +307,29 @@ def sorted_experts(x_ND, experts_NP, gates_NP, w_gate, w_up, w_down, cfg: ModelC
     permute, combine = dispatch_fns(plan, gates_NP, cfg.gemm_impl == "pallas")
     with jax.named_scope("dispatch"):
         x_MD = permute(x_ND)
+    if taps is not None and taps[0].shape[0] != x_MD.shape[0]:
+        raise ValueError(f"taps for {taps[0].shape[0]} rows, the buffer has {x_MD.shape[0]} "
+                         "(moe.dispatch_rows)")
+    sg = jax.lax.stop_gradient
     with jax.named_scope("experts"):
         if cfg.fp8:
-            y_MD = _fp8_experts(x_MD, w_gate, w_up, w_down, plan, cfg)
-        elif defer is not None:
-            m, f = x_MD.shape[0], w_gate.shape[2]
-            tap = lambda name, shape: defer.perturb(name, jnp.zeros(shape, x_MD.dtype),
-                                                    collection=WGRAD_TAPS)
-            sg = jax.lax.stop_gradient
+            y_MD = _fp8_experts(x_MD, w_gate, w_up, w_down, plan, cfg, taps)
+            if taps is not None:
+                y_MD, gu = y_MD
+        elif taps is not None:
             y_MD, gu = grouped_swiglu_deferred(
-                x_MD, sg(w_gate), sg(w_up), sg(w_down), plan.tile_expert,
-                tap("dgu", (m, 2 * f)), tap("dy", (m, w_down.shape[2])), tile_m=plan.tile_m,
-                used_tiles=plan.used_tiles)
-            used = (plan.tile_expert.shape[0] if plan.used_tiles is None else plan.used_tiles)
-            for name, v in (("x", x_MD), ("gu", gu), ("tile_expert", plan.tile_expert),
-                            ("used", jnp.asarray(used, jnp.int32))):
-                defer.put_variable(WGRAD_INPUTS, name, sg(v))
+                x_MD, sg(w_gate), sg(w_up), sg(w_down), plan.tile_expert, *taps,
+                tile_m=plan.tile_m, used_tiles=plan.used_tiles)
         else:         # the three GEMMs of each expert in one loop (kernels_pallas/grouped_gemm.py)
             y_MD = grouped_swiglu(x_MD, w_gate, w_up, w_down, plan.tile_expert,
                                   tile_m=plan.tile_m, used_tiles=plan.used_tiles)
     with jax.named_scope("combine"):
-        return combine(checkpoint_name(y_MD, "moe_out"))
+        out = combine(checkpoint_name(y_MD, "moe_out"))
+    if taps is None:
+        return out
+    used = plan.tile_expert.shape[0] if plan.used_tiles is None else plan.used_tiles
+    return out, {"x": sg(x_MD), "gu": sg(gu), "tile_expert": sg(plan.tile_expert),
+                 "used": jnp.asarray(sg(used), jnp.int32)}
 
 
 def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: int,
@@ -307,7 +358,42 @@ def plan_all_to_all(experts_NP: jax.Array, num_shards: int, experts_per_shard: i
     return plan, local_e, counts.max()
 
 
-def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelConfig, mesh):
+def gate_up_width(cfg: ModelConfig) -> int:
+    """Columns of the routed experts' gate | up pre-activations (the deferred store's gu): 2F,
+    under FP8 each half padded to whole 128-column blocks (_fp8_gate_up_weight)."""
+    f = cfg.moe_intermediate_size
+    return 2 * (-(-f // 128) * 128 if cfg.fp8 else f)
+
+
+def ep_capacity(cfg: ModelConfig, slots: int, ep: int) -> int:
+    """Rows each destination gets per source in expert_parallel's usual branch:
+    ceil(moe_ep_capacity_factor * slots / ep) rounded up to 8, at most `slots` (the
+    worst-case branch's)."""
+    cf = cfg.moe_ep_capacity_factor
+    return min(slots, -(-int(cf * slots / ep + 0.999999) // 8) * 8) if cf > 0 else slots
+
+
+def ep_store_rows(cfg: ModelConfig, slots: int, ep: int) -> tuple[int, int]:
+    """(M, tile_m) of one device's grouped buffer under expert_parallel's usual branch, for
+    `slots` (token, expert) pairs per device: what its deferred weight gradients store per
+    device (the tile layout of the ep x capacity received rows over its E / ep experts)."""
+    if ep == 1:
+        tile_m = tile_m_for(cfg, slots, cfg.n_routed_experts)
+        return dispatch_rows(slots, cfg.n_routed_experts, tile_m), tile_m
+    rows, e_local = ep * ep_capacity(cfg, slots, ep), cfg.n_routed_experts // ep
+    tile_m = tile_m_for(cfg, rows, e_local)
+    return dispatch_rows(rows, e_local, tile_m, trash_group=True), tile_m
+
+
+def _ep_layout(cfg: ModelConfig, mesh):
+    from dsv3_jax.sharding import BATCH_AXES
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return (mesh.shape["expert"], cfg.n_routed_experts // mesh.shape["expert"], batch_axes,
+            P(batch_axes, None), P("expert", None, None))
+
+
+def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelConfig, mesh,
+                    taps: tuple | None = None):
     """Routed experts under a mesh: shard_map over the batch axes; experts split over `expert`.
 
     Each device routes its own tokens, sends every (token, slot) to the shard holding its expert
@@ -318,21 +404,25 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
     a safe fallback decided collectively with lax.cond, never a dropped token. With the FP8
     recipe (cfg.fp8 and cfg.fp8_dispatch) the dispatched rows travel as E4M3 with power-of-2
     1x128 scales, and so does the combine's gradient; the combine itself stays in x's dtype.
-    """
-    from dsv3_jax.sharding import BATCH_AXES
-    ep = mesh.shape["expert"]
-    e_local = cfg.n_routed_experts // ep
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    row = P(batch_axes, None)
-    weight = P("expert", None, None)
 
-    def local(x, ex, g, wg, wu, wd):
+    taps: per-device zero taps (dgu [D_b * M, 2F], dy [D_b * M, D]; D_b devices over the batch
+    axes, M from ep_store_rows) to defer the weight gradients (sorted_experts): returns (out,
+    store), the store per device (x, gu, tile_expert, and used [D_b]), for
+    expert_parallel_wgrad. The worst-case branch does not defer: its weight gradients stay in
+    the VJP and its store is empty (used = 0), so W adds nothing for that step.
+    """
+    ep, e_local, batch_axes, row, weight = _ep_layout(cfg, mesh)
+
+    def local(x, ex, g, wg, wu, wd, *tap):
+        tap = tap or None
         if ep == 1:
-            return sorted_experts(x, ex, g, wg, wu, wd, cfg, num_experts=cfg.n_routed_experts)
+            out = sorted_experts(x, ex, g, wg, wu, wd, cfg, num_experts=cfg.n_routed_experts,
+                                 taps=tap)
+            return out if tap is None else (out[0], dict(out[1], used=out[1]["used"][None]))
         slots = ex.size
         fp8_wire = cfg.fp8 and cfg.fp8_dispatch
 
-        def exchange(capacity):
+        def exchange(capacity, deferred):
             with jax.named_scope("dispatch_plan"):
                 plan, local_e, _ = plan_all_to_all(ex, ep, e_local, capacity)
             permute, combine = dispatch_fns(plan, g, pallas=False)
@@ -347,24 +437,79 @@ def expert_parallel(x_ND, routing: "Routing", w_gate, w_up, w_down, cfg: ModelCo
                 send_back = a2a
             recv_e = a2a(local_e)
             y = sorted_experts(recv, recv_e[:, None], jnp.ones((recv.shape[0], 1), g.dtype),
-                               wg, wu, wd, cfg, num_experts=e_local, trash_group=True)
+                               wg, wu, wd, cfg, num_experts=e_local, trash_group=True,
+                               taps=tap if deferred else None)
+            if tap is not None:
+                if deferred:
+                    y, store = y
+                    store = dict(store, used=store["used"][None])
+                else:   # empty: W adds nothing (this branch's weight gradients are in B)
+                    m, tile_m = tap[0].shape[0], ep_store_rows(cfg, slots, ep)[1]
+                    zeros = lambda shape, dtype: zeros_varying_like(shape, dtype, recv)
+                    store = {"x": zeros((m, x.shape[1]), recv.dtype),
+                             "gu": zeros(tap[0].shape, tap[0].dtype),
+                             "tile_expert": zeros((m // tile_m,), jnp.int32),
+                             "used": zeros((1,), jnp.int32)}
             back = checkpoint_name(send_back(y.astype(x.dtype)), "moe_out")
             with jax.named_scope("combine"):
-                return combine(back)
+                out = combine(back)
+            return out if tap is None else (out, store)
 
-        cf = cfg.moe_ep_capacity_factor
-        small = min(slots, -(-int(cf * slots / ep + 0.999999) // 8) * 8) if cf > 0 else slots
+        small = ep_capacity(cfg, slots, ep)
         if small >= slots:
-            return exchange(slots)
+            return exchange(slots, True)
         _, _, biggest = plan_all_to_all(ex, ep, e_local, 1)
-        # the branch must be the same on every device that runs this program in lockstep: the
-        # expert group, and under a pipeline (dsv3_jax/pipeline) every pipeline rank too
-        overflow = jax.lax.pmax(biggest, ("expert",) + SYNC_AXES) > small
-        return jax.lax.cond(overflow, lambda: exchange(slots), lambda: exchange(small))
+        # the branch must be the same on every device that runs this program in lockstep: all
+        # of the batch axes (the weight gradients' sums over the data axes sit inside the
+        # branches: the worst-case branch's in its backward, and with split W's deferral the
+        # other branch has none), and under a pipeline (dsv3_jax/pipeline) every pipeline
+        # rank too
+        overflow = jax.lax.pmax(biggest, batch_axes + SYNC_AXES) > small
+        return jax.lax.cond(overflow, lambda: exchange(slots, False),
+                            lambda: exchange(small, True))
 
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, weight, weight, weight),
-                       out_specs=row)
-    return fn(x_ND, routing.experts_NP, routing.gates_NP, w_gate, w_up, w_down)
+    args = (x_ND, routing.experts_NP, routing.gates_NP, w_gate, w_up, w_down)
+    specs = (row, row, row, weight, weight, weight)
+    out_specs = row
+    if taps is not None:
+        args, specs = args + tuple(taps), specs + (row, row)
+        out_specs = (row, {"x": row, "gu": row, "tile_expert": P(batch_axes),
+                           "used": P(batch_axes)})
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs)(*args)
+
+
+def expert_parallel_wgrad(weights: tuple, xs: dict, ds: dict, cfg: ModelConfig, mesh):
+    """(dW_gate, dW_up, dW_down) float32 of expert_parallel's deferred weight gradients from its
+    store (xs: x, gu, tile_expert, used per device; ds: the taps' cotangents dgu, dy): each
+    device's received rows give its local experts' dW (`experts_wgrad`), summed over the
+    devices that hold the same experts (the batch axes other than `expert`). `weights`: the
+    experts' (gate, up, down), for FP8's Wgrad VJPs."""
+    ep, e_local, batch_axes, row, weight = _ep_layout(cfg, mesh)
+    others = tuple(a for a in batch_axes if a != "expert")
+
+    def local(wg, wu, wd, x, gu, dgu, dy, tile_expert, used):
+        dw = experts_wgrad((wg, wu, wd), x, gu, dgu, dy, tile_expert, used[0], cfg)
+        # summed over the devices holding the same experts: FP8's GEMM VJPs return that sum
+        # already (the transpose of the weights' broadcast over those axes), the dW loop not
+        summed = lambda w: tuple(a for a in others if a in varying_axes(w))
+        return tuple(jax.lax.psum(w, summed(w)) if summed(w) else w for w in dw)
+
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(weight,) * 3 + (row,) * 4 + (P(batch_axes),) * 2,
+                         out_specs=(weight,) * 3)(*weights, xs["x"], xs["gu"], ds["dgu"],
+                                                  ds["dy"], xs["tile_expert"], xs["used"])
+
+
+def experts_wgrad(weights: tuple, x, gu, dgu, dy, tile_expert, used, cfg: ModelConfig):
+    """(dW_gate, dW_up, dW_down) float32 of sorted_experts' deferred weight gradients from its
+    store and the taps' cotangents: FP8's GEMM VJPs (fp8_experts_wgrad) or the grouped
+    SwiGLU's dW loop (grouped_swiglu_wgrad)."""
+    from kernels_pallas.grouped_gemm import grouped_swiglu_wgrad
+    if cfg.fp8:
+        return fp8_experts_wgrad(*weights, x, gu, dgu, dy, tile_expert, used, cfg)
+    tile_m = x.shape[0] // tile_expert.shape[0]
+    return grouped_swiglu_wgrad(x, gu, dgu, dy, tile_expert, used, tile_m=tile_m,
+                                num_experts=weights[0].shape[0])
 
 
 SYNC_AXES: tuple = ()   # extra manual axes the capacity decision is agreed over
@@ -429,15 +574,35 @@ class RoutedExperts(nn.Module):
         # accumulation, not rounded to the compute dtype).
         weights = [self.gate, self.up, self.down]
         mesh = _active_mesh()
-        if mesh is not None:
-            return expert_parallel(x_ND, routing, *weights, cfg, mesh)
-        if use_gather(cfg, routing.experts_NP.size):
+        # the pipeline's split W defers these weight gradients (BF16, FP32, and FP8 with its
+        # activation caching; FP8 without keeps them in B): zero taps on the gate | up GEMM's
+        # output and the down-projection's, their input and layout kept for W
+        defer = deferring(self) and (not cfg.fp8 or cfg.fp8_cache_activations)
+        if mesh is None and use_gather(cfg, routing.experts_NP.size):
             return gathered_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights)
-        # the pipeline's split W defers these weight gradients (one device per expert set, BF16
-        # or FP32: expert parallelism and FP8 keep them in B)
-        defer = self if deferring(self) and not cfg.fp8 else None
-        return sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
-                              num_experts=cfg.n_routed_experts, defer=defer)
+        taps = None
+        if defer:
+            slots = routing.experts_NP.size
+            if mesh is None:
+                m = ep_store_rows(cfg, slots, 1)[0]
+            else:   # per device: its own buffer of received rows
+                devices = math.prod(mesh.shape[a] for a in _ep_layout(cfg, mesh)[2])
+                m = devices * ep_store_rows(cfg, slots // devices, mesh.shape["expert"])[0]
+            zeros = lambda n: jnp.zeros((m, n), x_ND.dtype)
+            taps = (self.perturb("dgu", zeros(gate_up_width(cfg)),
+                                 collection=WGRAD_TAPS),
+                    self.perturb("dy", zeros(cfg.hidden_size), collection=WGRAD_TAPS))
+        if mesh is not None:
+            out = expert_parallel(x_ND, routing, *weights, cfg, mesh, taps=taps)
+        else:
+            out = sorted_experts(x_ND, routing.experts_NP, routing.gates_NP, *weights, cfg,
+                                 num_experts=cfg.n_routed_experts, taps=taps)
+        if taps is None:
+            return out
+        out, store = out
+        for name, v in store.items():
+            self.put_variable(WGRAD_INPUTS, name, v)
+        return out
 
 
 class MoE(nn.Module):

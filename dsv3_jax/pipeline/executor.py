@@ -42,7 +42,7 @@ How the program is laid out (one SPMD program; every rank runs the same code):
   slot; not the embedding's, dense layers' or head's, recomputed) in rows of their own, and B
   calls it. With split_w (zb1p, dualpipev,
   dualpipe), W is per Linear, as DeepSeek's WeightGradStore: B runs the MoE chunk with its
-  Linears' (and, without expert parallelism or FP8, the routed experts') weight gradients
+  Linears' (and, without FP8, the routed experts', expert-parallel or not) weight gradients
   deferred (`common.deferred_weight_grads`), computes every other gradient, and stores each
   deferred GEMM's input and output gradient (rows of their own, from the B-to-W intervals);
   W turns them into dW, with no forward and no input-gradient chain.

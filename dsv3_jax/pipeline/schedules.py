@@ -10,8 +10,9 @@ Stages are numbered in model order: stage 0 holds the embedding, stage n_stages-
 loss. Every (stage, mb) has exactly one F, one B and one W, on the rank holding that stage. The
 dependencies are F(s,m) <- F(s-1,m); B(s,m) <- F(s,m), B(s+1,m); W(s,m) <- B(s,m). On each
 (rank, chunk slot) the F's and the B's run in increasing micro-batch order, so the activations
-in flight on a chunk always form a contiguous run of micro-batches and an executor can keep
-them in K buffers indexed by mb % K (`simulate.lockstep(...).slots` gives K).
+in flight on a chunk always form a contiguous run of micro-batches and an executor could keep
+them in K buffers indexed by mb % K (`simulate.lockstep(...).slots` gives K); the executor
+here gives each value a row of a buffer its rank's chunks share (`table.make_plan`).
 
 Schedules (`make(name, ranks, microbatches)`):
 

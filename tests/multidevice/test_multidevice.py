@@ -52,6 +52,18 @@ def test_pipeline_matches_single_device(which):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 
 
+@pytest.mark.parametrize("which", [
+    "quick",                                      # the usual and the worst-case branch
+    pytest.param("all", marks=pytest.mark.slow),  # + no branch, and FP8
+])
+def test_deferred_expert_weight_gradients_under_expert_parallelism(which):
+    """split W with the routed experts expert-parallel: B + W equals the one-pass VJP for the
+    all-to-all's usual and worst-case capacity branches (tests/multidevice/deferred_ep.py)."""
+    out = run_script("deferred_ep.py", which)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
 @pytest.mark.slow   # ~8 minutes on 2 cores: five trainer runs
 def test_pipeline_cli_and_checkpoints_across_pipelines(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(HERE, "pipeline_cli.py"), str(tmp_path)],
