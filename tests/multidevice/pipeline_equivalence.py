@@ -127,7 +127,8 @@ def main():
                  for mode in ((True, False, False), (False, True, False), (False, False, False))]
         cases += [(s, MESHES[0], mode) for s in ("zb1p", "dualpipev")
                   for mode in ((True, True, True), (True, False, True), (False, True, True))]
-        # without expert parallelism the routed experts' weight gradients are deferred too
+        # W apart on (pipeline 4, data 2): the routed experts' store per data shard, no
+        # expert shards (on (2, 2, 2) above: expert-parallel)
         cases += [(s, MESHES[1], (True, True, True)) for s in ("zb1p", "dualpipe")]
     elif which == "composed":   # fsdp beside the pipeline (its parameters gathered per step)
         cases = [("1f1b", dict(pipeline=2, fsdp=2, expert=2)),
