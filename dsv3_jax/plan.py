@@ -230,10 +230,10 @@ def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
     (`common.deferred_weight_grads`), from `jax.eval_shape` of the layer with its weight
     gradients deferred (the routed experts' too, except under FP8 without its activation
     caching). With expert parallelism (expert_shards > 1) a device stores its received rows
-    instead (moe.ep_store_rows: the all-to-all's usual capacity over its E / expert_shards
+    instead (moe_ep.ep_store_rows: the all-to-all's usual capacity over its E / expert_shards
     experts): x, gu, dgu, dy and the tile layout."""
     from dsv3_jax import model
-    from dsv3_jax.layers import moe
+    from dsv3_jax.layers import moe, moe_ep
     x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
     ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
     variables = jax.eval_shape(model._MoEChunk(cfg, 1).init, jax.random.key(0), x, ids, ids)
@@ -245,7 +245,7 @@ def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
             continue
         total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
     if experts:
-        m, tile_m = moe.ep_store_rows(cfg, rows * seq_len * cfg.num_experts_per_tok,
+        m, tile_m = moe_ep.ep_store_rows(cfg, rows * seq_len * cfg.num_experts_per_tok,
                                       expert_shards)
         width = 2 * cfg.hidden_size + 2 * moe.gate_up_width(cfg)   # x, dy; gu, dgu
         total += m * width * np.dtype(cfg.dtype).itemsize + 4 * (m // tile_m + 1)

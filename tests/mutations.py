@@ -103,7 +103,7 @@ MUTATIONS = [
      "act_live[key] = (t, f_tick[key] if keep_residuals else last_use[key])",
      "act_live[key] = (t, f_tick[key])", [T_PIPE_TABLE]),
     ("split W, expert-parallel: W's expert dW not summed over the data axes",
-     "dsv3_jax/layers/moe.py",
+     "dsv3_jax/layers/moe_ep.py",
      "return tuple(jax.lax.psum(w, summed(w)) if summed(w) else w for w in dw)",
      "return dw", [T_DEFER_EP]),
     ("split W, FP8: the gate | up GEMM's output not tapped", "dsv3_jax/layers/moe.py",
@@ -200,7 +200,7 @@ MUTATIONS = [
      "return dequantize_1x128(q, res.scale)[:, :res.like.shape[1]], res.like",
      "return dequantize_1x128(q, res.scale[:, :1].repeat(res.scale.shape[1], 1))"
      "[:, :res.like.shape[1]], res.like", [T_XCACHE]),
-    ("FP8 dispatch: scales not rounded to powers of 2", "dsv3_jax/layers/moe.py",
+    ("FP8 dispatch: scales not rounded to powers of 2", "dsv3_jax/layers/moe_ep.py",
      "q, scale = fp8.quantize_1x128_padded(x, pow2_scale=True)",
      "q, scale = fp8.quantize_1x128_padded(x, pow2_scale=False)", [T_EXCHANGE]),
     ("gradient accumulation zeroes the gradients", "dsv3_jax/train.py",

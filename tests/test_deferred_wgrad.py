@@ -152,7 +152,7 @@ def test_fp8_routed_experts_deferred_match_the_one_pass_vjp():
     gate | up and down GEMMs' outputs, W runs each GEMM's own FP8 VJP at what B stored
     (moe.fp8_experts_wgrad): dx from B, dW from W equal the one-pass VJP's, and B gives the
     weights nothing. Fresh random tokens, routing and weights."""
-    from dsv3_jax.layers import moe
+    from dsv3_jax.layers import moe, moe_ep
     cfg = config_lib.tiny(fp8=True, dtype="bfloat16", hidden_size=128,
                           moe_intermediate_size=96, n_routed_experts=4, n_group=2, topk_group=1,
                           num_experts_per_tok=2)
@@ -169,7 +169,7 @@ def test_fp8_routed_experts_deferred_match_the_one_pass_vjp():
                                                        num_experts=e, taps=taps)
     _, vjp = jax.vjp(run, x, *ws)
     dx_ref, *dw_ref = vjp(dy)
-    m = moe.ep_store_rows(cfg, n * 2, 1)[0]
+    m = moe_ep.ep_store_rows(cfg, n * 2, 1)[0]
     taps = (jnp.zeros((m, moe.gate_up_width(cfg)), jnp.bfloat16), jnp.zeros((m, d), jnp.bfloat16))
     (_, store), vjp = jax.vjp(lambda x_, t, *w: run(x_, *w, taps=t), x, taps, *ws)
     dx, dtaps, *dw_b = vjp((dy, jax.tree.map(jnp.zeros_like, store)))

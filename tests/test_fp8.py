@@ -410,13 +410,13 @@ def test_fp8_exchanges_on_one_shard(rng):
     dispatch returns the FP8-rounded rows and passes the gradient back unrounded; combine
     returns its rows as they are and rounds the gradient to FP8 (power-of-2 scales)."""
     from jax.sharding import PartitionSpec as P
-    from dsv3_jax.layers import moe
+    from dsv3_jax.layers import moe_ep
     mesh = jax.make_mesh((1,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
     x = rand(rng, (24, 256), jnp.bfloat16)
     g = rand(rng, (24, 256), jnp.float32)
     rnd = lambda a: fp8.dequantize_1x128(*fp8.quantize_1x128(a, pow2_scale=True), a.dtype)
-    for fn, fwd_round, bwd_round in ((moe.fp8_dispatch_exchange, True, False),
-                                     (moe.fp8_grad_combine_exchange, False, True)):
+    for fn, fwd_round, bwd_round in ((moe_ep.fp8_dispatch_exchange, True, False),
+                                     (moe_ep.fp8_grad_combine_exchange, False, True)):
         f = jax.shard_map(lambda a: fn(a, "expert"), mesh=mesh, in_specs=P("expert"),
                           out_specs=P("expert"))
         y, vjp = jax.vjp(f, x)

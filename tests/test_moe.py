@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsv3_jax import config, model
-from dsv3_jax.layers import moe
+from dsv3_jax.layers import moe, moe_ep
 
 
 def route_reference(s, b, cfg):
@@ -258,7 +258,7 @@ def test_node_limited_routing_with_one_group_per_expert_shard(rng):
     per_token = [len(set(row)) for row in shard_of]
     assert max(per_token) <= cfg.topk_group and max(per_token) == cfg.topk_group
     # the all-to-all plan agrees: rows for a token are sent to exactly those shards
-    plan, _, _ = moe.plan_all_to_all(r.experts_NP, shards, 32 // shards, capacity=512 * 6)
+    plan, _, _ = moe_ep.plan_all_to_all(r.experts_NP, shards, 32 // shards, capacity=512 * 6)
     dest_shard = np.asarray(plan.dest_row_NP) // (512 * 6)
     np.testing.assert_array_equal(dest_shard, shard_of)
 

@@ -428,10 +428,11 @@ def test_plan_counts_the_buffers_the_executor_traces(keep, split):
     MoE chunk's VJP from eval_shape + the front's and tail's input activations; the step's
     also holds the micro-batch's token ids and masks). The small config of the 8-device
     equivalence tests, with MTP and a dense layer."""
+    import os
     import sys
 
     import jax
-    sys.path.insert(0, "tests/multidevice")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice"))
     import pipeline_equivalence as pe
     from dsv3_jax import plan, sharding, train, train_config, train_state
     c = pe.config(False, 4)

@@ -73,7 +73,7 @@ SELECTIVE_SAVED = (
     "moe_dispatch",   # the dispatch plan's index maps (moe.py)
     "moe_gu",         # routed experts' gate | up [M, 2F] (grouped_gemm.py; moe.py for FP8)
     "moe_out",        # routed experts' output rows [M, D] before the combine (moe.py)
-    "moe_recv",       # expert parallelism: the rows received by all_to_all (moe.py)
+    "moe_recv",       # expert parallelism: the rows received by all_to_all (moe_ep.py)
 )
 
 _REMAT_POLICIES = {

@@ -167,14 +167,14 @@ def deferred_weight_grads(params: dict, inputs: dict, dys: dict, cfg: ModelConfi
     Linears of `inputs` (WGRAD_INPUTS: {"x" or "x_uncached": [L..., M, K]}) and `dys` (the
     WGRAD_TAPS cotangents: {"dy": [L..., M, N]}), and at the routed experts whose grouped SwiGLU
     deferred them (moe.sorted_experts: {"x", "gu", "tile_expert", "used"} and {"dgu", "dy"};
-    under a mesh, moe.expert_parallel's per-device stores, used [devices]); L... the stacked
+    under a mesh, moe_ep.expert_parallel's per-device stores, used [devices]); L... the stacked
     layer axes."""
-    from dsv3_jax.layers import moe
+    from dsv3_jax.layers import moe, moe_ep
 
     def experts(p, xs, ds):   # one layer's routed experts
         weights = (p["gate"], p["up"], p["down"])
         if xs["used"].ndim == 1:   # expert-parallel: each device's received rows
-            dw = moe.expert_parallel_wgrad(weights, xs, ds, cfg, jax.sharding.get_abstract_mesh())
+            dw = moe_ep.expert_parallel_wgrad(weights, xs, ds, cfg, jax.sharding.get_abstract_mesh())
         else:
             dw = moe.experts_wgrad(weights, xs["x"], xs["gu"], ds["dgu"], ds["dy"],
                                    xs["tile_expert"], xs["used"], cfg)

@@ -62,7 +62,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import model
-from dsv3_jax.layers import moe as moe_lib
+from dsv3_jax.layers import moe_ep
 from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, deferred_weight_grads,
                                      dtype_of)
 from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
@@ -415,7 +415,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     # Branched, the embedding's gradient is a local scatter + all-reduce (model.local_embed_grad):
     # GSPMD's own scatter holds a collective-permute over all devices, which must not sit in a
     # branch.
-    with moe_lib.synced_over(*(() if branched else (AXIS,))), (
+    with moe_ep.synced_over(*(() if branched else (AXIS,))), (
             model.local_embed_grad() if branched else contextlib.nullcontext()):
         sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
                                                 step, jnp.asarray(plan.table), row_maps)

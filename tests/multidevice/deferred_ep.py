@@ -2,7 +2,7 @@
 
 The pipeline's split W with the routed experts expert-parallel: B (the MoE chunk with every
 Linear's and the experts' weight gradients deferred) + W (`common.deferred_weight_grads`, the
-experts' through `moe.expert_parallel_wgrad`: each device's received rows, summed over the
+experts' through `moe_ep.expert_parallel_wgrad`: each device's received rows, summed over the
 devices holding the same experts) equals the one-pass VJP under the same mesh, on fresh random
 inputs, within 1e-5: for the all-to-all's usual capacity branch (W computes the experts' dW),
 the worst-case branch (B keeps them, W's store is empty), a capacity that needs no branch, and
