@@ -284,6 +284,16 @@ def wgrad_store_shapes(cfg: ModelConfig, variables: dict, x, positions, segment_
     return cols[WGRAD_INPUTS]["moe_layers"], cols[WGRAD_TAPS]["moe_layers"]
 
 
+def vjp_residuals(vjp, params) -> tuple[list, object, tuple]:
+    """(leaves, treedef, where) of a `jax.vjp` function: `where[i]` is the index in
+    jax.tree.leaves(params) of leaf i when that leaf is a parameter itself (recognised by
+    identity, at trace time), else -1: a residual the VJP keeps beyond its parameters."""
+    leaves, tdef = jax.tree.flatten(vjp)
+    flat = jax.tree.leaves(params)
+    where = tuple(next((i for i, q in enumerate(flat) if leaf is q), -1) for leaf in leaves)
+    return leaves, tdef, where
+
+
 def chunk_residual_shapes(cfg: ModelConfig, variables: dict, x, positions, segment_ids,
                           deferred: bool = False):
     """The shapes (`jax.ShapeDtypeStruct`) of what the VJP of a MoE-stack slice keeps beyond
@@ -308,9 +318,8 @@ def chunk_residual_shapes(cfg: ModelConfig, variables: dict, x, positions, segme
             out, col = forward_moe_chunk(cfg, v2, x2, p_, s_, mutable=(WGRAD_INPUTS,))
             return out, col[WGRAD_INPUTS]
         _, vjp, inputs = jax.vjp(f, v["params"], x_, taps, has_aux=True)
-        params = jax.tree.leaves(v["params"])
-        return [a for a in jax.tree.leaves(vjp) if not any(a is q for q in params)
-                ] + jax.tree.leaves(inputs)
+        leaves, _, where = vjp_residuals(vjp, v["params"])
+        return [a for a, w in zip(leaves, where) if w < 0] + jax.tree.leaves(inputs)
     return jax.eval_shape(kept, variables, x, positions, segment_ids)
 
 

@@ -234,19 +234,16 @@ def deferred_w_bytes_per_layer(cfg: ModelConfig, rows: int, seq_len: int,
     experts): x, gu, dgu, dy and the tile layout."""
     from dsv3_jax import model
     from dsv3_jax.layers import moe, moe_ep
-    x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
-    ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
-    variables = jax.eval_shape(model._MoEChunk(cfg, 1).init, jax.random.key(0), x, ids, ids)
-    cols = model.wgrad_store_shapes(cfg, variables, x, ids, ids)
+    cols = model.wgrad_store_shapes(cfg, *_abstract_chunk(cfg, 1, rows, seq_len))
     total, experts = 0, False
     for path, leaf in jax.tree_util.tree_flatten_with_path(cols)[0]:
         if expert_shards > 1 and "'experts'" in jax.tree_util.keystr(path):
             experts = True
             continue
-        total += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        total += _nbytes([leaf])
     if experts:
         m, tile_m = moe_ep.ep_store_rows(cfg, rows * seq_len * cfg.num_experts_per_tok,
-                                      expert_shards)
+                                         expert_shards)
         width = 2 * cfg.hidden_size + 2 * moe.gate_up_width(cfg)   # x, dy; gu, dgu
         total += m * width * np.dtype(cfg.dtype).itemsize + 4 * (m // tile_m + 1)
     return int(total)
@@ -259,11 +256,22 @@ def kept_residual_bytes(cfg: ModelConfig, layers: int, rows: int, seq_len: int,
     buffers): a kept stage's residuals in the pipeline executor (pipeline.recompute=False);
     `deferred` (pipeline.split_w): with the Linears' inputs that F hands to B for W."""
     from dsv3_jax import model
+    return _nbytes(model.chunk_residual_shapes(
+        cfg, *_abstract_chunk(cfg, layers, rows, seq_len), deferred))
+
+
+def _abstract_chunk(cfg: ModelConfig, layers: int, rows: int, seq_len: int) -> tuple:
+    """(variables, x, positions, segment_ids) of `layers` MoE layers as shapes, for the
+    eval_shape counts above (nothing is allocated at the 671B shapes)."""
+    from dsv3_jax import model
     x = jax.ShapeDtypeStruct((rows, seq_len, cfg.hidden_size), np.dtype(cfg.dtype))
     ids = jax.ShapeDtypeStruct((rows, seq_len), np.int32)
     variables = jax.eval_shape(model._MoEChunk(cfg, layers).init, jax.random.key(0), x, ids, ids)
-    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
-                   for a in model.chunk_residual_shapes(cfg, variables, x, ids, ids, deferred)))
+    return variables, x, ids, ids
+
+
+def _nbytes(leaves) -> int:
+    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves))
 
 
 def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int,

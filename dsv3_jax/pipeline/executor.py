@@ -264,10 +264,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             respect to the Linears' output taps, and aux holds their inputs for W."""
             f = lambda jp_, rp2, x_, t_: stage(first, last, jp_, rp2, x_, jb, ok, mb, t_)
             out, vjp, aux = jax.vjp(f, jp, rp_, x, taps0, has_aux=True)
-            leaves, tdef = jax.tree.flatten(vjp)
-            params = jax.tree.leaves((jp, rp_))
-            where = tuple(next((i for i, q in enumerate(params) if leaf is q), -1)
-                          for leaf in leaves)
+            leaves, tdef, where = model.vjp_residuals(vjp, (jp, rp_))
             return out, aux, leaves, tdef, where
 
         # Split W: zero taps on the MoE chunk's Linear outputs (their cotangents are the output
