@@ -23,7 +23,7 @@ from dsv3_jax import errors, sharding, train_config
 from dsv3_jax import train_state as ts
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.errors import UserError
-from dsv3_jax.layers import attention
+from dsv3_jax.layers import attention, tp
 
 GB = 1024 ** 3
 
@@ -171,13 +171,19 @@ def plan(c, mesh_sizes: dict, devices: int) -> dict:
     batch_ways = math.prod(mesh_shape[a] for a in sharding.BATCH_AXES)
     micro = c.data.micro_batch or c.data.global_batch
     rows_per_device = -(-micro // batch_ways)   # the largest shard when rows do not split
-    act = activation_bytes_per_token_layer(model_cfg, cfg.remat, c.data.seq_len,
+    # with tensor > 1 a device keeps its slice of the heads and FFN widths' activations (the
+    # residual stream whole): the formulas at the local widths
+    try:
+        local_cfg = tp.local_config(model_cfg, mesh_shape["tensor"], fp8_tiles=False)
+    except ValueError as e:
+        raise sharding.MeshError(f"mesh.tensor={mesh_shape['tensor']}: {e}") from None
+    act = activation_bytes_per_token_layer(local_cfg, cfg.remat, c.data.seq_len,
                                            tokens=rows_per_device * c.data.seq_len)
     pp = mesh_shape["pipeline"]
     pipe = None
     if pp > 1:
         pipe = pipeline_plan(c, cfg, pp, rows_per_device, act["per_token_layer"],
-                             expert_shards=mesh_shape["expert"])
+                             expert_shards=mesh_shape["expert"], tensor=mesh_shape["tensor"])
         in_flight, layers_per_device = pipe["in_flight_tokens_layers"], pipe["layers_per_device"]
         tokens_in_flight = rows_per_device * c.data.seq_len * pipe["peak_in_flight_stages"]
         activations = act["per_token_layer"] * in_flight
@@ -275,7 +281,7 @@ def _nbytes(leaves) -> int:
 
 
 def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: int,
-                  expert_shards: int = 1) -> dict:
+                  expert_shards: int = 1, tensor: int = 1) -> dict:
     """Stages, layers and activations in flight per device for c.pipeline.schedule on pp ranks.
 
     The schedule's activation memory (what an MPMD runtime keeping every layer's residuals
@@ -315,7 +321,8 @@ def pipeline_plan(c, cfg: ModelConfig, pp: int, rows: int, bytes_token_layer: in
     run = executor.build(sched.name, pp, m, cfg.num_moe_layers, executor.layer_costs(cfg),
                          c.pipeline.split_w, not recompute)[1]   # what the executor runs
     n_rows = {k: v + 1 for k, v in run.n_rows.items()}   # + the scratch row
-    model_cfg = train_config.model_config(c)             # as trained (FP8 caching included)
+    # as trained (FP8 caching included), at a device's widths with tensor beside the pipeline
+    model_cfg = tp.local_config(train_config.model_config(c), tensor, fp8_tiles=False)
     x_bytes = tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize
     front_tail = dense_mtp * tokens * bytes_token_layer  # one stage's extras, while B runs
     buffers = {"act": n_rows["act"] * x_bytes, "grad": n_rows["grad"] * x_bytes}

@@ -1,5 +1,7 @@
 """The executor's static side: stage sizes, the device table, config errors (no devices needed;
 the numerics on 8 fake devices are tests/multidevice/pipeline_equivalence.py)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -142,12 +144,25 @@ def test_pipeline_problems_are_reported_before_compile():
     for needle in ("dualpipe", "2 micro-batches", "3 MoE layers do not split into 8 stages", "zigzag",
                    "has no pipeline stages"):
         assert needle in text, (needle, text)
-    # the other mesh axes: data, fsdp and expert compose with the pipeline, tensor does not
+    # the other mesh axes compose with the pipeline; tensor where the widths split
     ok = dict(pipeline=2, expert=2, data=2, fsdp=1, tensor=1)
     assert executor.problems("dualpipev", 2, [4], cfg, obj, ok) == []
     assert executor.problems("dualpipev", 2, [4], cfg, obj, dict(ok, data=1, fsdp=2)) == []
-    bad = executor.problems("dualpipev", 2, [4], cfg, obj, dict(ok, expert=1, tensor=2))
-    assert len(bad) == 1 and "mesh.tensor=2 with mesh.pipeline=2" in bad[0], bad
+    assert executor.problems("dualpipev", 2, [4], cfg, obj, dict(ok, expert=1, tensor=2)) == []
+    bad = executor.problems("dualpipev", 2, [4], cfg, obj, dict(ok, expert=1, data=1, tensor=3))
+    assert bad and all("mesh.tensor=3 with mesh.pipeline=2" in b for b in bad), bad
+    assert any("num_attention_heads" in b for b in bad), bad
+    fp8 = cfg.replace(fp8=True, dtype="bfloat16")
+    bad = executor.problems("dualpipev", 2, [4], fp8, dataclasses.replace(obj, cfg=fp8),
+                            dict(ok, expert=1, tensor=2))
+    assert bad and "multiple of 128" in bad[0], bad
+    bad = executor.problems("1f1b", 2, [4], cfg, _NoCfg(), dict(ok, expert=1, tensor=2))
+    assert any("not a dataclass with a `cfg` field" in b for b in bad), bad
+
+
+class _NoCfg:
+    """An objective with pipeline stages but no config to localise (tensor beside pipeline)."""
+    stage_loss = tail_loss = balance = None
 
 
 def test_pipeline_microbatches_set_the_micro_batch():
@@ -283,6 +298,17 @@ def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step()
                 ways = np.prod([mesh[a] for a in axes((r[dim],))])
                 assert leaf.shape[dim] % ways == 0
     assert "pipeline" in axes(rest["embed"]) and "pipeline" in axes(rest["lm_head"])
+    # tensor beside the pipeline: the stages keep heads and FFN widths split over it, the
+    # embedding and head (split over vocab at rest) are gathered over it for the step
+    mesh = dict(mesh, data=1, tensor=2)
+    rest = train_state.params_specs(cfg, shapes, mesh)
+    step = train_state.params_specs(cfg, shapes, mesh, gathered=True)
+    for key in ("embed", "lm_head"):
+        assert "tensor" in axes(rest[key]) and "tensor" not in axes(step[key]), step[key]
+    for spec in (step["dense_layers"]["block"]["mlp"]["up"]["kernel"],
+                 step["moe_layers"]["block"]["attn"]["q_b"]["kernel"],
+                 step["moe_layers"]["block"]["moe"]["experts"]["down"]):
+        assert "tensor" in axes(spec), spec
 
 
 @pytest.mark.parametrize("name,moe_layers,slots", [
@@ -463,3 +489,31 @@ def test_plan_counts_the_buffers_the_executor_traces(keep, split):
         assert got["res"] == pytest.approx((n_res + 1) * pp["kept_residual_row_bytes"], rel=0.01)
     else:
         assert got["res"] == 0
+
+
+def test_plan_with_tensor_beside_the_pipeline_counts_a_devices_slice():
+    """With tensor beside the pipeline a device keeps its slice of the heads' and FFN widths'
+    activations and the residual stream whole: the per-token figure and the kept residuals are
+    the local config's (tp.local_config), between half and all of the unsplit ones; the state
+    is split as the rules say (embedding and head gathered for the step)."""
+    from dsv3_jax import plan, train_config
+    from dsv3_jax.layers import tp
+    c = train_config.base_config()
+    c.pipeline.schedule, c.pipeline.recompute = "dualpipev", False
+    c.data.global_batch, c.data.micro_batch, c.data.seq_len = 16, 4, 32
+    c.model = train_config.model_block("tiny", num_hidden_layers=5)
+    mesh = {"pipeline": 2, "data": 1, "expert": 1, "fsdp": 1, "tensor": 1}
+    one = plan.plan(c, mesh, 2)
+    two = plan.plan(c, dict(mesh, tensor=2), 4)
+    cfg = train_config.model_config(c)
+    local = tp.local_config(cfg, 2)
+    per = lambda cfg_: plan.activation_bytes_per_token_layer(
+        cfg_, cfg_.remat, 32, tokens=4 * 32)["per_token_layer"]
+    b1, b2 = (p["activation_assumptions"]["bytes_per_token_layer"] for p in (one, two))
+    assert (b1, b2) == (per(cfg), per(local)) and b1 / 2 < b2 < b1
+    row = lambda cfg_: plan.kept_residual_bytes(cfg_, 1, 4, 32, False)
+    assert two["pipeline"]["kept_residual_row_bytes"] - row(local) == \
+        one["pipeline"]["kept_residual_row_bytes"] - row(cfg)      # + the front's and tail's x
+    assert row(cfg) / 2 < row(local) < row(cfg)
+    with pytest.raises(Exception, match="mesh.tensor=3"):
+        plan.plan(c, dict(mesh, tensor=3), 6)

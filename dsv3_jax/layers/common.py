@@ -18,6 +18,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig, yarn_get_mscale
+from dsv3_jax.layers import tp
 
 
 def dtype_of(name: str):
@@ -128,8 +129,12 @@ class Linear(nn.Module):
                 else nn.initializers.normal(stddev=self.init_std))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                             dtype_of(self.cfg.param_dtype))
+        # tensor parallelism with `tensor` manual (the pipeline's stages): the collectives of a
+        # column- or row-parallel Linear (dsv3_jax/layers/tp.py); no-ops otherwise
+        ins = self.axes[:self.num_in]
+        x = tp.enter(x, ins, self.axes[self.num_in:])
         if not deferring(self):
-            return linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache)
+            return tp.leave(linear_dot(x, kernel, self.num_in, self.cfg, self.fp8_cache), ins)
         # Weight gradient deferred (see deferred_weight_grads): keep the input, give the kernel
         # no gradient here, and add a zero tap to the output whose cotangent is dy.
         lead = x.shape[:x.ndim - self.num_in]
@@ -137,7 +142,8 @@ class Linear(nn.Module):
         self.put_variable(WGRAD_INPUTS, "x" if self.fp8_cache else "x_uncached", x2)
         y2 = linear_dot(x2, jax.lax.stop_gradient(kernel).reshape(x2.shape[1], -1), 1,
                         self.cfg, self.fp8_cache)
-        return self.perturb("dy", y2, collection=WGRAD_TAPS).reshape(*lead, *self.features)
+        y2 = self.perturb("dy", y2, collection=WGRAD_TAPS)   # before the row-parallel sum
+        return tp.leave(y2, ins).reshape(*lead, *self.features)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig, softmax_scale
-from dsv3_jax.layers import attention
+from dsv3_jax.layers import attention, tp
 from dsv3_jax.layers.common import Linear, RMSNorm, apply_rope, dtype_of, rope_cos_sin
 
 _NEG_INF = -1e30
@@ -141,7 +141,9 @@ class MLA(nn.Module):
         q_nope, q_rope = self.project_q(x_BTD)
         q_rope = apply_rope(q_rope, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
         c_kv, k_rope = self.project_latent(x_BTD)
-        k_rope = apply_rope(k_rope, cos, sin, cfg.rope_interleave)
+        # the one rope key enters every head's attention: with `tensor` manual (pipeline
+        # stages) each device's heads give it a partial cotangent, summed by tp.copy
+        k_rope = tp.maybe_copy(apply_rope(k_rope, cos, sin, cfg.rope_interleave))
         q_rope, k_rope = q_rope.astype(q_nope.dtype), k_rope.astype(q_nope.dtype)
         k_nope, v = self.expand_latent(c_kv)
         impl = attention.resolve(cfg.train_attention, x_BTD.shape[1])

@@ -346,6 +346,16 @@ class RoutedExperts(nn.Module):
         return jnp.einsum("NED,NE->ND", y.astype(combine_NE.dtype), combine_NE)
 
     def __call__(self, x_ND, routing: Routing):
+        # with `tensor` manual (pipeline stages) each device holds a slice of every expert's
+        # width: the tokens and gates enter it replicated (tp.copy sums their partial
+        # cotangents) and the partial outputs are summed after the combine
+        from dsv3_jax.layers import tp
+        if not tp.active():
+            return self._experts(x_ND, routing)
+        routing = routing._replace(gates_NP=tp.copy(routing.gates_NP))
+        return tp.reduce(self._experts(tp.copy(x_ND), routing))
+
+    def _experts(self, x_ND, routing: Routing):
         cfg = self.cfg
         if cfg.moe_impl == "dense":
             return self.dense(x_ND, routing)

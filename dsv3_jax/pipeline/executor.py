@@ -6,8 +6,10 @@
 It returns what `jax.value_and_grad(objective.loss, has_aux=True)` accumulated over the batch's
 micro-batches returns in `train.train_step`: the mean loss and aux over micro-batches, the loads
 summed, the mean gradient. Called under `jax.set_mesh(mesh)` with mesh.shape["pipeline"] ==
-schedule.ranks; the other mesh axes (data, fsdp, expert, tensor) stay automatic inside, so a
-stage's MoE layers run their expert-parallel all-to-all as they do without a pipeline.
+schedule.ranks; data, fsdp and expert stay automatic inside, so a stage's MoE layers run their
+expert-parallel all-to-all as they do without a pipeline. `tensor` (> 1) is manual inside too:
+each device holds its slice of the heads and FFN widths, the stages run a config of local widths
+and the Megatron collectives are written out (dsv3_jax/layers/tp.py).
 
 How the program is laid out (one SPMD program; every rank runs the same code):
 
@@ -54,6 +56,7 @@ How the program is laid out (one SPMD program; every rank runs the same code):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -62,7 +65,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import model
-from dsv3_jax.layers import moe_ep
+from dsv3_jax.layers import moe_ep, tp
 from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, deferred_weight_grads,
                                      dtype_of)
 from dsv3_jax.pipeline.table import (  # noqa: F401  (re-exported: the executor's table)
@@ -75,6 +78,10 @@ AXIS = "pipeline"
 # `plan.py` predicts (tests/test_pipeline_executor.py compares them)
 traced_buffers: dict = {}
 MODE_OPTIONS = ("branched", "recompute", "split_w")   # c.pipeline's executor modes, in order
+
+_is_spec = lambda x: isinstance(x, P)
+_axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+
 
 def _take(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
@@ -115,9 +122,24 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     # over `pipeline` at rest) are gathered over it, and with fsdp each rank's stage parameters
     # over fsdp (XLA's SPMD partitioner aborts on fsdp-sharded weights inside the shard_map).
     # Their gradients go back to the shards through the step's out shardings.
+    # With tensor > 1, `tensor` is manual inside as well (tp.py): the stages run a config of
+    # local widths on each device's slice of the heads and FFN widths, and the embedding and
+    # head are gathered over `tensor` here too.
     from dsv3_jax import train_state
-    params = jax.lax.with_sharding_constraint(
-        params, train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1), gathered=True))
+    ways = mesh_shape.get(tp.AXIS, 1)
+    in_step = train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1), gathered=True)
+    params = jax.lax.with_sharding_constraint(params, in_step)
+    mcfg = tp.local_config(cfg, ways)
+    obj = objective if ways == 1 else dataclasses.replace(objective, cfg=mcfg)
+    manual = {AXIS} | ({tp.AXIS} if ways > 1 else set())
+    tensor_spec = lambda spec, lead=(): P(*lead, *[
+        tp.AXIS if tp.AXIS in _axes(e) else None for e in spec])
+    # the shard_map's specs: [P, chunks, n, ...] for the MoE stack (its spec's first entry is
+    # the layer axis), the tensor-split dims of every leaf
+    moe_specs = jax.tree.map(lambda sp: tensor_spec(tuple(sp)[1:], (AXIS, None, None)),
+                             in_step["moe_layers"], is_leaf=_is_spec)
+    rest_specs = {k: jax.tree.map(tensor_spec, v, is_leaf=_is_spec)
+                  for k, v in in_step.items() if k != "moe_layers"}
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
@@ -164,7 +186,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             inputs [n, M, K]; without, the inputs are {}."""
             def run(jp_, jb_, x_, taps_):
                 v = {"params": {"moe_layers": jp_}, "router_bias": {"moe_layers": jb_}}
-                args = (cfg, v, x_, mb["positions"], mb["segment_ids"])
+                args = (mcfg, v, x_, mb["positions"], mb["segment_ids"])
                 if taps_ is None:
                     return model.forward_moe_chunk(*args) + ({},)
                 v[WGRAD_TAPS] = {"moe_layers": taps_}
@@ -183,11 +205,11 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             return y, stats, ins
 
         def front(rp_, x, mb):
-            return model.forward_front(cfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
+            return model.forward_front(mcfg, {"params": rp_, "router_bias": rb}, mb["inputs"],
                                        mb["positions"], mb["segment_ids"]).astype(act_dtype)
 
         def tail_fn(rp_, y, mb):
-            t_loss, tail = objective.tail_loss(rp_, rb, y, mb, step)
+            t_loss, tail = obj.tail_loss(rp_, rb, y, mb, step)
             return (t_loss.astype(jnp.float32),
                     {k: v.astype(tail_dtypes[k]) for k, v in tail.items()})
 
@@ -226,10 +248,10 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             x = front_part(rp_, x, mb)
             y, stats, inputs = chunk_fn(jp, jb, ok, x, mb, taps)
             t_loss, tail = tail_part(rp_, y, mb)
-            term = objective.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
+            term = obj.stage_loss(stats) + jnp.where(last, t_loss, 0.0)
             y = jnp.where(last, jnp.zeros_like(y), y)
             return (y.astype(act_dtype), term.astype(jnp.float32)), ((
-                stats.counts.astype(jnp.int32), objective.balance(stats).astype(jnp.float32),
+                stats.counts.astype(jnp.int32), obj.balance(stats).astype(jnp.float32),
                 tail), inputs)
 
         f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
@@ -276,7 +298,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
             x0 = jnp.zeros(x_shape, act_dtype)
             mb0 = _take(batch, 0)
             inputs0, taps_shape = model.wgrad_store_shapes(
-                cfg, {"params": {"moe_layers": _take(cp, 0)},
+                mcfg, {"params": {"moe_layers": _take(cp, 0)},
                       "router_bias": {"moe_layers": _take(cb, 0)}},
                 x0, mb0["positions"], mb0["segment_ids"])
             taps0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), taps_shape)
@@ -342,7 +364,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
         def weights(first, last, jp, rp_, jb, ok, x, dy, mb, stored):
             """W: the MoE chunk's Linear kernel gradients from what B stored."""
             inputs, dys = jax.tree.unflatten(store_def, stored)
-            return deferred_weight_grads(jp, inputs, dys, cfg)
+            return deferred_weight_grads(jp, inputs, dys, mcfg)
 
         def tick(carry, rows_all):
             xin, gin, res, store, dcp, drp, sums, counts, mtp_counts = carry
@@ -403,17 +425,18 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     row_maps = {k: jnp.asarray(v) for k, v in plan.rows.items()}
     fn = jax.shard_map(
         per_rank,
-        in_specs=(spec(moe_p, P(AXIS)), spec(moe_b, P(AXIS)), P(AXIS), spec(rest_p, P()),
+        in_specs=(moe_specs, spec(moe_b, P(AXIS)), P(AXIS), rest_specs,
                   spec(rest_b, P()), spec(batch, P()), P(), P(), spec(row_maps, P(AXIS))),
-        out_specs=(P(), P(), spec(rest_p, P()), spec(moe_p, P(AXIS)), P(AXIS)),
-        axis_names={AXIS}, check_vma=False)
+        out_specs=(P(), P(), rest_specs, moe_specs, P(AXIS)),
+        axis_names=manual, check_vma=False)
     # Branch-free, every rank runs every MoE layer each tick, so the EP capacity branch inside
     # must be the same on all pipeline ranks (branched, only one rank's devices must agree).
     # Branched, the embedding's gradient is a local scatter + all-reduce (model.local_embed_grad):
     # GSPMD's own scatter holds a collective-permute over all devices, which must not sit in a
     # branch.
     with moe_ep.synced_over(*(() if branched else (AXIS,))), (
-            model.local_embed_grad() if branched else contextlib.nullcontext()):
+            model.local_embed_grad() if branched else contextlib.nullcontext()), (
+            tp.manual() if ways > 1 else contextlib.nullcontext()):
         sums, mtp_counts, drp, dcp, counts = fn(moe_p, moe_b, valid, rest_p, rest_b, batch,
                                                 step, jnp.asarray(plan.table), row_maps)
     grads = dict(drp)
@@ -442,12 +465,12 @@ def build(name: str, ranks: int, microbatches: int, num_moe_layers: int,
                                keep_residuals)
 
 
-# Mesh axes the executor composes with (fsdp: the stage's parameters gathered over it once per
-# step, in value_and_grad). With tensor > 1 beside the pipeline, XLA's SPMD partitioner aborts
-# on the partially manual shard_map (a replica-group check in spmd_partitioner_util.cc, jax
-# 0.10.2, branched and branch-free ticks), or a branched tick deadlocks on a collective-permute
-# over all devices, as with fsdp-sharded weights inside: refused before compiling.
-COMPOSES_WITH = ("data", "fsdp", "expert")
+# Mesh axes the executor composes with. fsdp: the stage's parameters gathered over it once per
+# step, in value_and_grad (XLA's SPMD partitioner aborts on fsdp-sharded weights inside a
+# partially manual shard_map, or a branched tick deadlocks on a collective-permute over all
+# devices). tensor: manual inside the shard_map, with the collectives written out
+# (dsv3_jax/layers/tp.py), as the partitioner also aborts on tensor-sharded weights there.
+COMPOSES_WITH = ("data", "fsdp", "expert", "tensor")
 
 
 def problems(name: str, ranks: int, micro_per_step, cfg, objective,
@@ -457,14 +480,21 @@ def problems(name: str, ranks: int, micro_per_step, cfg, objective,
     (mesh_shape) the other mesh axes."""
     from dsv3_jax.pipeline import schedules
     out = []
-    other = {k: v for k, v in (mesh_shape or {}).items()
+    mesh_shape = mesh_shape or {}
+    other = {k: v for k, v in mesh_shape.items()
              if k not in (AXIS, *COMPOSES_WITH) and v > 1}
     if other:
         out.append("mesh." + ", mesh.".join(f"{k}={v}" for k, v in other.items()) +
                    f" with mesh.pipeline={ranks}: the pipeline composes with the "
-                   f"{', '.join(COMPOSES_WITH)} axes only (XLA's SPMD partitioner fails on "
-                   "tensor sharding inside the pipeline's shard_map); use data, fsdp or expert "
-                   "for the other devices")
+                   f"{', '.join(COMPOSES_WITH)} axes only")
+    ways = mesh_shape.get(tp.AXIS, 1)
+    if ways > 1:
+        out += [f"mesh.tensor={ways} with mesh.pipeline={ranks}: {p}" for p in
+                tp.problems(cfg, ways)]
+        if not dataclasses.is_dataclass(objective) or not hasattr(objective, "cfg"):
+            out.append(f"mesh.tensor={ways} with mesh.pipeline={ranks}: the objective "
+                       f"{type(objective).__name__} is not a dataclass with a `cfg` field (the "
+                       "stages run it with a config of local widths)")
     if not all(hasattr(objective, k) for k in ("tail_loss", "stage_loss", "balance")):
         out.append(f"the objective {type(objective).__name__} has no pipeline stages "
                    "(stage_loss, tail_loss, balance; see dsv3_jax/objectives/pretrain.py): use "

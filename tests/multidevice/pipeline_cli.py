@@ -8,7 +8,8 @@ resumed with the DualPipe pipeline to step 4: both log (a)'s losses of steps 3-4
 DualPipe run of (b) as 2 processes x 4 devices (gloo): (a)'s losses. All within 1e-5 relative. Four micro-batches of 4 rows per step everywhere (DualPipe on 2 ranks needs 4).
 (f) the issue's command as the main job has it (8 rows per step: DualPipe's 4 micro-batches of
 2 rows do not split over data x expert = 4, so each gets 2 empty rows) against (g), one device
-with the whole step as one batch: the same losses.
+with the whole step as one batch: the same losses. (h) (a)'s step-2 checkpoint resumed with
+DualPipeV on pipeline=2 x tensor=2 x data=2 to step 4: (a)'s losses of steps 3-4.
 """
 import json
 import os
@@ -29,6 +30,7 @@ SHAPE = ["--config.model.num_hidden_layers=3", "--config.model.hidden_size=64",
          "--config.train.checkpoint_every=2", "--config.train.sample_tokens=2",
          "--config.optim.warmup_steps=1"]
 PIPE = {"pipeline": 2, "expert": 2, "data": 2}
+PIPE_TENSOR = {"pipeline": 2, "tensor": 2, "data": 2}
 
 
 def command(workdir, steps, mesh, extra=()):
@@ -77,15 +79,18 @@ def main(work):
     one = {"data": 1}
     run(f"{work}/a", 2, one, 1)
     shutil.copytree(f"{work}/a", f"{work}/a2")
+    shutil.copytree(f"{work}/a", f"{work}/a3")
     run(f"{work}/a", 4, one, 1)
     run(f"{work}/b", 2, PIPE, 8, ["--config.pipeline.schedule=dualpipe"])
     run(f"{work}/b", 4, {"data": 2, "expert": 2, "tensor": 2}, 8)
     run(f"{work}/a2", 4, PIPE, 8, ["--config.pipeline.schedule=dualpipe"])
+    run(f"{work}/a3", 4, PIPE_TENSOR, 8, ["--config.pipeline.schedule=dualpipev"])
     run_two_processes(f"{work}/e", 2, PIPE, ["--config.pipeline.schedule=dualpipe"])
     main_job = ["--config.data.global_batch=8", "--config.data.micro_batch=0"]
     run(f"{work}/f", 2, PIPE, 8, [*main_job, "--config.pipeline.schedule=dualpipe"])
     run(f"{work}/g", 2, one, 1, main_job)
     a, b, d = losses(f"{work}/a"), losses(f"{work}/b"), losses(f"{work}/a2")
+    h = losses(f"{work}/a3")
     e, f, g = losses(f"{work}/e"), losses(f"{work}/f"), losses(f"{work}/g")
     checks = {"pipeline_equals_one_device": close({k: b[k] for k in (1, 2)},
                                                   {k: a[k] for k in (1, 2)}),
@@ -93,9 +98,12 @@ def main(work):
                                                      {k: a[k] for k in (3, 4)}),
               "ckpt_resumes_with_pipeline": close({k: d[k] for k in (3, 4)},
                                                   {k: a[k] for k in (3, 4)}),
+              "ckpt_resumes_with_pipeline_and_tensor": close({k: h[k] for k in (3, 4)},
+                                                             {k: a[k] for k in (3, 4)}),
               "two_processes": close(e, {k: a[k] for k in (1, 2)}),
               "padded_micro_batches": close(f, g)}
     print(json.dumps({"one_device": a, "pipeline_then_none": b, "none_then_pipeline": d,
+                      "none_then_pipeline_and_tensor": h,
                       "two_processes_losses": e, "padded": f, "padded_reference": g,
                       **checks}))
     print("OK" if all(checks.values()) else "FAILED")

@@ -6,7 +6,7 @@ within 1e-5 relative: a small config with MTP on, 16 MoE layers (so that DualPip
 has its 16 stages) and every schedule on the meshes of the issue. Prints one JSON line per case;
 exits 1 on failure.
 
-  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven|modes|composed
+  python tests/multidevice/pipeline_equivalence.py quick|all|fp8|uneven|modes|composed|tensor
   python tests/multidevice/pipeline_equivalence.py cases dualpipev@8 dualpipe@8
 """
 import json
@@ -21,6 +21,12 @@ from experiments.configs import tiny
 
 ROWS, SEQ = 16, 32
 MESHES = [dict(pipeline=2, expert=2, data=2), dict(pipeline=4, data=2), dict(pipeline=8)]
+# tensor beside the pipeline, in every mode (branched, recompute, split_w) somewhere
+TENSOR = [("dualpipev", dict(pipeline=2, tensor=2, expert=2), (True, False, True)),
+          ("zb1p", dict(pipeline=2, tensor=2, data=2), (True, True, True)),
+          ("dualpipe", dict(pipeline=2, tensor=2, expert=2), (False, True, False)),
+          ("1f1b", dict(pipeline=2, tensor=2, data=2), (True, False, False)),
+          ("gpipe", dict(pipeline=4, tensor=2), (True, True, False))]
 LEAVES = [("moe_layers", "block", "moe", "experts", "gate"), ("embed",), ("lm_head",),
           ("moe_layers", "block", "attn", "q_b", "kernel"), ("mtp_0", "block", "moe", "router"),
           ("dense_layers", "block", "mlp", "up", "kernel")]
@@ -33,9 +39,11 @@ def config(fp8=False, moe_layers=16):
                         num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=16, qk_rope_head_dim=8,
                         v_head_dim=16, n_routed_experts=8, n_group=4, topk_group=2,
                         num_experts_per_tok=2, num_nextn_predict_layers=1))
-    if fp8:
+    if fp8:   # each split width whole FP8 tiles with tensor=2 (tp.problems): 8 heads x 16
         c.model.update(dict(fp8=True, dtype="bfloat16", hidden_size=128, intermediate_size=256,
-                            moe_intermediate_size=128, q_lora_rank=128, kv_lora_rank=128))
+                            moe_intermediate_size=256, q_lora_rank=128, kv_lora_rank=128,
+                            num_attention_heads=16, num_key_value_heads=16,
+                            qk_rope_head_dim=16))
     c.data.update(dict(seq_len=SEQ, global_batch=ROWS))
     c.optim.warmup_steps = 1
     c.balance.gamma = 0.01          # visible bias moves
@@ -119,7 +127,7 @@ def main():
     if which == "all":
         cases = [(s, m) for m in MESHES for s in SCHEDULES]
     elif which == "fp8":
-        cases = [("dualpipe", MESHES[0])]
+        cases = [("dualpipe", MESHES[0]), ("dualpipe", dict(pipeline=2, tensor=2, data=2))]
     elif which == "uneven":   # 3 MoE layers over the 4 stages of DualPipeV on 2 ranks: padded
         cases = [("dualpipev", MESHES[0]), ("1f1b", MESHES[0])]
     elif which == "modes":   # the other modes (default: branched, stage recompute, W with B)
@@ -133,14 +141,16 @@ def main():
     elif which == "composed":   # fsdp beside the pipeline (its parameters gathered per step)
         cases = [("1f1b", dict(pipeline=2, fsdp=2, expert=2)),
                  ("dualpipev", dict(pipeline=2, fsdp=2, data=2))]
+    elif which == "tensor":   # tensor beside the pipeline (manual inside: layers/tp.py)
+        cases = TENSOR
     elif which == "cases":   # e.g. cases dualpipev@8 dualpipe@8: schedule on the mesh of that P
         by_pp = {m["pipeline"]: m for m in MESHES}
         cases = [(c.split("@")[0], by_pp[int(c.split("@")[1])]) for c in sys.argv[2:]]
-    else:   # quick: the default mode
-        cases = [("dualpipev", MESHES[0])]
+    else:   # quick: the default mode, with expert and tensor parallelism inside the stages
+        cases = [("dualpipev", dict(pipeline=2, tensor=2, expert=2))]
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
-    moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4}.get(which, 16)
+    moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4, "tensor": 4}.get(which, 16)
     c = config(fp8, moe_layers)
     # FP8's 1x128 activation and 128x1 Wgrad tiles follow each micro-batch's rows, so with FP8
     # the reference accumulates over the same 4 micro-batches the pipeline runs (the others take

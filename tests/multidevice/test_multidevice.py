@@ -39,12 +39,13 @@ def test_two_processes_match_one_and_checkpoint_restores_on_another_mesh(tmp_pat
 
 
 @pytest.mark.parametrize("which", [
-    "quick",                                      # DualPipeV on (pipeline 2, expert 2, data 2)
+    "quick",                                      # DualPipeV on (pipeline 2, tensor 2, expert 2)
     pytest.param("all", marks=pytest.mark.slow),  # 5 schedules x 3 meshes of the issue
     pytest.param("uneven", marks=pytest.mark.slow),   # 5 MoE layers over 4 stages: padded
-    pytest.param("fp8", marks=pytest.mark.slow),  # DualPipe with the FP8 recipe
+    pytest.param("fp8", marks=pytest.mark.slow),  # DualPipe with the FP8 recipe (+ tensor)
     pytest.param("modes", marks=pytest.mark.slow),    # branch-free, kept residuals, W apart
     pytest.param("composed", marks=pytest.mark.slow),  # fsdp beside the pipeline
+    pytest.param("tensor", marks=pytest.mark.slow),    # tensor beside it: 5 schedules x modes
 ])
 def test_pipeline_matches_single_device(which):
     out = run_script("pipeline_equivalence.py", which, timeout=5400)

@@ -1,0 +1,134 @@
+"""Tensor parallelism written out (Megatron-style), for code that runs with `tensor` manual.
+
+Under GSPMD (the default) the `tensor` axis needs nothing here: the rules table shards heads and
+FFN widths over it and XLA inserts the collectives. Inside the pipeline executor's shard_map,
+`tensor` is a manual axis instead (XLA's SPMD partitioner aborts on tensor-sharded weights in a
+partially manual shard_map, jax 0.10.2), so each device holds its slice of every split weight
+and runs the model with a config of local widths (`local_config`), and the collectives are
+explicit. Where they go follows from the Linears' logical axes (`Linear` calls `enter`/`leave`):
+
+  column-parallel (an output axis split, no input axis): x = copy(x)   forward id, backward psum
+  row-parallel    (an input axis split):                 y = reduce(y) forward psum, backward id
+
+so every value outside the split section is replicated and its cotangent is the full one, the
+two ops' VJPs summing the partial input gradients and nothing else. Besides the Linears: MLA's
+shared rope key enters the per-head attention (copy), and the routed experts take the dispatched
+tokens and their gates (copy) and return the combined output (reduce). The embedding and head
+(split over `vocab` at rest) are gathered over `tensor` before the shard_map.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+AXIS = "tensor"
+SPLIT = ("heads", "mlp", "moe_mlp")        # the logical axes split over `tensor` inside stages
+_ACTIVE = False                              # set by `manual()` while tracing
+
+
+@contextlib.contextmanager
+def manual():
+    """While tracing inside (a shard_map manual over `tensor`), the model's split sections run
+    their collectives explicitly."""
+    global _ACTIVE
+    old, _ACTIVE = _ACTIVE, True
+    try:
+        yield
+    finally:
+        _ACTIVE = old
+
+
+def active() -> bool:
+    return _ACTIVE
+
+
+def _sum(x):
+    """psum over `tensor` in float32 (or wider), rounded back once: the sum of the partial
+    products is then rounded as the unsplit GEMM's FP32 accumulator is. (A BF16 all-reduce in
+    a partially manual shard_map also aborts XLA:CPU, jax 0.10.2: "Invalid binary instruction
+    opcode copy".)"""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return jax.lax.psum(x.astype(acc), AXIS).astype(x.dtype)
+
+
+@jax.custom_vjp
+def copy(x):
+    """Identity; the backward sums the partial cotangents over `tensor` (Megatron's f)."""
+    return x
+
+
+copy.defvjp(lambda x: (x, None), lambda _, g: (_sum(g),))
+
+
+@jax.custom_vjp
+def reduce(x):
+    """The sum over `tensor` of each device's partial output; the backward is the identity
+    (the output's cotangent is replicated, and each device's partial output got it whole)."""
+    return _sum(x)
+
+
+reduce.defvjp(lambda x: (_sum(x), None), lambda _, g: (g,))
+
+
+def splits(names) -> bool:
+    return any(n in SPLIT for n in names)
+
+
+def enter(x, in_names, out_names):
+    """A Linear's input: copied in where the Linear is column-parallel."""
+    return copy(x) if _ACTIVE and splits(out_names) and not splits(in_names) else x
+
+
+def leave(y, in_names):
+    """A Linear's output: summed where the Linear is row-parallel."""
+    return reduce(y) if _ACTIVE and splits(in_names) else y
+
+
+def maybe_copy(x):
+    return copy(x) if _ACTIVE else x
+
+
+def maybe_reduce(x):
+    return reduce(x) if _ACTIVE else x
+
+
+def widths(cfg) -> dict[str, int]:
+    """The config fields split over `tensor` (each must divide by its size)."""
+    return {"num_attention_heads": cfg.num_attention_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "moe_intermediate_size": cfg.moe_intermediate_size}
+
+
+def problems(cfg, ways: int) -> list[str]:
+    """Why the model cannot be split `ways` ways over `tensor` inside the pipeline's stages."""
+    out = [f"{k}={v} is not divisible by mesh.tensor={ways}"
+           for k, v in widths(cfg).items() if v % ways]
+    if cfg.fp8 and not out:
+        # each device's slice of a split GEMM dim must be whole FP8 tiles (1x128 activations,
+        # 128x128 weight blocks): a tile across two devices would be quantized as two padded
+        # ones, not as the unsplit model's recipe
+        h = cfg.num_attention_heads // ways
+        local = {"the query up-projection's heads x qk_head_dim": h * cfg.qk_head_dim,
+                 "kv_b's heads x (qk_nope_head_dim + v_head_dim)":
+                     h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                 "the output projection's heads x v_head_dim": h * cfg.v_head_dim,
+                 "intermediate_size": cfg.intermediate_size // ways,
+                 "moe_intermediate_size": cfg.moe_intermediate_size // ways}
+        out += [f"FP8 with mesh.tensor={ways}: {k} per device is {v}, not a multiple of 128 "
+                "(the FP8 tile)" for k, v in local.items() if v % 128]
+    return out
+
+
+def local_config(cfg, ways: int, fp8_tiles: bool = True):
+    """cfg with the split widths divided by `ways` (the shapes one device's slice has);
+    fp8_tiles=False skips the FP8 tile check (for planning)."""
+    if ways == 1:
+        return cfg
+    bad = problems(cfg.replace(fp8=cfg.fp8 and fp8_tiles), ways)
+    if bad:
+        raise ValueError("; ".join(bad))
+    local = {k: v // ways for k, v in widths(cfg).items()}
+    return dataclasses.replace(cfg, num_key_value_heads=local["num_attention_heads"], **local)
