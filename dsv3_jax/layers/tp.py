@@ -95,6 +95,15 @@ def maybe_reduce(x):
     return reduce(x) if _ACTIVE else x
 
 
+def manual_specs(specs, lead: tuple = (), drop: int = 0):
+    """A shard_map's in/out specs for a tree of mesh specs: only the dims split over `tensor`
+    (the other axes stay automatic), after `lead` entries, the first `drop` entries replaced."""
+    from jax.sharding import PartitionSpec as P
+    axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    one = lambda sp: P(*lead, *[AXIS if AXIS in axes(e) else None for e in tuple(sp)[drop:]])
+    return jax.tree.map(one, specs, is_leaf=lambda x: isinstance(x, P))
+
+
 def widths(cfg) -> dict[str, int]:
     """The config fields split over `tensor` (each must divide by its size)."""
     return {"num_attention_heads": cfg.num_attention_heads,

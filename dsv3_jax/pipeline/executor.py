@@ -79,10 +79,6 @@ AXIS = "pipeline"
 traced_buffers: dict = {}
 MODE_OPTIONS = ("branched", "recompute", "split_w")   # c.pipeline's executor modes, in order
 
-_is_spec = lambda x: isinstance(x, P)
-_axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
-
-
 def _take(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
@@ -132,14 +128,10 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     mcfg = tp.local_config(cfg, ways)
     obj = objective if ways == 1 else dataclasses.replace(objective, cfg=mcfg)
     manual = {AXIS} | ({tp.AXIS} if ways > 1 else set())
-    tensor_spec = lambda spec, lead=(): P(*lead, *[
-        tp.AXIS if tp.AXIS in _axes(e) else None for e in spec])
-    # the shard_map's specs: [P, chunks, n, ...] for the MoE stack (its spec's first entry is
-    # the layer axis), the tensor-split dims of every leaf
-    moe_specs = jax.tree.map(lambda sp: tensor_spec(tuple(sp)[1:], (AXIS, None, None)),
-                             in_step["moe_layers"], is_leaf=_is_spec)
-    rest_specs = {k: jax.tree.map(tensor_spec, v, is_leaf=_is_spec)
-                  for k, v in in_step.items() if k != "moe_layers"}
+    # the shard_map's specs: [P, chunks, n, ...] by stage for the MoE stack, and the
+    # tensor-split dims of every leaf
+    moe_specs = tp.manual_specs(in_step["moe_layers"], (AXIS, None, None), drop=1)
+    rest_specs = {k: tp.manual_specs(v) for k, v in in_step.items() if k != "moe_layers"}
     flat = plan.layer_index.reshape(-1)
     n = plan.layer_index.shape[-1]
     n_layers = cfg.num_moe_layers
