@@ -19,13 +19,19 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.layers import tp
 from dsv3_jax.layers.common import head_logits
 
 
 def masked_ce(logits_BTV, targets_BT, mask_BT):
-    """Mean next-token cross-entropy over positions with mask 1 (float32)."""
+    """Mean next-token cross-entropy over positions with mask 1 (float32). With `tensor`
+    manual (pipeline stages), the logits are this device's vocab columns (layers/tp.py)."""
     logits = logits_BTV.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0]
+    if tp.active():
+        nll = tp.vocab_lse(logits) - tp.vocab_pick(logits, targets_BT)
+    else:
+        nll = (jax.nn.logsumexp(logits, -1)
+               - jnp.take_along_axis(logits, targets_BT[..., None], -1)[..., 0])
     mask = mask_BT.astype(jnp.float32)
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
@@ -54,6 +60,9 @@ def _split(x, chunk):
 
 
 def _nll(logits_BCV, t_BC):
+    if tp.active():   # vocab-split logits (the custom VJP below never differentiates these)
+        lse = tp.vocab_lse(logits_BCV)
+        return lse, lse - tp.vocab_pick(logits_BCV, t_BC)
     lse = jax.nn.logsumexp(logits_BCV, -1)
     return lse, lse - jnp.take_along_axis(logits_BCV, t_BC[..., None], -1)[..., 0]
 
@@ -83,10 +92,15 @@ def _head_ce_fwd(h_BTD, w_DV, targets_BT, mask_BT, chunk, dtype):
         lse, nll = _nll(logits, t)
         # d loss / d logits = (softmax - onehot(target)) * mask / den
         g = jnp.exp(logits - lse[..., None])
-        g = g - jax.nn.one_hot(t, g.shape[-1], dtype=g.dtype)
+        # the target's column (with `tensor` manual: its index in this device's columns,
+        # one_hot of an index outside them is all zeros)
+        local = tp.vocab_slice(t, g.shape[-1])[0] if tp.active() else t
+        g = g - jax.nn.one_hot(local, g.shape[-1], dtype=g.dtype)
         g = (g * (m / den)[..., None]).astype(dtype).reshape(-1, g.shape[-1])
         h2 = h.reshape(-1, d).astype(dtype)
         dh = jnp.dot(g, w_DV.astype(dtype).T, preferred_element_type=jnp.float32)
+        if tp.active():   # h reached every device's columns: its gradient is their sum
+            dh = jax.lax.psum(dh, tp.AXIS)
         dw_DV = dw_DV + jnp.dot(h2.T, g, preferred_element_type=jnp.float32)
         return (total + (nll * m).sum(), dw_DV), dh.reshape(h.shape).astype(h_BTD.dtype)
 

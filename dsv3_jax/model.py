@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import kv_cache
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import tp
 from dsv3_jax.layers.block import block_stack
 from dsv3_jax.layers.common import RMSNorm, acc_dtype, dtype_of, head_logits, normal_init
 from dsv3_jax.layers.moe import ROUTER_BIAS, RouterStats
@@ -121,12 +122,18 @@ class Transformer(nn.Module):
         self.mtp = [MTPModule(cfg, name=f"mtp_{k}") for k in range(cfg.num_nextn_predict_layers)]
 
     def embed_tokens(self, ids_BT):
-        if LOCAL_EMBED_GRAD:
-            return _embed_local_grad(self.embed, ids_BT).astype(dtype_of(self.cfg.dtype))
-        return jnp.take(self.embed, ids_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+        take = _embed_local_grad if LOCAL_EMBED_GRAD else lambda t, i: jnp.take(t, i, axis=0)
+        if not tp.active():
+            return take(self.embed, ids_BT).astype(dtype_of(self.cfg.dtype))
+        # vocab split over `tensor` (pipeline stages): this device's rows, zeros elsewhere
+        local, ok = tp.vocab_slice(ids_BT, self.embed.shape[0])
+        rows = take(self.embed, jnp.clip(local, 0, self.embed.shape[0] - 1))
+        return tp.reduce(jnp.where(ok[..., None], rows, 0)).astype(dtype_of(self.cfg.dtype))
 
     def head(self, h_BTD):
-        return head_logits(h_BTD, self.lm_head, dtype_of(self.cfg.dtype), acc_dtype(self.cfg))
+        """Logits [..., V] (with `tensor` manual: this device's vocab columns)."""
+        return head_logits(tp.maybe_copy(h_BTD), self.lm_head, dtype_of(self.cfg.dtype),
+                           acc_dtype(self.cfg))
 
     def front(self, input_ids, positions, segment_ids):
         """Embedding and the dense layers: the part of the model before the MoE stack (with a

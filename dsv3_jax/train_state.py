@@ -62,9 +62,7 @@ def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False,
     other parameters (embedding, dense layers, head, MTP modules) run on the first or last stage
     of every rank's copy of the program: at rest they are sharded over `pipeline` too, on their
     first dim that divides, and the pipeline executor gathers them once per step (FSDP-style);
-    `gathered=True` is that in-step layout (replicated over `pipeline`; with `tensor` beside
-    the pipeline, the embedding and head replicated over `tensor` as well: the stages split
-    heads and FFN widths only, dsv3_jax/layers/tp.py)."""
+    `gathered=True` is that in-step layout (replicated over `pipeline`)."""
     from jax.sharding import PartitionSpec as P
     axes = model.logical_axes(cfg)["params"]
     is_spec = lambda x: isinstance(x, P)
@@ -76,13 +74,10 @@ def params_specs(cfg: ModelConfig, params, mesh_shape, uneven: bool = False,
         # at rest only (see above).
         no_pp = dict(mesh_shape, pipeline=1)
 
-        in_step = dict(no_pp, tensor=1) if gathered else no_pp
-
         def outside_stages(names, a):
-            if gathered:
-                return spec_of(in_step if "vocab" in names else no_pp)(names, a)
-            return sharding.add_axes(spec_of(no_pp)(names, a), a.shape, mesh_shape,
-                                     ("pipeline",))
+            spec = spec_of(no_pp)(names, a)
+            return spec if gathered else sharding.add_axes(spec, a.shape, mesh_shape,
+                                                           ("pipeline",))
         specs = {k: v if k == "moe_layers" else
                  jax.tree.map(outside_stages, axes[k], params[k], is_leaf=is_spec)
                  for k, v in specs.items()}

@@ -114,6 +114,8 @@ MUTATIONS = [
     ("tensor beside pipeline: the routed experts' gates' partial cotangents not summed",
      "dsv3_jax/layers/moe.py", "gates_NP=tp.copy(routing.gates_NP)",
      "gates_NP=routing.gates_NP", [T_PIPE]),
+    ("tensor beside pipeline: the fused head's input gradient not summed over the vocab",
+     "dsv3_jax/loss.py", "dh = jax.lax.psum(dh, tp.AXIS)", "dh = dh", [T_PIPE]),
     ("plan: the split-W store not counted", "dsv3_jax/plan.py",
      '        buffers["store"] = store\n', "", [T_PLAN_STORE]),
     ("plan: kept residuals per row without the front's and tail's inputs", "dsv3_jax/plan.py",

@@ -13,8 +13,11 @@ explicit. Where they go follows from the Linears' logical axes (`Linear` calls `
 so every value outside the split section is replicated and its cotangent is the full one, the
 two ops' VJPs summing the partial input gradients and nothing else. Besides the Linears: MLA's
 shared rope key enters the per-head attention (copy), and the routed experts take the dispatched
-tokens and their gates (copy) and return the combined output (reduce). The embedding and head
-(split over `vocab` at rest) are gathered over `tensor` before the shard_map.
+tokens and their gates (copy) and return the combined output (reduce). The vocabulary is split
+too (Megatron's vocab-parallel embedding and cross-entropy): a device looks up the ids in its
+rows of the embedding (zeros elsewhere, summed), and the head's logits stay split: the
+log-sum-exp and the target's logit are gathered over `tensor` (`vocab_lse`, `vocab_pick`), never
+the [tokens, V] logits.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 AXIS = "tensor"
-SPLIT = ("heads", "mlp", "moe_mlp")        # the logical axes split over `tensor` inside stages
+SPLIT = ("heads", "mlp", "moe_mlp", "vocab")   # the logical axes split over `tensor` in stages
 _ACTIVE = False                              # set by `manual()` while tracing
 
 
@@ -104,11 +107,37 @@ def manual_specs(specs, lead: tuple = (), drop: int = 0):
     return jax.tree.map(one, specs, is_leaf=lambda x: isinstance(x, P))
 
 
+# ---- the vocabulary split over `tensor` (embedding rows, head columns) ----------------------
+
+def vocab_slice(ids, local_vocab: int):
+    """(ids - this device's first row, whether the id is in its slice) of a vocab-split table."""
+    local = ids - jax.lax.axis_index(AXIS) * local_vocab
+    return local, (local >= 0) & (local < local_vocab)
+
+
+def vocab_lse(logits):
+    """log-sum-exp over the whole vocabulary of vocab-split logits [..., V/T] (float32): the
+    max and the sum of exponentials gathered over `tensor`. Differentiable (the sum leaves
+    through `reduce`, whose backward gives each slice the whole cotangent)."""
+    m = jax.lax.pmax(jax.lax.stop_gradient(logits.max(-1)), AXIS)
+    return m + jnp.log(reduce(jnp.exp(logits - m[..., None]).sum(-1)))
+
+
+def vocab_pick(logits, targets):
+    """logits[..., target] of vocab-split logits: the device holding the target's column gives
+    it, the others 0, summed over `tensor`."""
+    local, ok = vocab_slice(targets, logits.shape[-1])
+    pick = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[..., None],
+                               -1)[..., 0]
+    return reduce(jnp.where(ok, pick, 0.0))
+
+
 def widths(cfg) -> dict[str, int]:
     """The config fields split over `tensor` (each must divide by its size)."""
     return {"num_attention_heads": cfg.num_attention_heads,
             "intermediate_size": cfg.intermediate_size,
-            "moe_intermediate_size": cfg.moe_intermediate_size}
+            "moe_intermediate_size": cfg.moe_intermediate_size,
+            "vocab_size": cfg.vocab_size}
 
 
 def problems(cfg, ways: int) -> list[str]:

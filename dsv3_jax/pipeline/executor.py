@@ -119,8 +119,7 @@ def value_and_grad(objective, params: dict, router_bias: dict, batch: dict, step
     # over fsdp (XLA's SPMD partitioner aborts on fsdp-sharded weights inside the shard_map).
     # Their gradients go back to the shards through the step's out shardings.
     # With tensor > 1, `tensor` is manual inside as well (tp.py): the stages run a config of
-    # local widths on each device's slice of the heads and FFN widths, and the embedding and
-    # head are gathered over `tensor` here too.
+    # local widths on each device's slice of the heads, FFN widths and vocabulary.
     from dsv3_jax import train_state
     ways = mesh_shape.get(tp.AXIS, 1)
     in_step = train_state.params_specs(cfg, params, dict(mesh_shape, fsdp=1), gathered=True)

@@ -32,7 +32,7 @@ LEAVES = [("moe_layers", "block", "moe", "experts", "gate"), ("embed",), ("lm_he
           ("dense_layers", "block", "mlp", "up", "kernel")]
 
 
-def config(fp8=False, moe_layers=16):
+def config(fp8=False, moe_layers=16, ce_chunk=None):
     c = tiny.get_config()
     c.model.update(dict(num_hidden_layers=1 + moe_layers, hidden_size=32, intermediate_size=64,
                         moe_intermediate_size=16, q_lora_rank=16, kv_lora_rank=16,
@@ -46,6 +46,8 @@ def config(fp8=False, moe_layers=16):
                             qk_rope_head_dim=16))
     c.data.update(dict(seq_len=SEQ, global_batch=ROWS))
     c.optim.warmup_steps = 1
+    if ce_chunk is not None:
+        c.train.ce_chunk = ce_chunk
     c.balance.gamma = 0.01          # visible bias moves
     return c
 
@@ -151,7 +153,9 @@ def main():
     # 16 MoE layers give DualPipeV on 8 ranks its 16 stages; the quick case (DualPipeV on 2
     # ranks: 4 stages) takes 4, one per stage
     moe_layers = {"uneven": 5, "quick": 4, "modes": 4, "composed": 4, "tensor": 4}.get(which, 16)
-    c = config(fp8, moe_layers)
+    # tensor: the full logits' CE (vocab-split logits, tp.vocab_lse); elsewhere head + CE fused
+    ce_chunk = 0 if which == "tensor" else None
+    c = config(fp8, moe_layers, ce_chunk)
     # FP8's 1x128 activation and 128x1 Wgrad tiles follow each micro-batch's rows, so with FP8
     # the reference accumulates over the same 4 micro-batches the pipeline runs (the others take
     # all rows as one micro-batch: the pipeline's accumulation must equal one big batch)
@@ -161,7 +165,7 @@ def main():
     for schedule, sizes, *mode in cases:
         micro = 2 * sizes["pipeline"]          # the smallest count every schedule accepts
         branched, recompute, split_w = mode[0] if mode else (True, True, False)
-        got = run(config(fp8, moe_layers), sizes, schedule, micro, branched, recompute, split_w)
+        got = run(config(fp8, moe_layers, ce_chunk), sizes, schedule, micro, branched, recompute, split_w)
         checks = {
             "losses": close(got["losses"], ref["losses"], rtol),
             # FP8: each device quantises its own rows' 1x128 tiles, so even a plain expert-
