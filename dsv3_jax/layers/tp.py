@@ -49,10 +49,9 @@ def active() -> bool:
 
 
 def _sum(x):
-    """psum over `tensor` in float32 (or wider), rounded back once: the sum of the partial
-    products is then rounded as the unsplit GEMM's FP32 accumulator is. (A BF16 all-reduce in
-    a partially manual shard_map also aborts XLA:CPU, jax 0.10.2: "Invalid binary instruction
-    opcode copy".)"""
+    """psum over `tensor` in float32 (or wider), rounded back to x's dtype once after the sum.
+    (A BF16 all-reduce in a partially manual shard_map also aborts XLA:CPU, jax 0.10.2:
+    "Invalid binary instruction opcode copy".)"""
     acc = jnp.promote_types(x.dtype, jnp.float32)
     return jax.lax.psum(x.astype(acc), AXIS).astype(x.dtype)
 
@@ -92,10 +91,6 @@ def leave(y, in_names):
 
 def maybe_copy(x):
     return copy(x) if _ACTIVE else x
-
-
-def maybe_reduce(x):
-    return reduce(x) if _ACTIVE else x
 
 
 def manual_specs(specs, lead: tuple = (), drop: int = 0):
