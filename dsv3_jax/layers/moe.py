@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import tp
 from dsv3_jax.layers.common import (WGRAD_INPUTS, WGRAD_TAPS, SwiGLU, acc_dtype, deferring,
                                      dtype_of, normal_init)
 from kernels_pallas import interpret_default, moe_dispatch
@@ -349,7 +350,6 @@ class RoutedExperts(nn.Module):
         # with `tensor` manual (pipeline stages) each device holds a slice of every expert's
         # width: the tokens and gates enter it replicated (tp.copy sums their partial
         # cotangents) and the partial outputs are summed after the combine
-        from dsv3_jax.layers import tp
         if not tp.active():
             return self._experts(x_ND, routing)
         routing = routing._replace(gates_NP=tp.copy(routing.gates_NP))
