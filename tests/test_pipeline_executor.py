@@ -491,8 +491,9 @@ def test_plan_counts_the_buffers_the_executor_traces(keep, split):
 def test_plan_with_tensor_beside_the_pipeline_counts_a_devices_slice():
     """With tensor beside the pipeline a device keeps its slice of the heads' and FFN widths'
     activations and the residual stream whole: the per-token figure and the kept residuals are
-    the local config's (tp.local_config), between half and all of the unsplit ones; the state
-    is split as the rules say (embedding and head gathered for the step)."""
+    the local config's (tp.local_config; the kept row from eval_shape of the model at those
+    widths), between half and all of the unsplit ones; a tensor size that does not divide the
+    widths is a mesh error."""
     from dsv3_jax import plan, train_config
     from dsv3_jax.layers import tp
     c = train_config.base_config()
