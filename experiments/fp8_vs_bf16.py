@@ -252,6 +252,116 @@ def report(out) -> str:
     return "\n".join(lines)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _same_but_seed(a: dict, b: dict, defaults: dict) -> list:
+    """The fields in which two runs' configs differ, other than the init seed. A field that only
+    one of them records (added to the schema in between) counts if its value is not today's
+    default."""
+    fa, fb, fd = _flat(a), _flat(b), _flat(json.loads(json.dumps(defaults, default=float)))
+    return [k for k in sorted(set(fa) | set(fb)) if k != "train.seed" and
+            fa.get(k, fd.get(k)) != fb.get(k, fd.get(k))]
+
+
+def pool(results_dir=None, save: bool = True) -> dict:
+    """Every seed measured so far, one metric: the default sweep's results.json and each
+    subfolder's (other seeds, --no-noise) with the same --last, one entry per init seed, pooled
+    into mean ± std and standard error over all of them, beside the same metric between BF16 runs
+    of neighbouring inits. Runs are pooled only if their configs agree except for the init seed;
+    a seed measured twice must give the same numbers. Written to <results>/pooled.json."""
+    from experiments import common
+    d = pathlib.Path(results_dir or common.results_dir(QUESTION, "full"))
+    files = sorted(d.glob("*/results.json")) + [d / "results.json"]
+    per_seed, source, reference, bf16 = {}, {}, None, {}
+    defaults = {k: c.to_dict() for k, c in configs(quick=False, noise=False).items()}
+    for f in files:
+        if not f.exists():
+            continue
+        out = common.load(f)
+        if out["config"]["last"] != 20 or out["config"]["size"] != "full":
+            continue
+        for s in out["config"]["seeds"]:
+            runs = {k: out["config"]["configs"][f"s{s}/{k}"] for k in ("bf16", "fp8")}
+            reference = reference or runs
+            diff = [x for k in runs for x in _same_but_seed(runs[k], reference[k], defaults[k])]
+            if diff:
+                raise ValueError(f"{f}: seed {s}'s runs differ from the others' in {diff}, "
+                                 "not only the init seed; they cannot be pooled")
+            entry = out["per_seed"][str(s)]
+            if str(s) in per_seed and per_seed[str(s)]["compare"] != entry["compare"]:
+                raise ValueError(f"seed {s} is measured differently in {source[str(s)]} and {f}")
+            per_seed.setdefault(str(s), entry)
+            curve = out["curves"][str(s)]["bf16"]
+            bf16.setdefault(str(s), (float(np.mean(curve["loss"][-20:])), curve["val_loss"]))
+            source.setdefault(str(s), {"file": str(f.relative_to(ROOT) if f.is_relative_to(ROOT)
+                                                   else f), **out["provenance"]})
+    if not per_seed:
+        raise FileNotFoundError(f"no full-size results.json under {d}")
+    seeds = sorted(per_seed, key=int)
+    err = [per_seed[s]["compare"]["loss"]["rel_mean"] for s in seeds]
+    loss = lambda s, k: per_seed[s]["compare"]["loss"][k]
+    signed = [(loss(s, "mean_other") - loss(s, "mean_base")) / loss(s, "mean_base")
+              for s in seeds]
+    stats = {"train_relative_error": common.stat(err), "train_signed_error": common.stat(signed),
+             "ce_relative_error": common.stat(
+                 [per_seed[s]["compare"]["ce"]["rel_mean"] for s in seeds]),
+             "val_relative_error": common.stat([per_seed[s]["val_relative_error"]
+                                                for s in seeds])}
+    # what two BF16 runs from neighbouring inits (same batches) differ by, on the same metric
+    pairs = [(s, str(int(s) + 1)) for s in seeds if str(int(s) + 1) in bf16]
+    if pairs:
+        stats["bf16_other_init_train"] = common.stat([rel(bf16[b][0], bf16[a][0])
+                                                      for a, b in pairs])
+        stats["bf16_other_init_val"] = common.stat([rel(bf16[b][1], bf16[a][1])
+                                                    for a, b in pairs])
+    for v in stats.values():
+        v["sem"] = v["std"] / np.sqrt(len(v["values"]))
+    out = {"seeds": [int(s) for s in seeds], "claim_relative_error": CLAIM, "last": 20,
+           "source": source, "per_seed": per_seed, **stats,
+           "below_claim": float(np.mean(err)) < CLAIM,
+           "seeds_below_claim": int(sum(e < CLAIM for e in err)),
+           "bf16_other_init_pairs": [[int(a), int(b)] for a, b in pairs],
+           "yardsticks": {s: per_seed[s]["yardsticks"] for s in seeds
+                          if per_seed[s]["yardsticks"]}}
+    if save:
+        common.save(d / "pooled.json", out)
+    return out
+
+
+def pool_report(p) -> str:
+    """Markdown: every seed's errors (with the commit and date of its run) and the pooled mean."""
+    rows = ["| init seed | BF16 loss | FP8 loss | training-loss error | validation error | "
+            "measured |", "|---|---|---|---|---|---|"]
+    for s in map(str, p["seeds"]):
+        c, src = p["per_seed"][s]["compare"]["loss"], p["source"][s]
+        rows.append(f"| {s} | {c['mean_base']:.4f} | {c['mean_other']:.4f} | "
+                    f"{100 * c['rel_mean']:.3f}% | {100 * p['per_seed'][s]['val_relative_error']:.3f}% "
+                    f"| {src['date']}, {src['git_commit']} |")
+    t, sg, v = p["train_relative_error"], p["train_signed_error"], p["val_relative_error"]
+    verdict = "below" if p["below_claim"] else "NOT below"
+    n = len(p["seeds"])
+    return "\n".join([
+        f"All {n} seeds measured so far (pooled from every results.json of the default metric):",
+        "", *rows, "",
+        f"Training-loss relative error over {n} seeds: **{100 * t['mean']:.3f} ± "
+        f"{100 * t['std']:.3f}%** (mean ± std; standard error {100 * t['sem']:.3f}%), {verdict} "
+        f"the report's {100 * p['claim_relative_error']:.2f}% ({p['seeds_below_claim']} of {n} "
+        f"seeds below it); signed (FP8 - BF16) {100 * sg['mean']:+.3f} ± {100 * sg['std']:.3f}% "
+        f"(standard error {100 * sg['sem']:.3f}%); validation {100 * v['mean']:.3f} ± "
+        f"{100 * v['std']:.3f}%.", *([] if "bf16_other_init_train" not in p else [
+            "", f"The same metric between two BF16 runs from neighbouring inits (seed s vs s+1, "
+            f"same batches; {len(p['bf16_other_init_pairs'])} pairs): training "
+            f"{100 * p['bf16_other_init_train']['mean']:.3f} ± "
+            f"{100 * p['bf16_other_init_train']['std']:.3f}%, validation "
+            f"{100 * p['bf16_other_init_val']['mean']:.3f} ± "
+            f"{100 * p['bf16_other_init_val']['std']:.3f}%."])])
+
+
 def plot_results(out, size: str):
     """Curves of the first seed, the smoothed relative difference of every seed with the 0.25%
     bar, and the per-seed errors next to the yardsticks."""
@@ -305,8 +415,13 @@ def main():
     p.add_argument("--last", type=int, default=20, help="steps averaged for a run's loss")
     p.add_argument("--no-noise", action="store_true",
                    help="skip the yardsticks (BF16 from another init, FP32 compute)")
+    p.add_argument("--pool", action="store_true",
+                   help="train nothing: pool every seed's stored results into pooled.json")
     args = p.parse_args()
     t0 = time.time()
+    if args.pool:
+        print(pool_report(pool()))
+        return
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     out = run(args.size, workdir=args.workdir, last=args.last, seeds=seeds,
               noise=False if args.no_noise else None)
