@@ -85,6 +85,9 @@ NOTEBOOKS = {
         ("code", SETUP.format(module="fp8_vs_bf16")),
         ("code", "display(Markdown(fp8_vs_bf16.report(out)))"),
         ("code", show("fp8_vs_bf16.plot_results")),
+        ("code", "# every seed stored so far (other seeds run with --seeds ... --no-noise)\n"
+                 "if SIZE == \"full\":\n"
+                 "    display(Markdown(fp8_vs_bf16.pool_report(fp8_vs_bf16.pool(save=False))))"),
         ("md", "**Conclusion (FP8_DATE, `python experiments/fp8_vs_bf16.py`).** "
                "FP8_CONCLUSION"),
     ],
