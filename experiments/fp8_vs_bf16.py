@@ -34,6 +34,7 @@ from dsv3_jax import train                                  # noqa: E402
 from experiments.configs import fp8_vs_bf16 as exp          # noqa: E402
 
 CLAIM = 0.0025          # the report's bound on the relative loss error
+LAST = 20               # the default metric: a run's loss is the mean of its last 20 steps
 
 
 def configs(quick: bool, noise: bool, seed: int | None = None) -> dict:
@@ -137,7 +138,23 @@ def smoke_configs(seed: int = 0) -> dict:
     return runs
 
 
-def run(size: str = "full", results_dir=None, workdir: str | None = None, last: int = 20,
+def summary(per_seed: list) -> dict:
+    """Over seeds (each a results.json "per_seed" entry): the training-loss relative error,
+    signed (FP8 - BF16) / BF16, the main CE's and validation's errors (mean ± std), and how they
+    stand against the report's bar."""
+    from experiments import common
+    err = [p["compare"]["loss"]["rel_mean"] for p in per_seed]
+    loss = [p["compare"]["loss"] for p in per_seed]
+    return {"train_relative_error": common.stat(err),
+            "train_signed_error": common.stat(
+                [(c["mean_other"] - c["mean_base"]) / c["mean_base"] for c in loss]),
+            "ce_relative_error": common.stat([p["compare"]["ce"]["rel_mean"] for p in per_seed]),
+            "val_relative_error": common.stat([p["val_relative_error"] for p in per_seed]),
+            "below_claim": float(np.mean(err)) < CLAIM,
+            "seeds_below_claim": int(sum(e < CLAIM for e in err))}
+
+
+def run(size: str = "full", results_dir=None, workdir: str | None = None, last: int = LAST,
         seeds=None, noise: bool | None = None) -> dict:
     """Train (or reuse) BF16 and FP8 for every seed (full: 0, 1, 2 at the config's 600 steps,
     plus the yardsticks on the first seed: BF16 from another init, FP32 compute) and write
@@ -148,7 +165,7 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
     default_seeds = list(FULL_SEEDS if size == "full" else (0,))
     seeds = list(seeds if seeds is not None else default_seeds)
     noise = size == "full" if noise is None else noise
-    variant = "" if (seeds, noise, last) == (default_seeds, size == "full", 20) else (
+    variant = "" if (seeds, noise, last) == (default_seeds, size == "full", LAST) else (
         f"seeds_{'_'.join(map(str, seeds))}{'' if noise else '_no_noise'}_last{last}")
     # the committed results are the default sweep's; another sweep writes beside them
     d = pathlib.Path(results_dir or common.results_dir(QUESTION, size)) / variant
@@ -185,28 +202,18 @@ def run(size: str = "full", results_dir=None, workdir: str | None = None, last: 
         curves[seed] = {k: {"step": v["step"].tolist(), "loss": v["loss"].tolist(),
                             "ce": v["ce"].tolist(), "val_loss": v["val_loss"]}
                         for k, v in cur.items()}
-    train_err = [per_seed[s]["compare"]["loss"]["rel_mean"] for s in seeds]
-    signed = [(per_seed[s]["compare"]["loss"]["mean_other"]
-               - per_seed[s]["compare"]["loss"]["mean_base"])
-              / per_seed[s]["compare"]["loss"]["mean_base"] for s in seeds]
     cmd = f"python experiments/fp8_vs_bf16.py --size {size}"
     if seeds != default_seeds:
         cmd += f" --seeds {','.join(map(str, seeds))}"
     if noise != (size == "full"):
         cmd += " --no-noise" if size == "full" else ""
-    if last != 20:
+    if last != LAST:
         cmd += f" --last {last}"
     out = {"config": key, "provenance": common.provenance(cmd),
            "claim_relative_error": CLAIM, "last": min(last, len(curves[seeds[0]]["bf16"]["step"])),
            "curves": {str(s): v for s, v in curves.items()},
            "per_seed": {str(s): v for s, v in per_seed.items()},
-           "train_relative_error": common.stat(train_err),
-           "train_signed_error": common.stat(signed),
-           "ce_relative_error": common.stat(
-               [per_seed[s]["compare"]["ce"]["rel_mean"] for s in seeds]),
-           "val_relative_error": common.stat([per_seed[s]["val_relative_error"] for s in seeds]),
-           "below_claim": float(np.mean(train_err)) < CLAIM,
-           "seeds_below_claim": int(sum(e < CLAIM for e in train_err)),
+           **summary([per_seed[s] for s in seeds]),
            "recorded_300_steps": RECORDED_300}
     common.save(d / "results.json", out)
     return out
@@ -283,7 +290,7 @@ def pool(results_dir=None, save: bool = True) -> dict:
         if not f.exists():
             continue
         out = common.load(f)
-        if out["config"]["last"] != 20 or out["config"]["size"] != "full":
+        if out["config"]["last"] != LAST or out["config"]["size"] != "full":
             continue
         for s in out["config"]["seeds"]:
             runs = {k: out["config"]["configs"][f"s{s}/{k}"] for k in ("bf16", "fp8")}
@@ -297,21 +304,13 @@ def pool(results_dir=None, save: bool = True) -> dict:
                 raise ValueError(f"seed {s} is measured differently in {source[str(s)]} and {f}")
             per_seed.setdefault(str(s), entry)
             curve = out["curves"][str(s)]["bf16"]
-            bf16.setdefault(str(s), (float(np.mean(curve["loss"][-20:])), curve["val_loss"]))
+            bf16.setdefault(str(s), (float(np.mean(curve["loss"][-LAST:])), curve["val_loss"]))
             source.setdefault(str(s), {"file": str(f.relative_to(ROOT) if f.is_relative_to(ROOT)
                                                    else f), **out["provenance"]})
     if not per_seed:
         raise FileNotFoundError(f"no full-size results.json under {d}")
     seeds = sorted(per_seed, key=int)
-    err = [per_seed[s]["compare"]["loss"]["rel_mean"] for s in seeds]
-    loss = lambda s, k: per_seed[s]["compare"]["loss"][k]
-    signed = [(loss(s, "mean_other") - loss(s, "mean_base")) / loss(s, "mean_base")
-              for s in seeds]
-    stats = {"train_relative_error": common.stat(err), "train_signed_error": common.stat(signed),
-             "ce_relative_error": common.stat(
-                 [per_seed[s]["compare"]["ce"]["rel_mean"] for s in seeds]),
-             "val_relative_error": common.stat([per_seed[s]["val_relative_error"]
-                                                for s in seeds])}
+    stats = summary([per_seed[s] for s in seeds])
     # what two BF16 runs from neighbouring inits (same batches) differ by, on the same metric
     pairs = [(s, str(int(s) + 1)) for s in seeds if str(int(s) + 1) in bf16]
     if pairs:
@@ -320,11 +319,10 @@ def pool(results_dir=None, save: bool = True) -> dict:
         stats["bf16_other_init_val"] = common.stat([rel(bf16[b][1], bf16[a][1])
                                                     for a, b in pairs])
     for v in stats.values():
-        v["sem"] = v["std"] / np.sqrt(len(v["values"]))
-    out = {"seeds": [int(s) for s in seeds], "claim_relative_error": CLAIM, "last": 20,
+        if isinstance(v, dict):
+            v["sem"] = v["std"] / np.sqrt(len(v["values"]))
+    out = {"seeds": [int(s) for s in seeds], "claim_relative_error": CLAIM, "last": LAST,
            "source": source, "per_seed": per_seed, **stats,
-           "below_claim": float(np.mean(err)) < CLAIM,
-           "seeds_below_claim": int(sum(e < CLAIM for e in err)),
            "bf16_other_init_pairs": [[int(a), int(b)] for a, b in pairs],
            "yardsticks": {s: per_seed[s]["yardsticks"] for s in seeds
                           if per_seed[s]["yardsticks"]}}
@@ -340,8 +338,9 @@ def pool_report(p) -> str:
     for s in map(str, p["seeds"]):
         c, src = p["per_seed"][s]["compare"]["loss"], p["source"][s]
         rows.append(f"| {s} | {c['mean_base']:.4f} | {c['mean_other']:.4f} | "
-                    f"{100 * c['rel_mean']:.3f}% | {100 * p['per_seed'][s]['val_relative_error']:.3f}% "
-                    f"| {src['date']}, {src['git_commit']} |")
+                    f"{100 * c['rel_mean']:.3f}% | "
+                    f"{100 * p['per_seed'][s]['val_relative_error']:.3f}% | {src['date']}, "
+                    f"{src['git_commit']} |")
     t, sg, v = p["train_relative_error"], p["train_signed_error"], p["val_relative_error"]
     verdict = "below" if p["below_claim"] else "NOT below"
     n = len(p["seeds"])
@@ -412,7 +411,7 @@ def main():
     p.add_argument("--size", default="full", choices=("smoke", "full"))
     p.add_argument("--seeds", default=None, help="init seeds, comma separated (full: 0,1,2)")
     p.add_argument("--workdir", default=None, help="default: runs/fp8_vs_bf16")
-    p.add_argument("--last", type=int, default=20, help="steps averaged for a run's loss")
+    p.add_argument("--last", type=int, default=LAST, help="steps averaged for a run's loss")
     p.add_argument("--no-noise", action="store_true",
                    help="skip the yardsticks (BF16 from another init, FP32 compute)")
     p.add_argument("--pool", action="store_true",

@@ -302,7 +302,8 @@ def test_non_moe_parameters_rest_sharded_over_pipeline_and_gather_for_the_step()
     # over it
     mesh = dict(mesh, data=1, tensor=2)
     step = train_state.params_specs(cfg, shapes, mesh, gathered=True)
-    for spec in (step["embed"], step["lm_head"], step["dense_layers"]["block"]["mlp"]["up"]["kernel"],
+    for spec in (step["embed"], step["lm_head"],
+                 step["dense_layers"]["block"]["mlp"]["up"]["kernel"],
                  step["moe_layers"]["block"]["attn"]["q_b"]["kernel"],
                  step["moe_layers"]["block"]["moe"]["experts"]["down"]):
         assert "tensor" in axes(spec), spec

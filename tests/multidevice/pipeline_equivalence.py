@@ -165,7 +165,8 @@ def main():
     for schedule, sizes, *mode in cases:
         micro = 2 * sizes["pipeline"]          # the smallest count every schedule accepts
         branched, recompute, split_w = mode[0] if mode else (True, True, False)
-        got = run(config(fp8, moe_layers, ce_chunk), sizes, schedule, micro, branched, recompute, split_w)
+        got = run(config(fp8, moe_layers, ce_chunk), sizes, schedule, micro, branched,
+                  recompute, split_w)
         checks = {
             "losses": close(got["losses"], ref["losses"], rtol),
             # FP8: each device quantises its own rows' 1x128 tiles, so even a plain expert-
