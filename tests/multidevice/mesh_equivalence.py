@@ -137,7 +137,7 @@ def close(a, b, rtol=1e-5):
 def main():
     assert jax.device_count() == 8, jax.device_count()
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    meshes = {"all": MESHES, "quick": [dict(data=2, expert=4), dict(data=4, tensor=2)],
+    meshes = {"all": MESHES, "quick": [dict(data=2, expert=4)],
               "skew": [dict(data=2, expert=4)], "fp8": [dict(data=2, expert=4)]}[which]
     # BF16 compute: sharded reductions round differently, and FP8's 128x1 Wgrad tiles follow
     # each device's rows; 1e-3 still catches a wrong scale, tile or gradient sum (order 1)

@@ -18,7 +18,7 @@ def run_script(name, *args, devices=8, timeout=900):
 
 
 @pytest.mark.parametrize("which", [
-    "quick",                                    # (data 2 x expert 4), (data 4 x tensor 2)
+    "quick",                        # data 2 x expert 4 (tensor: pipeline quick, and "all")
     pytest.param("skew", marks=pytest.mark.slow),   # EP capacity overflow -> worst-case fallback
     pytest.param("fp8", marks=pytest.mark.slow),    # FP8 GEMMs + custom VJPs inside shard_map
     pytest.param("all", marks=pytest.mark.slow),  # the five meshes of the issue
