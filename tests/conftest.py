@@ -65,6 +65,7 @@ def pytest_sessionfinish(session, exitstatus):
 _CRASHED: set[str] = set()
 
 
+@pytest.hookimpl(optionalhook=True)   # an xdist hook: runs without xdist stay valid
 def pytest_handlecrashitem(crashitem, report, sched):
     if crashitem not in _CRASHED:
         _CRASHED.add(crashitem)

@@ -38,3 +38,14 @@ def test_a_worker_crash_is_rerun_once_and_a_second_crash_fails(tmp_path):
     assert "FAILED test_cases.py::test_fails" in out
     assert "FAILED test_cases.py::test_crashes_always" in out
     assert "rerun once on a fresh worker" in out
+
+
+def test_the_conftest_loads_without_xdist(tmp_path):
+    """The crash hook is xdist's; without xdist the same conftest still collects and runs."""
+    shutil.copy(CONFTEST, tmp_path / "conftest.py")
+    (tmp_path / "test_cases.py").write_text(CASES)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+         "test_cases.py::test_passes"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
+    assert out.rstrip().splitlines()[-1].startswith("1 passed"), out
