@@ -27,13 +27,16 @@ def test_fails():
 '''
 
 
-def test_a_worker_crash_is_rerun_once_and_a_second_crash_fails(tmp_path):
+def run_cases(tmp_path, *args) -> str:
+    """The output of `pytest -q` run with this conftest over CASES in tmp_path."""
     shutil.copy(CONFTEST, tmp_path / "conftest.py")
     (tmp_path / "test_cases.py").write_text(CASES)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
-         "-p", "no:faulthandler", "test_cases.py"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
+
+
+def test_a_worker_crash_is_rerun_once_and_a_second_crash_fails(tmp_path):
+    out = run_cases(tmp_path, "-n", "2", "-p", "no:faulthandler", "test_cases.py")
     assert out.rstrip().splitlines()[-1].startswith("2 failed, 2 passed, 2 rerun"), out
     assert "FAILED test_cases.py::test_fails" in out
     assert "FAILED test_cases.py::test_crashes_always" in out
@@ -42,10 +45,5 @@ def test_a_worker_crash_is_rerun_once_and_a_second_crash_fails(tmp_path):
 
 def test_the_conftest_loads_without_xdist(tmp_path):
     """The crash hook is xdist's; without xdist the same conftest still collects and runs."""
-    shutil.copy(CONFTEST, tmp_path / "conftest.py")
-    (tmp_path / "test_cases.py").write_text(CASES)
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-         "test_cases.py::test_passes"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300).stdout
+    out = run_cases(tmp_path, "-p", "no:xdist", "test_cases.py::test_passes")
     assert out.rstrip().splitlines()[-1].startswith("1 passed"), out
